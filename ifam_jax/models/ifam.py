@@ -1,0 +1,223 @@
+"""The two-stage iFAM model: part discovery, a hard foreground mask, a masked classifier.
+
+Stage 1 (`PartDiscovery`) assigns every patch to one of K foreground parts or the background.
+The foreground mask is a hard argmax of foreground-vs-background; stage 2 (`ViTClassifier`) sees
+the full image but its attention keys are restricted to the prefix tokens and the foreground
+patches, so no pixel of a background patch can influence its logits.
+
+Randomness is explicit: one `rng` per call, folded per purpose (Gumbel noise of the maps, Gumbel
+noise of the mask, part dropout of the classifier, part dropout of the mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ifam_jax.models.parts import PartDiscovery, gumbel_softmax
+from ifam_jax.models.vit import ViTClassifier, ViTConfig, gather_patches
+
+MaskGradient = Literal['none', 'straight_through']
+ThresholdRule = Literal['distance', 'dot_product']
+
+# fold_in tags, one per source of randomness.
+RNG_MAP_NOISE, RNG_MASK_NOISE, RNG_PART_DROPOUT, RNG_MASK_DROPOUT = range(4)
+
+
+@struct.dataclass
+class IFAMOutput:
+  """What one forward pass returns. Maps and logits are channels-last, background last."""
+
+  logits: jax.Array  # [B, C] stage-2 logits (the model's prediction)
+  stage1_logits: jax.Array  # [B, C] mean of the foreground part scores
+  part_scores: jax.Array  # [B, K, C]
+  part_maps: jax.Array  # [B, h, w, K+1] soft maps A (Gumbel softmax while training)
+  part_logits: jax.Array  # [B, h, w, K+1] -distance logits (after any intervention)
+  part_similarity: jax.Array  # [B, h, w, K+1] <F, W_k>, what 'dot_product' thresholds compare
+  part_features: jax.Array  # [B, K+1, D] modulated pooled features
+  fg_mask: jax.Array  # [B, h, w] in {0, 1}; carries the surrogate gradient if enabled
+  fg_prob: jax.Array  # [B, h, w] max over surviving foreground parts of the mask softmax
+
+
+@dataclasses.dataclass(frozen=True)
+class Intervention:
+  """Test-time edits of the foreground mask.
+
+  remove_parts: foreground parts whose tokens become background (leave-one-out).
+  thresholds: one value per foreground part. Rule 'distance': a token farther than tau_k from
+    its assigned prototype k becomes background (the paper). Rule 'dot_product': the reference's
+    calibration script, which replaces all logits by <F, W_k> and drops part k at tokens where
+    <F, W_k> < tau_k (the token then falls to its next best channel).
+  """
+
+  remove_parts: tuple[int, ...] = ()
+  thresholds: tuple[float, ...] | None = None
+  threshold_rule: ThresholdRule = 'distance'
+
+
+class IFAM(nnx.Module):
+  """Two-stage iFAM model.
+
+  Fidelity switches:
+    mask_gradient: 'none' reproduces the reference, where no stage-2 gradient reaches stage 1.
+      'straight_through' keeps the forward values bit for bit but lets the stage-2 loss train
+      stage 1: the hard mask h gets the straight-through surrogate m = h + S - sg(S), with S the
+      summed probability of the surviving foreground parts, and stage-2 attention passes to m the
+      derivative of its multiplicative relaxation (see `attention_with_mask_gradient`), which is
+      non-zero at masked tokens too.
+    eval_gumbel_noise: False gives deterministic argmax maps and masks at eval; True samples
+      them as the reference does.
+    soft_mask: the paper's ablation; stage 2 adds log(p_fg + 1e-10) to its attention logits.
+  """
+
+  def __init__(self, *, num_classes: int, num_parts: int, stage1: ViTConfig, stage2: ViTConfig,
+               gumbel_tau: float = 1.0, part_dropout: float = 0.3,
+               mask_part_dropout: float = 0.3, mask_gradient: MaskGradient = 'none',
+               eval_gumbel_noise: bool = False, soft_mask: bool = False, rngs: nnx.Rngs):
+    if mask_gradient not in ('none', 'straight_through'):
+      raise ValueError(f"mask_gradient must be 'none' or 'straight_through', got {mask_gradient!r}")
+    if stage1.patch_size != stage2.patch_size:
+      raise ValueError('both stages must use the same patch size to share the patch mask')
+    self.num_parts = num_parts
+    self.gumbel_tau = gumbel_tau
+    self.part_dropout = part_dropout
+    self.mask_part_dropout = mask_part_dropout
+    self.mask_gradient = mask_gradient
+    self.eval_gumbel_noise = eval_gumbel_noise
+    self.soft_mask = soft_mask
+    self.stage1 = PartDiscovery(stage1, num_parts=num_parts, num_classes=num_classes, rngs=rngs)
+    self.stage2 = ViTClassifier(stage2, num_classes=num_classes, rngs=rngs)
+
+  # --------------------------------------------------------------------------
+  def _noise_rngs(self, train: bool, rng: jax.Array | None) -> dict[int, jax.Array | None]:
+    noisy = train or self.eval_gumbel_noise
+    if noisy and rng is None:
+      raise ValueError('an rng is required in training mode or with eval_gumbel_noise')
+    keys = {tag: jax.random.fold_in(rng, tag) if noisy else None
+            for tag in (RNG_MAP_NOISE, RNG_MASK_NOISE)}
+    keys.update({tag: jax.random.fold_in(rng, tag) if train else None
+                 for tag in (RNG_PART_DROPOUT, RNG_MASK_DROPOUT)})
+    return keys
+
+  def stage1_maps(self, images: jax.Array, *, train: bool,
+                  rng: jax.Array | None = None) -> jax.Array:
+    """Part maps A [B, h, w, K+1] alone (the equivariance pass needs nothing else)."""
+    keys = self._noise_rngs(train, rng)
+    logits, _ = self.stage1.part_logits(self.stage1.features(images))
+    return gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
+
+  def foreground_mask(self, logits: jax.Array, *, noise_rng: jax.Array | None,
+                      dropout_rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Hard fg mask [B, h, w] (with the surrogate gradient if enabled) and the soft fg prob.
+
+    An independent Gumbel draw, part dropout on the foreground channels (no rescale), the max
+    over foreground parts against the background, hard argmax (ties go to foreground).
+    """
+    y = gumbel_softmax(logits, self.gumbel_tau, noise_rng)
+    y_fg, y_bg = y[..., :self.num_parts], y[..., self.num_parts]
+    if dropout_rng is not None and self.mask_part_dropout > 0:
+      keep = jax.random.bernoulli(dropout_rng, 1.0 - self.mask_part_dropout,
+                                  (y.shape[0], 1, 1, self.num_parts))
+      y_fg = jnp.where(keep, y_fg, 0.0)
+    fg_prob = jnp.max(y_fg, axis=-1)
+    mask = (fg_prob >= y_bg).astype(jnp.float32)
+    if self.mask_gradient == 'straight_through':
+      surrogate = jnp.sum(y_fg, axis=-1)
+      mask = mask + (surrogate - jax.lax.stop_gradient(surrogate))
+    return mask, fg_prob
+
+  def intervene(self, logits: jax.Array, similarity: jax.Array, intervention: Intervention,
+                noise_rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Edited part logits and the fg mask they imply (argmax is a kept foreground part).
+
+    The assignment a(u) is the argmax of the part maps (Gumbel-noised if eval noise is on, as the
+    reference's leave-one-out does); rejected tokens lose all foreground channels, removed parts
+    are -inf everywhere, so a rejected token is never re-assigned to another part.
+    """
+    k = self.num_parts
+    if intervention.thresholds is not None and len(intervention.thresholds) != k:
+      raise ValueError(f'expected {k} part thresholds, got {len(intervention.thresholds)}')
+    if any(not 0 <= p < k for p in intervention.remove_parts):
+      raise ValueError(f'remove_parts {intervention.remove_parts} outside 0..{k - 1}')
+    if intervention.threshold_rule not in ('distance', 'dot_product'):
+      raise ValueError(f'unknown threshold_rule {intervention.threshold_rule!r}')
+    neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+    use_dot = intervention.thresholds is not None and intervention.threshold_rule == 'dot_product'
+    if use_dot:
+      tau = jnp.asarray(intervention.thresholds + (-jnp.inf,), jnp.float32)
+      logits = jnp.where(similarity >= tau, similarity, neg_inf)
+
+    noisy = logits
+    if noise_rng is not None:
+      noisy = logits + jax.random.gumbel(noise_rng, logits.shape, jnp.float32)
+    assigned = jnp.argmax(noisy, axis=-1)  # argmax of the maps = argmax of noisy logits
+    rejected = jnp.zeros(assigned.shape, bool)
+    if intervention.remove_parts:
+      rejected |= jnp.isin(assigned, jnp.asarray(intervention.remove_parts))
+    if intervention.thresholds is not None and not use_dot:
+      tau = jnp.asarray(intervention.thresholds + (jnp.inf,), jnp.float32)
+      distance = -jnp.take_along_axis(logits, assigned[..., None], axis=-1)[..., 0]
+      rejected |= distance > tau[assigned]
+    channel = jnp.arange(k + 1)
+    drop = (channel < k) & rejected[..., None]
+    if intervention.remove_parts:
+      drop |= jnp.isin(channel, jnp.asarray(intervention.remove_parts))
+    logits = jnp.where(drop, neg_inf, logits)
+    mask = ((assigned < k) & ~rejected).astype(jnp.float32)
+    return logits, mask
+
+  def __call__(self, images: jax.Array, *, train: bool, rng: jax.Array | None = None,
+               intervention: Intervention | None = None,
+               keep_count: int | None = None) -> IFAMOutput:
+    """Both stages on normalised NHWC images.
+
+    Args:
+      images: [B, H, W, 3], normalised.
+      train: Gumbel noise and part dropout on (the reference's training mode).
+      rng: required when training or when `eval_gumbel_noise` is set.
+      intervention: eval-only edits of the mask (see `Intervention`).
+      keep_count: eval-only token gather: stage 2 runs on this many patch tokens, foreground
+        first. Exact when it is >= the largest foreground count in the batch.
+    """
+    if train and (intervention is not None or keep_count is not None):
+      raise ValueError('interventions and token gather are eval-only')
+    keys = self._noise_rngs(train, rng)
+    features = self.stage1.features(images)
+    logits, similarity = self.stage1.part_logits(features)
+
+    if intervention is not None:
+      logits, fg_mask = self.intervene(logits, similarity, intervention, keys[RNG_MAP_NOISE])
+      maps = gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
+      fg_prob = jnp.max(maps[..., :self.num_parts], axis=-1)
+    else:
+      maps = gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
+      fg_mask, fg_prob = self.foreground_mask(logits, noise_rng=keys[RNG_MASK_NOISE],
+                                              dropout_rng=keys[RNG_MASK_DROPOUT])
+
+    part_features, part_scores = self.stage1.classify(
+        maps, features, part_dropout=self.part_dropout, rng=keys[RNG_PART_DROPOUT])
+
+    b = images.shape[0]
+    if self.soft_mask:
+      patch_mask, mode = fg_prob.reshape(b, -1), 'soft'
+    else:
+      patch_mask = fg_mask.reshape(b, -1)
+      mode = 'straight_through' if self.mask_gradient == 'straight_through' else 'hard'
+    keep_index = None if keep_count is None else gather_patches(patch_mask, keep_count)
+    stage2_logits = self.stage2(images, patch_mask, mask_mode=mode, keep_index=keep_index)
+
+    return IFAMOutput(
+        logits=stage2_logits,
+        stage1_logits=jnp.mean(part_scores, axis=1),
+        part_scores=part_scores,
+        part_maps=maps,
+        part_logits=logits,
+        part_similarity=similarity,
+        part_features=part_features,
+        fg_mask=fg_mask,
+        fg_prob=fg_prob,
+    )

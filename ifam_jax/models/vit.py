@@ -1,0 +1,348 @@
+"""DINOv2-compatible Vision Transformer in Flax NNX.
+
+The parameter tree mirrors timm's `vit_*_patch14_reg4_dinov2` (and the plain DINOv2 models when
+`num_registers=0`) so that pretrained weights import one tensor at a time:
+
+  patch_embed (Conv, HWIO kernel)    cls_token [1, 1, D]    reg_token [1, R, D]
+  pos_embed [1, N_p, D]              blocks[i].{norm1, attn.qkv, attn.proj, ls1.gamma,
+  norm (final LayerNorm)                        norm2, mlp.fc1, mlp.fc2, ls2.gamma}
+
+Position embeddings cover the patch tokens only (timm's folded `no_embed_class` layout: the
+class token already carries its own position embedding). CLS and registers get none.
+
+Stage 2 of iFAM masks *keys only*: a patch that is not in the mask is never attended to by any
+token, so the CLS output cannot depend on its pixels. Prefix tokens (CLS + registers) are always
+visible, which keeps every attention row finite even when no patch is selected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LN_EPS = 1e-6
+MaskMode = Literal['hard', 'soft', 'straight_through']
+
+# (width, depth, heads, mlp hidden, mlp kind) per DINOv2 size.
+_SIZES = {
+    'S': (384, 12, 6, 1536, 'gelu'),
+    'B': (768, 12, 12, 3072, 'gelu'),
+    'L': (1024, 24, 16, 4096, 'gelu'),
+    'g': (1536, 40, 24, 4096, 'swiglu'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Static shape and numerics of one ViT. `dtype` is the compute dtype; params stay fp32."""
+
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_hidden: int = 3072
+  mlp: Literal['gelu', 'swiglu'] = 'gelu'
+  patch_size: int = 14
+  image_size: int = 224
+  num_registers: int = 4
+  layerscale_init: float = 1e-5
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '
+                       f'{self.patch_size}')
+    if self.width % self.num_heads:
+      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid**2
+
+  @property
+  def num_prefix(self) -> int:
+    return 1 + self.num_registers
+
+
+def vit_config(variant: str = 'B/14', **overrides: Any) -> ViTConfig:
+  """ViTConfig from a DINOv2 variant name such as 'S/14', 'B/14', 'L/14', 'g/14' or 'B/16'."""
+  size, _, patch = variant.partition('/')
+  if size not in _SIZES or not patch.isdigit():
+    raise ValueError(f'unknown ViT variant {variant!r}; expected one of '
+                     f'{[s + "/14" for s in _SIZES]} (any patch size)')
+  width, depth, heads, hidden, mlp = _SIZES[size]
+  kw = dict(width=width, depth=depth, num_heads=heads, mlp_hidden=hidden, mlp=mlp,
+            patch_size=int(patch))
+  kw.update(overrides)
+  return ViTConfig(**kw)
+
+
+# ----------------------------------------------------------------------------
+# Position embeddings
+# ----------------------------------------------------------------------------
+def resample_pos_embed(pos_embed: jax.Array, grid: tuple[int, int],
+                       source_grid: tuple[int, int] | None = None) -> jax.Array:
+  """Resamples patch position embeddings [1, h0*w0, D] to [1, h*w, D].
+
+  Antialiased bicubic in fp32: the same kernel as torch's `interpolate(bicubic, antialias=True)`,
+  which timm and HF use for the DINOv2 register models.
+  """
+  n, d = pos_embed.shape[-2:]
+  if source_grid is None:
+    side = math.isqrt(n)
+    if side * side != n:
+      raise ValueError(f'cannot infer a square grid from {n} position embeddings')
+    source_grid = (side, side)
+  if tuple(source_grid) == tuple(grid):
+    return pos_embed
+  pe = pos_embed.reshape(source_grid[0], source_grid[1], d).astype(jnp.float32)
+  pe = jax.image.resize(pe, (grid[0], grid[1], d), method='bicubic', antialias=True)
+  return pe.reshape(1, grid[0] * grid[1], d).astype(pos_embed.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------
+def key_bias_from_mask(keep: jax.Array) -> jax.Array:
+  """0 where a key may be attended to, -inf where it is masked: [B, S] -> [B, S] fp32."""
+  return jnp.where(keep, 0.0, -jnp.inf).astype(jnp.float32)
+
+
+def _dot_product_attention(q, k, v, key_bias):
+  bias = None if key_bias is None else key_bias[:, None, None, :].astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias)
+
+
+@jax.custom_vjp
+def attention_with_mask_gradient(q: jax.Array, k: jax.Array, v: jax.Array,
+                                 key_weight: jax.Array) -> jax.Array:
+  """Hard key-masked attention whose mask receives the gradient of its relaxation.
+
+  Forward: exactly `dot_product_attention` with the bias 0 / -inf from `key_weight` in {0, 1}
+  (bit-identical to the non-differentiable path). Backward: q, k, v get their usual gradients,
+  and `key_weight` gets the derivative of the relaxed attention p_ij = m_j e_ij / sum_l m_l e_il
+  with respect to m_j, evaluated at the hard mask:
+
+      dL/dm_j = sum_{heads, i} (e_ij / Z_i) * <dL/do_i, v_j - o_i>,
+
+  where Z_i sums e over the visible keys. It is finite at m_j = 0, so a *masked* key is told
+  how the loss would change if it were let in. The weight e_ij / Z_i is capped at 1 (the most a
+  visible key can receive) so a strongly attracted masked key cannot overflow the gradient.
+  """
+  return _dot_product_attention(q, k, v, key_bias_from_mask(key_weight > 0))
+
+
+def _attention_mask_fwd(q, k, v, key_weight):
+  out = attention_with_mask_gradient(q, k, v, key_weight)
+  return out, (q, k, v, key_weight, out)
+
+
+def _attention_mask_bwd(res, g):
+  q, k, v, key_weight, out = res
+  bias = key_bias_from_mask(key_weight > 0)
+  _, vjp = jax.vjp(lambda q_, k_, v_: _dot_product_attention(q_, k_, v_, bias), q, k, v)
+  dq, dk, dv = vjp(g)
+  f32 = jnp.float32
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum('bthd,bshd->bhts', q, k, preferred_element_type=f32) * scale
+  lse = jax.nn.logsumexp(logits + bias[:, None, None, :], axis=-1, keepdims=True)
+  weight = jnp.exp(jnp.minimum(logits - lse, 0.0))
+  g_dot_v = jnp.einsum('bthd,bshd->bhts', g, v, preferred_element_type=f32)
+  g_dot_o = jnp.einsum('bthd,bthd->bht', g.astype(f32), out.astype(f32))[..., None]
+  d_weight = jnp.sum(weight * (g_dot_v - g_dot_o), axis=(1, 2))
+  return dq, dk, dv, d_weight.astype(key_weight.dtype)
+
+
+attention_with_mask_gradient.defvjp(_attention_mask_fwd, _attention_mask_bwd)
+
+
+def _linear(din: int, dout: int, cfg: ViTConfig, rngs: nnx.Rngs, use_bias: bool = True):
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=cfg.dtype, param_dtype=jnp.float32,
+                    kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+
+
+def _layer_norm(cfg: ViTConfig, rngs: nnx.Rngs, eps: float = LN_EPS):
+  return nnx.LayerNorm(cfg.width, epsilon=eps, dtype=cfg.dtype, param_dtype=jnp.float32,
+                       rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Fused-qkv multi-head self-attention with an optional per-key mask."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.num_heads = cfg.num_heads
+    self.qkv = _linear(cfg.width, 3 * cfg.width, cfg, rngs)
+    self.proj = _linear(cfg.width, cfg.width, cfg, rngs)
+
+  def __call__(self, x: jax.Array, key_bias: jax.Array | None = None,
+               key_weight: jax.Array | None = None) -> jax.Array:
+    b, t, d = x.shape
+    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if key_weight is not None:
+      o = attention_with_mask_gradient(q, k, v, key_weight)
+    else:
+      o = _dot_product_attention(q, k, v, key_bias)
+    return self.proj(o.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact GELU -> fc2, or the packed SwiGLU of DINOv2 ViT-g (fc1 holds both halves)."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    packed = 2 if cfg.mlp == 'swiglu' else 1
+    self.fc1 = _linear(cfg.width, packed * cfg.mlp_hidden, cfg, rngs)
+    self.fc2 = _linear(cfg.mlp_hidden, cfg.width, cfg, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.fc1(x)
+    if self.kind == 'swiglu':
+      gate, value = jnp.split(h, 2, axis=-1)
+      h = jax.nn.silu(gate) * value
+    else:
+      h = jax.nn.gelu(h, approximate=False)
+    return self.fc2(h)
+
+
+class LayerScale(nnx.Module):
+
+  def __init__(self, cfg: ViTConfig):
+    self.gamma = nnx.Param(jnp.full((cfg.width,), cfg.layerscale_init, jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.gamma[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block with LayerScale on both residual branches."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.norm1 = _layer_norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ls1 = LayerScale(cfg)
+    self.norm2 = _layer_norm(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+    self.ls2 = LayerScale(cfg)
+
+  def __call__(self, x, key_bias=None, key_weight=None):
+    x = x + self.ls1(self.attn(self.norm1(x), key_bias, key_weight))
+    return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------
+# The ViT
+# ----------------------------------------------------------------------------
+def gather_patches(patch_mask: jax.Array, num_keep: int) -> jax.Array:
+  """Indices [B, num_keep] of the selected patches first, in raster order, then unselected ones.
+
+  Gathering these tokens and masking the unselected ones among them is exact as long as
+  `num_keep` >= the largest number of selected patches in the batch.
+  """
+  n = patch_mask.shape[-1]
+  # Stable sort on (not selected, position): selected patches first, each group in raster order.
+  order_key = jnp.where(patch_mask > 0, 0, n) + jnp.arange(n)
+  return jnp.argsort(order_key, axis=-1)[:, :num_keep]
+
+
+class VisionTransformer(nnx.Module):
+  """DINOv2 ViT: patch embed + pos embed, [CLS, registers, patches], blocks, final norm."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, p = cfg.width, cfg.patch_size
+    self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding='VALID', dtype=cfg.dtype,
+                                param_dtype=jnp.float32, rngs=rngs)
+    self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, d)))
+    self.reg_token = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, cfg.num_registers, d)))
+                      if cfg.num_registers else None)
+    self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, cfg.num_patches, d)))
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.norm = _layer_norm(cfg, rngs)
+
+  def embed_patches(self, images: jax.Array) -> jax.Array:
+    """Normalised NHWC images -> patch tokens with position embeddings [B, h*w, D]."""
+    b, hh, ww, _ = images.shape
+    p = self.cfg.patch_size
+    if hh % p or ww % p:
+      raise ValueError(f'image size {hh}x{ww} is not divisible by the patch size {p}')
+    x = self.patch_embed(images.astype(self.cfg.dtype))
+    grid = (hh // p, ww // p)
+    pos = resample_pos_embed(self.pos_embed[...], grid, (self.cfg.grid, self.cfg.grid))
+    return x.reshape(b, grid[0] * grid[1], -1) + pos.astype(x.dtype)
+
+  def prefix_tokens(self, batch: int) -> jax.Array:
+    tokens = [self.cls_token[...]]
+    if self.reg_token is not None:
+      tokens.append(self.reg_token[...])
+    prefix = jnp.concatenate(tokens, axis=1).astype(self.cfg.dtype)
+    return jnp.broadcast_to(prefix, (batch,) + prefix.shape[1:])
+
+  def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None, *,
+               mask_mode: MaskMode = 'hard',
+               keep_index: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Runs the ViT; returns final-normed 'cls' [B, D], 'registers' [B, R, D], 'patches'.
+
+    Args:
+      images: normalised images [B, H, W, 3]; H, W multiples of the patch size. A grid other than
+        the configured one resamples the position embeddings on the fly.
+      patch_mask: optional [B, h*w] key mask over patches (raster order). 'hard': nonzero = visible,
+        zero = masked with -inf, no gradient. 'straight_through': float {0, 1} whose gradient comes
+        from `attention_with_mask_gradient`. 'soft': probabilities, bias log(m + 1e-10).
+      keep_index: optional [B, M] patch indices (see `gather_patches`); only those patch tokens
+        enter the blocks, and 'patches' holds just them. Inference only.
+    """
+    b = images.shape[0]
+    patches = self.embed_patches(images)
+    if keep_index is not None:
+      patches = jnp.take_along_axis(patches, keep_index[..., None], axis=1)
+      if patch_mask is not None:
+        patch_mask = jnp.take_along_axis(patch_mask, keep_index, axis=1)
+    x = jnp.concatenate([self.prefix_tokens(b), patches], axis=1)
+
+    key_bias = key_weight = None
+    if patch_mask is not None:
+      prefix_visible = jnp.ones((b, self.cfg.num_prefix), jnp.float32)
+      if mask_mode == 'hard':
+        keep = jax.lax.stop_gradient(patch_mask) > 0
+        key_bias = key_bias_from_mask(jnp.concatenate([prefix_visible > 0, keep], axis=1))
+      elif mask_mode == 'soft':
+        soft = jnp.concatenate([prefix_visible, patch_mask.astype(jnp.float32)], axis=1)
+        key_bias = jnp.log(soft + 1e-10)
+      elif mask_mode == 'straight_through':
+        key_weight = jnp.concatenate([prefix_visible, patch_mask.astype(jnp.float32)], axis=1)
+      else:
+        raise ValueError(f'unknown mask_mode {mask_mode!r}')
+
+    for block in self.blocks:
+      x = block(x, key_bias, key_weight)
+    x = self.norm(x)
+    r = self.cfg.num_prefix
+    return {'cls': x[:, 0], 'registers': x[:, 1:r], 'patches': x[:, r:]}
+
+
+class ViTClassifier(nnx.Module):
+  """ViT -> CLS (final norm) -> fresh LayerNorm (eps 1e-5) -> linear head without bias.
+
+  Stage 2 of iFAM, and the plain fine-tuned ViT baseline when called without a mask.
+  """
+
+  def __init__(self, cfg: ViTConfig, *, num_classes: int, rngs: nnx.Rngs):
+    self.backbone = VisionTransformer(cfg, rngs=rngs)
+    self.fc_norm = nnx.LayerNorm(cfg.width, epsilon=1e-5, param_dtype=jnp.float32, rngs=rngs)
+    self.head = nnx.Linear(cfg.width, num_classes, use_bias=False, param_dtype=jnp.float32,
+                           kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+
+  def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None, *,
+               mask_mode: MaskMode = 'hard', keep_index: jax.Array | None = None) -> jax.Array:
+    """Class logits [B, C] in fp32; arguments as `VisionTransformer.__call__`."""
+    cls = self.backbone(images, patch_mask, mask_mode=mask_mode, keep_index=keep_index)['cls']
+    return self.head(self.fc_norm(cls.astype(jnp.float32)))
