@@ -53,6 +53,7 @@ class ViTConfig:
   dtype: Any = jnp.float32
 
   def __post_init__(self):
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))  # accept 'bfloat16' from configs
     if self.image_size % self.patch_size:
       raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '
                        f'{self.patch_size}')

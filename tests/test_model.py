@@ -1,0 +1,385 @@
+"""The two-stage model: faithfulness, token gather, gradient routing, stage-1 maths, interventions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ifam_jax.models import ifam, vit
+
+IMAGE = 56  # 4x4 patch grid
+PATCH = 14
+NUM_CLASSES = 5
+
+
+def tiny_vit(dtype=jnp.float32, **kw):
+  return vit.vit_config('S/14', width=32, depth=2, num_heads=2, mlp_hidden=64, image_size=IMAGE,
+                        dtype=dtype, **kw)
+
+
+def tiny_ifam(dtype=jnp.float32, num_parts=2, seed=0, **kw):
+  return ifam.IFAM(num_classes=NUM_CLASSES, num_parts=num_parts, stage1=tiny_vit(dtype),
+                   stage2=tiny_vit(dtype), rngs=nnx.Rngs(seed), **kw)
+
+
+def images(seed=1, batch=3):
+  return jax.random.normal(jax.random.key(seed), (batch, IMAGE, IMAGE, 3))
+
+
+def patch_pixels(mask_flat: np.ndarray) -> np.ndarray:
+  """[B, h*w] patch mask -> [B, H, W, 1] pixel mask."""
+  grid = IMAGE // PATCH
+  m = mask_flat.reshape(-1, grid, grid)
+  return np.repeat(np.repeat(m, PATCH, axis=1), PATCH, axis=2)[..., None]
+
+
+def mixed_mask(batch=3, seed=0):
+  """A hard mask with both visible and masked patches in every row (one row nearly empty)."""
+  rng = np.random.default_rng(seed)
+  m = (rng.random((batch, (IMAGE // PATCH)**2)) < 0.5).astype(np.float32)
+  m[:, 0], m[:, 1] = 1.0, 0.0
+  m[-1, 2:] = 0.0
+  return m
+
+
+# ----------------------------------------------------------------------------
+# ViT basics
+# ----------------------------------------------------------------------------
+def test_variants_and_shapes():
+  for variant, (width, depth, heads) in {'S/14': (384, 12, 6), 'B/14': (768, 12, 12),
+                                         'L/14': (1024, 24, 16), 'g/14': (1536, 40, 24),
+                                         'B/16': (768, 12, 12)}.items():
+    cfg = vit.vit_config(variant)
+    assert (cfg.width, cfg.depth, cfg.num_heads) == (width, depth, heads)
+  assert vit.vit_config('g/14').mlp == 'swiglu'
+  assert vit.vit_config('B/16').patch_size == 16
+  with pytest.raises(ValueError, match='unknown ViT variant'):
+    vit.vit_config('H/14')
+  with pytest.raises(ValueError, match='not divisible'):
+    vit.vit_config('B/14', image_size=225)
+
+  model = vit.VisionTransformer(tiny_vit(num_registers=3), rngs=nnx.Rngs(0))
+  out = model(images(batch=2))
+  assert out['cls'].shape == (2, 32)
+  assert out['registers'].shape == (2, 3, 32)
+  assert out['patches'].shape == (2, 16, 32)
+  with pytest.raises(ValueError, match='not divisible by the patch size'):
+    model(jnp.zeros((1, 50, 56, 3)))
+  # Another resolution resamples the position embeddings on the fly.
+  assert model(jnp.zeros((1, 70, 84, 3)))['patches'].shape == (1, 30, 32)
+
+
+def test_swiglu_mlp_matches_numpy():
+  cfg = vit.vit_config('g/14', width=8, num_heads=2, mlp_hidden=6, image_size=28)
+  mlp = vit.Mlp(cfg, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
+  h = x @ np.asarray(mlp.fc1.kernel[...]) + np.asarray(mlp.fc1.bias[...])
+  gate, value = h[:, :6], h[:, 6:]
+  expected = (gate / (1 + np.exp(-gate)) * value) @ np.asarray(mlp.fc2.kernel[...])
+  expected += np.asarray(mlp.fc2.bias[...])
+  np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, atol=1e-5)
+
+
+def test_resample_pos_embed_identity_and_shape():
+  pe = jax.random.normal(jax.random.key(0), (1, 25, 8))
+  assert vit.resample_pos_embed(pe, (5, 5)) is pe
+  assert vit.resample_pos_embed(pe, (3, 4)).shape == (1, 12, 8)
+  # A constant field stays constant under the (normalised) bicubic kernel.
+  const = jnp.ones((1, 25, 8))
+  np.testing.assert_allclose(vit.resample_pos_embed(const, (7, 7)), 1.0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Faithfulness: stage 2 never sees a masked patch
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('gather', [False, True], ids=['dense', 'gather'])
+@pytest.mark.parametrize('mask_gradient', ['none', 'straight_through'])
+def test_masked_patches_cannot_change_stage2(dtype, train, gather, mask_gradient):
+  model = tiny_ifam(dtype, mask_gradient=mask_gradient)
+  x = images()
+  out = model(x, train=train, rng=jax.random.key(7))
+  mask = np.asarray(out.fg_mask).reshape(x.shape[0], -1)
+  if mask.all() or not mask.any():  # make sure the test has something to hide and to show
+    mask = mixed_mask()
+  mode = 'straight_through' if mask_gradient == 'straight_through' else 'hard'
+  keep = vit.gather_patches(jnp.asarray(mask), int(mask.sum(1).max())) if gather else None
+
+  def stage2(pixels):
+    return np.asarray(model.stage2(pixels, jnp.asarray(mask), mask_mode=mode, keep_index=keep))
+
+  reference = stage2(x)
+  noise = 100.0 * jax.random.normal(jax.random.key(99), x.shape)
+  hidden = jnp.where(patch_pixels(mask) > 0, x, noise)
+  np.testing.assert_array_equal(stage2(hidden), reference)
+
+  # One visible patch changed: the logits must move.
+  visible = np.zeros_like(mask)
+  visible[0, np.flatnonzero(mask[0])[0]] = 1.0
+  shown = jnp.where(patch_pixels(visible) > 0, noise, x)
+  assert np.abs(stage2(shown)[0] - reference[0]).max() > 0
+  np.testing.assert_array_equal(stage2(shown)[1:], reference[1:])
+
+
+def test_empty_mask_sees_only_prefix_and_stays_finite():
+  model = tiny_ifam()
+  x = images()
+  empty = jnp.zeros((3, 16))
+  logits = model.stage2(x, empty)
+  assert np.isfinite(np.asarray(logits)).all()
+  np.testing.assert_array_equal(model.stage2(x * 0 + 5.0, empty), logits)
+
+
+# ----------------------------------------------------------------------------
+# Token gather equals masked attention
+# ----------------------------------------------------------------------------
+def test_token_gather_equals_masked_attention():
+  model = tiny_ifam()
+  x = images()
+  mask = jnp.asarray(mixed_mask())
+  dense = model.stage2(x, mask)
+  max_count = int(mask.sum(1).max())
+  for keep_count in (max_count, 16):
+    keep = vit.gather_patches(mask, keep_count)
+    gathered = model.stage2(x, mask, keep_index=keep)
+    # Tolerance: fp32, same maths over a shorter sequence (different summation length/order).
+    np.testing.assert_allclose(gathered, dense, atol=2e-5, rtol=1e-5)
+
+
+def test_gather_patches_order():
+  mask = jnp.asarray([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 1]], jnp.float32)
+  np.testing.assert_array_equal(vit.gather_patches(mask, 3), [[1, 3, 4], [0, 5, 1]])
+
+
+def test_model_keep_count_matches_dense_eval():
+  model = tiny_ifam()
+  x = images()
+  dense = model(x, train=False)
+  count = int(np.asarray(dense.fg_mask).reshape(3, -1).sum(1).max())
+  gathered = model(x, train=False, keep_count=max(count, 1))
+  np.testing.assert_allclose(gathered.logits, dense.logits, atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match='eval-only'):
+    model(x, train=True, rng=jax.random.key(0), keep_count=4)
+
+
+# ----------------------------------------------------------------------------
+# Gradient routing
+# ----------------------------------------------------------------------------
+def stage2_loss_grads(model, x, labels, rng):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(p):
+    m = nnx.merge(graphdef, p, rest)
+    out = m(x, train=True, rng=rng)
+    logp = jax.nn.log_softmax(out.logits)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+  return jax.grad(loss_fn)(params)
+
+
+def test_mask_gradient_none_sends_nothing_to_stage1():
+  model = tiny_ifam(mask_gradient='none')
+  grads = stage2_loss_grads(model, images(), jnp.array([0, 1, 2]), jax.random.key(3))
+  stage1 = jax.tree.leaves(grads['stage1'])
+  assert stage1 and all(np.all(np.asarray(g) == 0) for g in stage1)
+  assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads['stage2']))
+
+
+def test_straight_through_reaches_prototypes_and_masked_tokens():
+  model = tiny_ifam(mask_gradient='straight_through')
+  x, labels, rng = images(), jnp.array([0, 1, 2]), jax.random.key(3)
+  grads = stage2_loss_grads(model, x, labels, rng)
+  assert np.abs(np.asarray(grads['stage1']['prototypes'][...])).max() > 0
+  # The part classifier is not on the stage-2 path: its gradient stays exactly zero.
+  assert np.all(np.asarray(grads['stage1']['part_classifier']['kernel'][...]) == 0)
+
+  # Gradient w.r.t. the part logits, with the mask built exactly as the model builds it.
+  features = model.stage1.features(x)
+  logits, _ = model.stage1.part_logits(features)
+  keys = model._noise_rngs(True, rng)
+
+  def loss_of_logits(part_logits):
+    mask, _ = model.foreground_mask(part_logits, noise_rng=keys[ifam.RNG_MASK_NOISE],
+                                    dropout_rng=keys[ifam.RNG_MASK_DROPOUT])
+    out = model.stage2(x, mask.reshape(3, -1), mask_mode='straight_through')
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), labels[:, None], axis=1))
+
+  g = np.asarray(jax.grad(loss_of_logits)(logits))
+  mask, _ = model.foreground_mask(logits, noise_rng=keys[ifam.RNG_MASK_NOISE],
+                                  dropout_rng=keys[ifam.RNG_MASK_DROPOUT])
+  masked = np.asarray(mask) == 0
+  assert masked.any()
+  assert np.abs(g[masked]).max() > 0
+
+
+def test_straight_through_forward_is_bitwise_identical():
+  x, rng = images(), jax.random.key(5)
+  a = tiny_ifam(mask_gradient='none')(x, train=True, rng=rng)
+  b = tiny_ifam(mask_gradient='straight_through')(x, train=True, rng=rng)
+  for name in ('logits', 'stage1_logits', 'part_maps', 'fg_mask', 'part_features'):
+    np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_attention_mask_gradient_is_the_relaxed_derivative():
+  """Against autodiff of p_ij = m_j e_ij / sum_l m_l e_il, in a regime where the cap is inactive."""
+  b, t, h, d = 2, 7, 2, 4
+  q, k, v = (jax.random.normal(jax.random.key(i), (b, t, h, d)) for i in range(3))
+  k = k.at[:, 4:].multiply(0.05)  # masked keys 4.. are unattractive: e_ij / Z_i < 1
+  w = jnp.array([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 1, 0]], jnp.float32)
+  cot = jax.random.normal(jax.random.key(9), (b, t, h, d))
+
+  def relaxed(q, k, v, w):
+    s = jnp.einsum('bthd,bshd->bhts', q, k) / np.sqrt(d)
+    e = jnp.exp(s - s.max(-1, keepdims=True)) * w[:, None, None, :]
+    return jnp.einsum('bhts,bshd->bthd', e / e.sum(-1, keepdims=True), v)
+
+  ours = jax.grad(lambda *a: jnp.sum(vit.attention_with_mask_gradient(*a) * cot), (0, 1, 2, 3))
+  theirs = jax.grad(lambda *a: jnp.sum(relaxed(*a) * cot), (0, 1, 2, 3))
+  for g_ours, g_theirs in zip(ours(q, k, v, w), theirs(q, k, v, w)):
+    np.testing.assert_allclose(g_ours, g_theirs, atol=2e-5)
+  assert np.abs(np.asarray(ours(q, k, v, w)[3])[w == 0]).min() > 0
+
+
+def test_soft_mask_ablation_is_differentiable_into_stage1():
+  model = tiny_ifam(soft_mask=True)
+  grads = stage2_loss_grads(model, images(), jnp.array([0, 1, 2]), jax.random.key(3))
+  assert np.abs(np.asarray(grads['stage1']['prototypes'][...])).max() > 0
+
+
+# ----------------------------------------------------------------------------
+# Stage 1 against numpy
+# ----------------------------------------------------------------------------
+def test_stage1_against_numpy():
+  model = tiny_ifam(num_parts=3)
+  x = images()
+  features = np.asarray(model.stage1.features(x), np.float64)
+  w = np.asarray(model.stage1.prototypes[...], np.float64)
+  neg_dist, dot = model.stage1.part_logits(jnp.asarray(features, jnp.float32))
+  expected = -((features[..., None, :] - w) ** 2).sum(-1)
+  np.testing.assert_allclose(neg_dist, expected, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(dot, features @ w.T, rtol=1e-5, atol=1e-4)
+
+  maps = np.exp(expected - expected.max(-1, keepdims=True))
+  maps /= maps.sum(-1, keepdims=True)
+  out = model(x, train=False)
+  np.testing.assert_allclose(out.part_maps, maps, atol=1e-5)
+
+  pooled = np.einsum('bhwk,bhwd->bkd', maps, features) / 16
+  mu = pooled.mean(axis=(1, 2), keepdims=True)
+  var = pooled.var(axis=(1, 2), keepdims=True)
+  modulated = (pooled - mu) / np.sqrt(var + 1e-5)
+  modulated = modulated * np.asarray(model.stage1.modulation.scale[...])
+  modulated += np.asarray(model.stage1.modulation.bias[...])
+  np.testing.assert_allclose(out.part_features, modulated, atol=1e-4)
+  scores = modulated[:, :3] @ np.asarray(model.stage1.part_classifier.kernel[...], np.float64)
+  np.testing.assert_allclose(out.part_scores, scores, atol=1e-4)
+  np.testing.assert_allclose(out.stage1_logits, scores.mean(1), atol=1e-4)
+
+  # Deterministic eval mask: a token is foreground iff its nearest prototype is a foreground one.
+  np.testing.assert_array_equal(out.fg_mask, expected.argmax(-1) < 3)
+
+
+def test_part_dropout_zeroes_whole_parts():
+  model = tiny_ifam(num_parts=4)
+  x = images(batch=8)
+  features = model.stage1.features(x)
+  maps = jax.nn.softmax(model.stage1.part_logits(features)[0], axis=-1)
+  modulated, _ = model.stage1.classify(maps, features, part_dropout=0.5, rng=None)
+  kernel = model.stage1.part_classifier.kernel[...]
+  _, scores = model.stage1.classify(maps, features, part_dropout=0.5, rng=jax.random.key(0))
+  full = np.asarray(jnp.einsum('bkd,dc->bkc', modulated[:, :4], kernel))
+  scores = np.asarray(scores)
+  dropped = np.all(scores == 0, axis=-1)
+  assert 0 < dropped.mean() < 1
+  np.testing.assert_allclose(scores[~dropped], 2.0 * full[~dropped], rtol=1e-4, atol=1e-5)
+
+
+def test_mask_part_dropout_k1_empties_the_mask():
+  """K=1, p=0.3: the only part is dropped for ~30% of images, whose mask is then empty."""
+  model = tiny_ifam(num_parts=1)
+  logits = jnp.zeros((400, 4, 4, 2)).at[..., 0].set(5.0)  # foreground everywhere
+  mask, _ = model.foreground_mask(logits, noise_rng=None, dropout_rng=jax.random.key(0))
+  empty = np.asarray(mask).reshape(400, -1).sum(1) == 0
+  full = np.asarray(mask).reshape(400, -1).sum(1) == 16
+  assert np.all(empty | full)
+  assert 0.22 < empty.mean() < 0.38
+
+
+def test_eval_is_deterministic_unless_noise_is_asked_for():
+  x = images()
+  model = tiny_ifam()
+  a, b = model(x, train=False), model(x, train=False)
+  np.testing.assert_array_equal(a.part_maps, b.part_maps)
+  noisy = tiny_ifam(eval_gumbel_noise=True)
+  with pytest.raises(ValueError, match='rng is required'):
+    noisy(x, train=False)
+  c = noisy(x, train=False, rng=jax.random.key(1))
+  d = noisy(x, train=False, rng=jax.random.key(2))
+  assert np.abs(np.asarray(c.part_maps) - np.asarray(d.part_maps)).max() > 0
+
+
+# ----------------------------------------------------------------------------
+# Interventions
+# ----------------------------------------------------------------------------
+def hand_logits():
+  """One image, 1x4 grid, K=2: token 0 -> part 0, 1 -> part 1, 2 -> bg, 3 -> part 0 (far)."""
+  neg_dist = np.array([[[[-1.0, -5.0, -4.0], [-6.0, -2.0, -3.0], [-9.0, -8.0, -1.0],
+                         [-7.0, -9.0, -8.0]]]], np.float32)
+  similarity = np.array([[[[3.0, 1.0, 0.0], [0.5, 2.0, 1.0], [0.1, 0.2, 4.0],
+                           [2.5, 2.4, 0.0]]]], np.float32)
+  return jnp.asarray(neg_dist), jnp.asarray(similarity)
+
+
+def test_remove_parts():
+  model = tiny_ifam()
+  logits, sim = hand_logits()
+  _, mask = model.intervene(logits, sim, ifam.Intervention(), None)
+  np.testing.assert_array_equal(mask, [[[1, 1, 0, 1]]])
+  edited, mask = model.intervene(logits, sim, ifam.Intervention(remove_parts=(0,)), None)
+  np.testing.assert_array_equal(mask, [[[0, 1, 0, 0]]])
+  # Tokens of the removed part go to background, never to another part.
+  assert np.all(np.argmax(np.asarray(edited), -1) == [[[2, 1, 2, 2]]])
+  _, mask = model.intervene(logits, sim, ifam.Intervention(remove_parts=(0, 1)), None)
+  assert not np.asarray(mask).any()
+  with pytest.raises(ValueError, match='outside'):
+    model.intervene(logits, sim, ifam.Intervention(remove_parts=(2,)), None)
+
+
+def test_distance_thresholds():
+  model = tiny_ifam()
+  logits, sim = hand_logits()
+  # Distances of the assigned parts: token 0: 1, token 1: 2, token 3: 7.
+  _, mask = model.intervene(logits, sim, ifam.Intervention(thresholds=(5.0, 5.0)), None)
+  np.testing.assert_array_equal(mask, [[[1, 1, 0, 0]]])
+  _, mask = model.intervene(logits, sim, ifam.Intervention(thresholds=(0.5, 5.0)), None)
+  np.testing.assert_array_equal(mask, [[[0, 1, 0, 0]]])
+  _, mask = model.intervene(logits, sim, ifam.Intervention(thresholds=(np.inf, np.inf)), None)
+  np.testing.assert_array_equal(mask, [[[1, 1, 0, 1]]])
+
+
+def test_dot_product_thresholds_follow_the_reference_script():
+  model = tiny_ifam()
+  logits, sim = hand_logits()
+  rule = dict(threshold_rule='dot_product')
+  # Token 3: part 0 has 2.5 < 2.6 and is dropped, part 1 (2.4 >= 2.0) beats bg (0.0): still fg.
+  edited, mask = model.intervene(logits, sim, ifam.Intervention(thresholds=(2.6, 2.0), **rule),
+                                 None)
+  np.testing.assert_array_equal(mask, [[[1, 1, 0, 1]]])
+  assert np.argmax(np.asarray(edited)[0, 0, 3]) == 1
+  # Both below threshold at token 1 -> bg (1.0 beats nothing else left).
+  _, mask = model.intervene(logits, sim, ifam.Intervention(thresholds=(2.6, 2.5), **rule), None)
+  np.testing.assert_array_equal(mask, [[[1, 0, 0, 0]]])
+
+
+def test_intervention_runs_end_to_end():
+  model = tiny_ifam()
+  x = images()
+  base = model(x, train=False)
+  out = model(x, train=False, intervention=ifam.Intervention(remove_parts=(0, 1)))
+  assert not np.asarray(out.fg_mask).any()
+  np.testing.assert_array_equal(out.logits, model.stage2(x, jnp.zeros((3, 16))))
+  kept = model(x, train=False, intervention=ifam.Intervention(thresholds=(np.inf, np.inf)))
+  np.testing.assert_array_equal(kept.fg_mask, base.fg_mask)
+  np.testing.assert_array_equal(kept.logits, base.logits)
