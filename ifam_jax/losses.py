@@ -78,10 +78,19 @@ def _avg_pool3(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 # Classification
 # ---------------------------------------------------------------------------
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy with integer labels: both stages' L_cls (no label smoothing)."""
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  weights: jax.Array | None = None) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels: both stages' L_cls (no label smoothing).
+
+  `weights` [B] turn it into a weighted mean, so a skipped (corrupt or padding) example with
+  weight 0 contributes nothing.
+  """
   log_probs = jax.nn.log_softmax(_f32(logits), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  if weights is None:
+    return jnp.mean(nll)
+  weights = _f32(weights)
+  return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 # ---------------------------------------------------------------------------

@@ -130,6 +130,12 @@ def test_cross_entropy_matches_numpy():
                       - row[y] for row, y in zip(logits, labels)])
   np.testing.assert_allclose(losses.cross_entropy(logits, labels), expected, rtol=1e-6)
   assert losses.cross_entropy(jnp.asarray(logits, jnp.bfloat16), labels).dtype == jnp.float32
+  # Weight 0 drops an example: equal to the mean over the others.
+  per_example = [np.log(np.sum(np.exp(row.astype(np.float64) - row.max()))) + row.max() - row[y]
+                 for row, y in zip(logits, labels)]
+  weighted = losses.cross_entropy(logits, labels, np.array([1, 0, 1, 1]))
+  np.testing.assert_allclose(weighted, np.mean([per_example[i] for i in (0, 2, 3)]), rtol=1e-6)
+  assert losses.cross_entropy(logits, labels, np.zeros(4)) == 0.0
 
 
 # ---------------------------------------------------------------------------
