@@ -1,0 +1,23 @@
+"""Input pipelines: random-access sources, worker-side transforms, grain datasets.
+
+  src = sources.WaterbirdsSource(root, 'train')
+  ds = pipeline.make_dataset(src, transform=transforms.cub_original_train(518),
+                             global_batch_size=128, seed=0, train=True, num_workers=8)
+  for batch in ds:                       # numpy, per process
+    x = normalize(global_batch(batch, sharding)['image'])   # on device
+"""
+
+from ifam_jax.data import pipeline, sources, transforms
+from ifam_jax.data.pipeline import (check_image_size, global_batch, make_dataset, normalize,
+                                    num_eval_batches, per_process_batch_size)
+from ifam_jax.data.sources import (CubSource, ImageFolderSource, ImageNet9Source,
+                                   MetaShiftSource, SyntheticSpuriousSource, TfdsSource,
+                                   WaterbirdsSource)
+from ifam_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    'pipeline', 'sources', 'transforms', 'check_image_size', 'global_batch', 'make_dataset',
+    'normalize', 'num_eval_batches', 'per_process_batch_size', 'CubSource', 'ImageFolderSource',
+    'ImageNet9Source', 'MetaShiftSource', 'SyntheticSpuriousSource', 'TfdsSource',
+    'WaterbirdsSource', 'IMAGENET_MEAN', 'IMAGENET_STD',
+]

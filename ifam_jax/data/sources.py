@@ -1,0 +1,459 @@
+"""Random-access data sources for grain: one raw record per example, nothing decoded.
+
+Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'group': int}`, where
+`group` is -1 when the data set defines no groups; the synthetic source adds `'fg_mask'`. Every
+source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0 without groups).
+
+Sources validate their inputs when built, with cheap checks only (directory listings, metadata
+files, the first image), and every error names the offending path: a wrong root then fails in
+the launcher, not inside a grain worker. `__repr__` is stable across runs because grain's
+DataLoader compares it when restoring a checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# torchvision's ImageFolder extensions, matched case-insensitively.
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+# MadryLab Backgrounds Challenge (IN-9) class folders, in label order.
+IN9_CLASSES = ('00_dog', '01_bird', '02_wheeled vehicle', '03_reptile', '04_carnivore',
+               '05_insect', '06_musical instrument', '07_primate', '08_fish')
+
+WATERBIRDS_SPLITS = {'train': 0, 'val': 1, 'test': 2}
+CUB_NUM_CLASSES = 200
+
+Record = dict[str, Any]
+
+
+class Source:
+  """Metadata shared by all sources. Subclasses set the names and implement the protocol."""
+
+  class_names: list[str]
+  group_names: list[str]
+  _repr: str
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.group_names)
+
+  def __repr__(self) -> str:
+    return self._repr
+
+
+def _describe(cls_name: str, **kwargs: Any) -> str:
+  return f'{cls_name}(' + ', '.join(f'{k}={v!r}' for k, v in kwargs.items()) + ')'
+
+
+class FileSource(Source):
+  """A source backed by a list of image files; records carry the undecoded file bytes."""
+
+  def __init__(self, paths: Sequence[str], labels: Sequence[int], groups: Sequence[int]):
+    self.paths = list(paths)
+    self.labels = np.asarray(labels, np.int64)
+    self.groups = np.asarray(groups, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> Record:
+    with open(self.paths[index], 'rb') as f:
+      image = f.read()
+    return {'image': image, 'label': int(self.labels[index]), 'group': int(self.groups[index])}
+
+
+# ----------------------------------------------------------------------------
+# Folder scanning and validation helpers
+# ----------------------------------------------------------------------------
+def _require_dir(path: pathlib.Path, what: str) -> None:
+  if not path.is_dir():
+    raise FileNotFoundError(f'{what} {path} does not exist or is not a directory')
+
+
+def _require_file(path: pathlib.Path, what: str) -> None:
+  if not path.is_file():
+    raise FileNotFoundError(f'{what} {path} does not exist')
+
+
+def _image_files(folder: pathlib.Path) -> list[str]:
+  """Image files under `folder`, recursively, in torchvision ImageFolder's order."""
+  return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True))
+          for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+
+
+def _scan_image_folder(root: pathlib.Path, classes: Sequence[str] | None
+                       ) -> tuple[list[str], list[str], list[int]]:
+  """(class names, paths, labels) of `root/<class>/**/<image>`, as torchvision ImageFolder."""
+  _require_dir(root, 'image folder')
+  found = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  if not found:
+    raise ValueError(f'image folder {root} holds no class folders')
+  class_names = list(classes) if classes is not None else found
+  index = {name: i for i, name in enumerate(class_names)}
+  paths, labels = [], []
+  for name in found:
+    if name not in index:
+      raise ValueError(f'class folder {root / name} is not in the class set '
+                       f'({len(class_names)} classes: {class_names[:3]}...)')
+    files = _image_files(root / name)
+    if not files:
+      raise ValueError(f'class folder {root / name} holds no image files {IMG_EXTENSIONS}')
+    paths += files
+    labels += [index[name]] * len(files)
+  return class_names, paths, labels
+
+
+def _check_first_image(paths: Sequence[str], what: str) -> None:
+  """Catches a wrong image root cheaply: the first listed image must exist."""
+  if paths and not os.path.isfile(paths[0]):
+    raise FileNotFoundError(f'{what}: image {paths[0]} does not exist (wrong image root?)')
+
+
+# ----------------------------------------------------------------------------
+# ImageFolder, ImageNet-9, MetaShift
+# ----------------------------------------------------------------------------
+class ImageFolderSource(FileSource):
+  """`root/<class>/**/<image>`: sorted class folders get labels 0..C-1 (torchvision semantics).
+
+  `classes` fixes the class list (and so the label indices) when a split may lack a class
+  folder; every folder must then be one of them.
+  """
+
+  def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None):
+    root = pathlib.Path(root)
+    self.class_names, paths, labels = _scan_image_folder(root, classes)
+    self.group_names = []
+    super().__init__(paths, labels, [-1] * len(paths))
+    self._repr = _describe('ImageFolderSource', root=str(root), classes=classes)
+
+
+class ImageNet9Source(FileSource):
+  """IN-9 Backgrounds Challenge: `root/<variant>/<split>/<NN_class>/*`, labels 0..8."""
+
+  def __init__(self, root: str | os.PathLike, variant: str = 'original', split: str = 'val'):
+    if split not in ('train', 'val'):
+      raise ValueError(f"ImageNet-9 split must be 'train' or 'val', got {split!r}")
+    folder = pathlib.Path(root) / variant / split
+    self.class_names, paths, labels = _scan_image_folder(folder, IN9_CLASSES)
+    self.group_names = []
+    super().__init__(paths, labels, [-1] * len(paths))
+    self._repr = _describe('ImageNet9Source', root=str(root), variant=variant, split=split)
+
+
+class MetaShiftSource(FileSource):
+  """MetaShift cat/dog: `root/<split>/<class>/<context>/**/<image>`.
+
+  Labels come from the class folder (ImageFolder order, so cat=0, dog=1); each (class, context)
+  folder pair is a group, numbered in sorted order and named after the context folder
+  ('cat(sofa)'), prefixed with the class when the folder name does not already carry it.
+  """
+
+  def __init__(self, root: str | os.PathLike, split: str):
+    folder = pathlib.Path(root) / split
+    self.class_names, paths, labels = _scan_image_folder(folder, None)
+    keys = []
+    for path, label in zip(paths, labels):
+      parts = pathlib.Path(path).relative_to(folder / self.class_names[label]).parts
+      if len(parts) < 2:
+        raise ValueError(f'{path} is not inside a context folder; expected '
+                         f'{folder}/<class>/<context>/<image>')
+      keys.append((label, parts[0]))
+    unique = sorted(set(keys))
+    group_of = {key: g for g, key in enumerate(unique)}
+    cls = self.class_names
+    self.group_names = [ctx if ctx.startswith(cls[y]) else f'{cls[y]}({ctx})' for y, ctx in unique]
+    super().__init__(paths, labels, [group_of[k] for k in keys])
+    self._repr = _describe('MetaShiftSource', root=str(root), split=split)
+
+
+# ----------------------------------------------------------------------------
+# Waterbirds and CUB-200-2011
+# ----------------------------------------------------------------------------
+def _int_field(value: str, where: str, column: str) -> int:
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise ValueError(f'{where}: {column}={value!r} is not an integer') from None
+
+
+class WaterbirdsSource(FileSource):
+  """Waterbirds from `root/metadata.csv` (img_filename, y, split, place); images under root.
+
+  y: 0 landbird, 1 waterbird; place: 0 land, 1 water; group = 2 * y + place.
+  """
+
+  def __init__(self, root: str | os.PathLike, split: str):
+    root = pathlib.Path(root)
+    if split not in WATERBIRDS_SPLITS:
+      raise ValueError(f'Waterbirds split must be one of {list(WATERBIRDS_SPLITS)}, got {split!r}')
+    _require_dir(root, 'Waterbirds root')
+    meta = root / 'metadata.csv'
+    _require_file(meta, 'Waterbirds metadata')
+    try:
+      with open(meta, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = set(reader.fieldnames or ())
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+      raise ValueError(f'cannot read Waterbirds metadata {meta}: {e}') from None
+    missing = {'img_filename', 'y', 'split', 'place'} - columns
+    if missing:
+      raise ValueError(f'Waterbirds metadata {meta} lacks column(s) {sorted(missing)}')
+    paths, labels, groups = [], [], []
+    for line, row in enumerate(rows, start=2):
+      y, place, s = (_int_field(row[c], f'{meta} line {line}', c) for c in ('y', 'place', 'split'))
+      if y not in (0, 1):
+        raise ValueError(f'{meta} line {line}: label y={y} is outside the class set {{0, 1}}')
+      if place not in (0, 1) or s not in (0, 1, 2):
+        raise ValueError(f'{meta} line {line}: place={place} / split={s} out of range')
+      if s == WATERBIRDS_SPLITS[split]:
+        paths.append(str(root / row['img_filename']))
+        labels.append(y)
+        groups.append(2 * y + place)
+    _check_first_image(paths, f'Waterbirds metadata {meta}')
+    self.class_names = ['landbird', 'waterbird']
+    self.group_names = ['landbird/land', 'landbird/water', 'waterbird/land', 'waterbird/water']
+    super().__init__(paths, labels, groups)
+    self._repr = _describe('WaterbirdsSource', root=str(root), split=split)
+
+
+def _read_id_table(path: pathlib.Path) -> dict[int, str]:
+  """`<id> <value>` per line (CUB's list files) -> {id: value}."""
+  _require_file(path, 'CUB list file')
+  table = {}
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f'cannot read CUB list file {path}: {e}') from None
+  for line, text in enumerate(lines, start=1):
+    if not text.strip():
+      continue
+    key, _, value = text.strip().partition(' ')
+    if not value:
+      raise ValueError(f'{path} line {line}: expected "<id> <value>", got {text!r}')
+    table[_int_field(key, f'{path} line {line}', 'id')] = value.strip()
+  return table
+
+
+class CubSource(FileSource):
+  """CUB-200-2011 from its list files under `root` (the CUB_200_2011 folder).
+
+  images.txt names the files (under `root/image_subdir`; 'waterbird_complete95_forest2water2'
+  gives Waterbird200), image_class_labels.txt holds labels 1..200 (-> 0..199) and
+  train_test_split.txt marks train (1) and test (0). classes.txt, when present, names the classes
+  and sets their number.
+  """
+
+  def __init__(self, root: str | os.PathLike, split: str, image_subdir: str = 'images'):
+    root = pathlib.Path(root)
+    if split not in ('train', 'test'):
+      raise ValueError(f"CUB split must be 'train' or 'test' (the reference has no val), "
+                       f'got {split!r}')
+    _require_dir(root, 'CUB root')
+    image_dir = root / image_subdir
+    _require_dir(image_dir, 'CUB image folder')
+    if (root / 'classes.txt').is_file():
+      named = _read_id_table(root / 'classes.txt')
+      self.class_names = [named[k] for k in sorted(named)]
+    else:
+      self.class_names = [str(k) for k in range(1, CUB_NUM_CLASSES + 1)]
+    files = _read_id_table(root / 'images.txt')
+    label_path, split_path = root / 'image_class_labels.txt', root / 'train_test_split.txt'
+    label_of, is_train = _read_id_table(label_path), _read_id_table(split_path)
+    want = '1' if split == 'train' else '0'
+    paths, labels = [], []
+    for image_id, name in files.items():
+      for table, path in ((label_of, label_path), (is_train, split_path)):
+        if image_id not in table:
+          raise ValueError(f'{path} has no entry for image id {image_id} ({name})')
+      label = _int_field(label_of[image_id], f'{label_path} (image id {image_id})', 'label')
+      if not 1 <= label <= self.num_classes:
+        raise ValueError(f'{label_path}: label {label} of image id {image_id} is outside the '
+                         f'class set 1..{self.num_classes}')
+      if is_train[image_id] == want:
+        paths.append(str(image_dir / name))
+        labels.append(label - 1)
+    _check_first_image(paths, f'CUB images.txt {root / "images.txt"}')
+    self.group_names = []
+    super().__init__(paths, labels, [-1] * len(paths))
+    self._repr = _describe('CubSource', root=str(root), split=split, image_subdir=image_subdir)
+
+
+# ----------------------------------------------------------------------------
+# TFDS (ArrayRecord, read without TensorFlow)
+# ----------------------------------------------------------------------------
+class TfdsSource(Source):
+  """A prepared TFDS data set in ArrayRecord format; images stay encoded (SkipDecoding).
+
+  `label_key` must be a ClassLabel feature; `group_key`, when given, a ClassLabel too.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | os.PathLike | None = None, *,
+               image_key: str = 'image', label_key: str = 'label',
+               group_key: str | None = None):
+    if data_dir is not None:
+      _require_dir(pathlib.Path(data_dir), 'TFDS data_dir')
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      raise FileNotFoundError(f'TFDS data set {name!r} is not prepared in {builder.data_dir}')
+    features = builder.info.features
+    for key in (image_key, label_key) + ((group_key,) if group_key else ()):
+      if key not in features:
+        raise ValueError(f'TFDS data set {name!r} in {builder.data_dir} has no feature {key!r}; '
+                         f'it has {sorted(features.keys())}')
+    for key in (label_key, group_key):
+      if key and not isinstance(features[key], tfds.features.ClassLabel):
+        raise ValueError(f'TFDS feature {key!r} of {name!r} in {builder.data_dir} is not a '
+                         f'ClassLabel')
+    for part in split.split('+'):
+      base = part.split('[')[0].strip()
+      if base not in builder.info.splits:
+        raise ValueError(f'TFDS data set {name!r} in {builder.data_dir} has no split {base!r}; '
+                         f'it has {sorted(builder.info.splits.keys())}')
+    self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                    decoders={image_key: tfds.decode.SkipDecoding()})
+    self._keys = (image_key, label_key, group_key)
+    self.class_names = list(features[label_key].names)
+    self.group_names = list(features[group_key].names) if group_key else []
+    self._repr = _describe('TfdsSource', name=name, split=split, data_dir=str(data_dir),
+                           image_key=image_key, label_key=label_key, group_key=group_key)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Record:
+    example = self._source[index]
+    image_key, label_key, group_key = self._keys
+    group = int(example[group_key]) if group_key else -1
+    return {'image': example[image_key], 'label': int(example[label_key]), 'group': group}
+
+
+# ----------------------------------------------------------------------------
+# Synthetic spurious-correlation benchmark (no download)
+# ----------------------------------------------------------------------------
+SYNTHETIC_SHAPES = ('disc', 'plus', 'ring', 'triangle')  # distinct under any rotation
+SYNTHETIC_BACKGROUNDS = ('land', 'water', 'desert', 'night')
+# Two-tone textures: (colour a, colour b) per background type.
+_BACKGROUND_COLOURS = {
+    'land': ((70, 150, 50), (35, 95, 30)),
+    'water': ((45, 100, 210), (20, 55, 145)),
+    'desert': ((215, 185, 125), (175, 140, 85)),
+    'night': ((45, 40, 70), (15, 15, 30)),
+}
+# Object colours, drawn independently of class and background; far from every texture colour.
+_OBJECT_COLOURS = ((225, 45, 45), (230, 60, 210), (245, 245, 245))
+_SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2}
+
+
+def _texture(kind: str, x: np.ndarray, y: np.ndarray, size: int,
+             rng: np.random.Generator) -> np.ndarray:
+  """Boolean [H, W] two-tone pattern of a background type, with a random phase."""
+  phase = rng.uniform(0, size)
+  if kind == 'land':  # diagonal stripes
+    return ((x + y + phase) // (size / 8)) % 2 == 0
+  if kind == 'water':  # horizontal waves
+    wave = (size / 20) * np.sin(2 * np.pi * x / (size / 2) + phase)
+    return ((y + wave + phase) // (size / 10)) % 2 == 0
+  if kind == 'desert':  # dots
+    p = size / 6
+    return ((x + phase) % p - p / 2)**2 + ((y + phase) % p - p / 2)**2 < (p / 4)**2
+  return ((x + phase) // (size / 8) + y // (size / 8)) % 2 == 0  # night: checker
+
+
+def _shape_mask(kind: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+  """Boolean [H, W] object mask for offsets (dx, dy) from the object centre."""
+  if kind == 'triangle':  # equilateral, apex up, inside all three edges; 1.3 r matches areas
+    normals = np.deg2rad([90.0, 210.0, 330.0])
+    return np.all([dx * np.cos(a) + dy * np.sin(a) <= 0.65 * r for a in normals], axis=0)
+  if kind == 'plus':
+    t = 0.3 * r
+    ax, ay = np.abs(dx), np.abs(dy)
+    return ((ax <= r) & (ay <= t)) | ((ay <= r) & (ax <= t))
+  d2 = dx**2 + dy**2
+  if kind == 'ring':
+    return (d2 <= r**2) & (d2 >= (0.55 * r)**2)
+  return d2 <= r**2  # disc
+
+
+class SyntheticSpuriousSource(Source):
+  """Shapes on textured backgrounds, where the background is a shortcut for the label.
+
+  The label is the object's SHAPE (disc, plus, ring, triangle; `num_classes` of them). Background
+  type b in (land: green stripes, water: blue waves, desert: sand dots, night: dark checker) is
+  the label's own type with probability `majority` in 'train' and any other type otherwise; in
+  'val' and 'test' every (shape, background) group is equally frequent (index % groups).
+  group = label * num_classes + background.
+
+  The background is the easier cue (about 80% of the pixels, one strong colour), so a model
+  looking at the whole image learns it and fails on the minority groups; the shape alone is
+  easy for a small ViT (radius 18-28% of the side, centre within 12% of the middle, a random
+  object colour unrelated to label and background). Records are drawn on the fly, fully
+  determined by (seed, split, index), and carry the exact object mask as `'fg_mask'` (uint8
+  [H, W], 1 on the object). Every image has one object colour and two background colours.
+  """
+
+  def __init__(self, num_examples: int, image_size: int = 64, split: str = 'train', seed: int = 0,
+               majority: float = 0.95, num_classes: int = 2):
+    if split not in _SPLIT_CODES:
+      raise ValueError(f'synthetic split must be one of {list(_SPLIT_CODES)}, got {split!r}')
+    if not 2 <= num_classes <= len(SYNTHETIC_SHAPES):
+      raise ValueError(f'num_classes must be in 2..{len(SYNTHETIC_SHAPES)}, got {num_classes}')
+    if not 0.0 <= majority <= 1.0:
+      raise ValueError(f'majority must be a probability, got {majority}')
+    if num_examples < 1 or image_size < 16:
+      raise ValueError(f'need num_examples >= 1 and image_size >= 16, got {num_examples}, '
+                       f'{image_size}')
+    self.num_examples, self.image_size, self.split = num_examples, image_size, split
+    self.seed, self.majority = seed, majority
+    self.class_names = list(SYNTHETIC_SHAPES[:num_classes])
+    backgrounds = SYNTHETIC_BACKGROUNDS[:num_classes]
+    self.group_names = [f'{s}/{b}' for s in self.class_names for b in backgrounds]
+    self._repr = _describe('SyntheticSpuriousSource', num_examples=num_examples,
+                           image_size=image_size, split=split, seed=seed, majority=majority,
+                           num_classes=num_classes)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def _label_background(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
+    c = self.num_classes
+    if self.split != 'train':
+      return divmod(index % (c * c), c)
+    label = index % c
+    if rng.random() < self.majority:
+      return label, label
+    return label, int((label + 1 + rng.integers(c - 1)) % c)
+
+  def __getitem__(self, index: int) -> Record:
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f'index {index} out of range for {self!r}')
+    rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])
+    label, background = self._label_background(index, rng)
+    s = self.image_size
+    y, x = np.mgrid[0:s, 0:s] + 0.5  # pixel centres
+    jitter = rng.integers(-12, 13, size=3)
+    colours = np.clip(np.array(_BACKGROUND_COLOURS[SYNTHETIC_BACKGROUNDS[background]]) + jitter,
+                      0, 255)
+    image = np.where(_texture(SYNTHETIC_BACKGROUNDS[background], x, y, s, rng)[..., None],
+                     colours[0], colours[1])
+    r = rng.uniform(0.18, 0.28) * s
+    cx, cy = s / 2 + rng.uniform(-0.12, 0.12, size=2) * s
+    mask = _shape_mask(SYNTHETIC_SHAPES[label], x - cx, y - cy, r)
+    colour = np.array(_OBJECT_COLOURS[rng.integers(len(_OBJECT_COLOURS))])
+    colour = np.clip(colour + rng.integers(-20, 21, size=3), 0, 255)
+    image = np.where(mask[..., None], colour, image).astype(np.uint8)
+    return {'image': image, 'label': label, 'group': label * self.num_classes + background,
+            'fg_mask': mask.astype(np.uint8)}

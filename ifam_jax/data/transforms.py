@@ -1,0 +1,377 @@
+"""Worker-side image transforms: decode, augment, and emit a fixed uint8 [size, size, 3] image.
+
+They run in grain workers on PIL images and draw every random number from the
+`np.random.Generator` they are given, so an augmentation is a pure function of the record and
+its generator (the pipeline seeds that from seed, epoch and index). A transform is a callable
+`(image, mask, rng) -> (image, mask)`: geometric steps move the optional foreground mask with
+nearest sampling and fill 0, so the mask stays aligned with its image. Normalisation is left to
+the device (`pipeline.normalize`), which keeps host-to-device transfers uint8.
+
+Recipes (reference section 6.7):
+  imagenet_train      timm RandomResizedCrop + hflip + RandAugment rand-m6-mstd0.5
+  cub_original_train  CUB / Waterbirds / MetaShift: resize, flips, PlanckianJitter, RandomAffine,
+                      RandomCrop
+  resize_center_crop  eval: resize the shorter side, centre crop
+  imagenet_eval       timm eval: resize to size / 0.875 bicubic, centre crop (squash at >= 384)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+from absl import logging
+from PIL import Image, ImageEnhance, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_RESAMPLE = {'nearest': Image.NEAREST, 'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
+
+# Planckian-locus illuminants, 'blackbody' mode: the (r, g, b) rows of Zini et al. 2022, as in the
+# reference's utils/data_utils/planckian_color_jitter.py and kornia's RandomPlanckianJitter.
+BLACKBODY = np.array([
+    [0.6743, 0.4029, 0.0013], [0.6281, 0.4241, 0.1665], [0.5919, 0.4372, 0.2513],
+    [0.5623, 0.4457, 0.3154], [0.5376, 0.4515, 0.3672], [0.5163, 0.4555, 0.4103],
+    [0.4979, 0.4584, 0.4468], [0.4816, 0.4604, 0.4782], [0.4672, 0.4619, 0.5053],
+    [0.4542, 0.4630, 0.5289], [0.4426, 0.4638, 0.5497], [0.4320, 0.4644, 0.5681],
+    [0.4223, 0.4648, 0.5844], [0.4135, 0.4651, 0.5990], [0.4054, 0.4653, 0.6121],
+    [0.3980, 0.4654, 0.6239], [0.3911, 0.4655, 0.6346], [0.3847, 0.4656, 0.6444],
+    [0.3787, 0.4656, 0.6532], [0.3732, 0.4656, 0.6613], [0.3680, 0.4655, 0.6688],
+    [0.3632, 0.4655, 0.6756], [0.3586, 0.4655, 0.6820], [0.3544, 0.4654, 0.6878],
+    [0.3503, 0.4653, 0.6933],
+])
+
+Mask = Image.Image | None
+
+
+class Transform(Protocol):
+  """Maps a decoded RGB image (and its optional mask) to an image of exactly [size, size]."""
+
+  size: int
+
+  def __call__(self, image: Image.Image, mask: Mask,
+               rng: np.random.Generator) -> tuple[Image.Image, Mask]:
+    ...
+
+
+# ----------------------------------------------------------------------------
+# Decoding and the per-record entry point
+# ----------------------------------------------------------------------------
+def decode(image: bytes | np.ndarray) -> Image.Image | None:
+  """Encoded bytes or a uint8 [H, W(, C)] array -> an RGB PIL image; None if unreadable.
+
+  PIL picks the format from the bytes, so CMYK JPEGs, PNGs and greyscale images all come out
+  RGB. A corrupt file must not kill a long run: it is logged and reported as None.
+  """
+  try:
+    if isinstance(image, np.ndarray):
+      img = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+    else:
+      img = Image.open(io.BytesIO(image))
+    return img.convert('RGB')  # forces the full decode, so truncated files fail here
+  except Exception as e:  # pylint: disable=broad-except  # decoders raise many error types
+    logging.warning('undecodable image (%s: %s); emitting a black image with valid=0',
+                    type(e).__name__, e)
+    return None
+
+
+def process(record: dict[str, Any], rng: np.random.Generator,
+            transform: Transform) -> dict[str, np.ndarray]:
+  """A raw source record -> fixed-shape arrays: image uint8 [S, S, 3], label/group/valid int32.
+
+  `valid` is 0 for an undecodable image (then image and mask are zeros) or when the record
+  arrives with valid=0 (eval padding); `fg_mask` uint8 [S, S] is passed through when present.
+  """
+  size = transform.size
+  image = decode(record['image'])
+  mask = record.get('fg_mask')
+  valid = image is not None and bool(record.get('valid', 1))
+  out_mask = None if mask is None else np.zeros((size, size), np.uint8)
+  if image is None:
+    out_image = np.zeros((size, size, 3), np.uint8)
+  else:
+    pil_mask = None if mask is None else Image.fromarray(np.asarray(mask, np.uint8))
+    if pil_mask is not None and pil_mask.size != image.size:
+      raise ValueError(f'fg_mask size {pil_mask.size} differs from image size {image.size}')
+    image, pil_mask = transform(image, pil_mask, rng)
+    out_image = np.asarray(image, np.uint8)
+    if pil_mask is not None:
+      out_mask = np.asarray(pil_mask, np.uint8)
+  if out_image.shape != (size, size, 3):
+    raise ValueError(f'{transform!r} produced shape {out_image.shape}, not {(size, size, 3)}')
+  out = {'image': out_image, 'label': np.int32(record['label']),
+         'group': np.int32(record['group']), 'valid': np.int32(valid)}
+  if out_mask is not None:
+    out['fg_mask'] = out_mask
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Geometric primitives (image and mask together)
+# ----------------------------------------------------------------------------
+def _both(image: Image.Image, mask: Mask,
+          op: Callable[[Image.Image, bool], Image.Image]) -> tuple[Image.Image, Mask]:
+  """Applies `op(img, is_mask)` to the image and, when present, to the mask."""
+  return op(image, False), (None if mask is None else op(mask, True))
+
+
+def _resize_shorter(image: Image.Image, mask: Mask, size: int,
+                    resample: int) -> tuple[Image.Image, Mask]:
+  """torchvision Resize(int): the shorter side becomes `size`, the longer int(size * ratio)."""
+  w, h = image.size
+  if w <= h:
+    wh = (size, int(size * h / w))
+  else:
+    wh = (int(size * w / h), size)
+  return _both(image, mask, lambda im, m: im.resize(wh, Image.NEAREST if m else resample))
+
+
+def _crop(image: Image.Image, mask: Mask, left: int, top: int,
+          width: int, height: int) -> tuple[Image.Image, Mask]:
+  box = (left, top, left + width, top + height)
+  return _both(image, mask, lambda im, _: im.crop(box))
+
+
+def _center_crop(image: Image.Image, mask: Mask, size: int) -> tuple[Image.Image, Mask]:
+  w, h = image.size
+  return _crop(image, mask, int(round((w - size) / 2.0)), int(round((h - size) / 2.0)),
+               size, size)
+
+
+def inverse_affine_matrix(center: tuple[float, float], angle: float,
+                          translate: tuple[float, float], scale: float) -> tuple[float, ...]:
+  """PIL's AFFINE data (output -> input pixel map) of torchvision's affine without shear.
+
+  The forward map rotates by `angle` degrees clockwise on screen about `center`, scales, then
+  translates; PIL needs its inverse: x_in = R^-1 (x_out - center - t) / scale + center.
+  """
+  rot = math.radians(angle)
+  cx, cy = center
+  tx, ty = translate
+  m = [math.cos(rot) / scale, math.sin(rot) / scale, 0.0,
+       -math.sin(rot) / scale, math.cos(rot) / scale, 0.0]
+  m[2] = m[0] * (-cx - tx) + m[1] * (-cy - ty) + cx
+  m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy
+  return tuple(m)
+
+
+def affine(image: Image.Image, angle: float, translate: tuple[float, float], scale: float,
+           resample: int = Image.NEAREST, fill: int | tuple[int, ...] = 0) -> Image.Image:
+  """torchvision F.affine on a PIL image (centre (w/2, h/2), no shear)."""
+  w, h = image.size
+  data = inverse_affine_matrix((w * 0.5, h * 0.5), angle, translate, scale)
+  return image.transform(image.size, Image.AFFINE, data, resample, fillcolor=fill)
+
+
+# ----------------------------------------------------------------------------
+# Colour: PlanckianJitter
+# ----------------------------------------------------------------------------
+def planckian_jitter(image: np.ndarray, index: int) -> np.ndarray:
+  """Re-lights a uint8 RGB image with blackbody illuminant `index`, as the reference does.
+
+  R *= r/g and B *= b/g in [0, 1], clipped above at 1, then truncated (not rounded) to uint8.
+  """
+  r, g, b = BLACKBODY[index]
+  x = np.asarray(image, np.float64) / 255
+  x[..., 0] = x[..., 0] * (r / g)
+  x[..., 2] = x[..., 2] * (b / g)
+  return (np.minimum(x, 1.0) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# RandAugment (timm rand-mM-mstdS, PIL ops)
+# ----------------------------------------------------------------------------
+def _solarize_add(image: Image.Image, add: int) -> Image.Image:
+  lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+  return image.point(lut * 3)
+
+
+# level in [0, 1] (magnitude / 10) -> the op applied to the image only.
+_COLOUR_OPS: dict[str, Callable[[Image.Image, float], Image.Image]] = {
+    'AutoContrast': lambda im, _: ImageOps.autocontrast(im),
+    'Equalize': lambda im, _: ImageOps.equalize(im),
+    'Invert': lambda im, _: ImageOps.invert(im),
+    'Posterize': lambda im, lv: ImageOps.posterize(im, int(lv * 4)),
+    'Solarize': lambda im, lv: ImageOps.solarize(im, int(lv * 256)),
+    'SolarizeAdd': lambda im, lv: _solarize_add(im, int(lv * 110)),
+    'Color': lambda im, lv: ImageEnhance.Color(im).enhance(lv * 1.8 + 0.1),
+    'Contrast': lambda im, lv: ImageEnhance.Contrast(im).enhance(lv * 1.8 + 0.1),
+    'Brightness': lambda im, lv: ImageEnhance.Brightness(im).enhance(lv * 1.8 + 0.1),
+    'Sharpness': lambda im, lv: ImageEnhance.Sharpness(im).enhance(lv * 1.8 + 0.1),
+}
+# level, sign, (w, h) -> PIL AFFINE data; timm's shear up to 0.3 and translate up to 45 %.
+_AFFINE_OPS: dict[str, Callable[[float, float, tuple[int, int]], tuple[float, ...]]] = {
+    'ShearX': lambda lv, s, wh: (1, s * lv * 0.3, 0, 0, 1, 0),
+    'ShearY': lambda lv, s, wh: (1, 0, 0, s * lv * 0.3, 1, 0),
+    'TranslateXRel': lambda lv, s, wh: (1, 0, s * lv * 0.45 * wh[0], 0, 1, 0),
+    'TranslateYRel': lambda lv, s, wh: (1, 0, 0, 0, 1, s * lv * 0.45 * wh[1]),
+}
+RAND_AUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
+                    'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
+                    'ShearY', 'TranslateXRel', 'TranslateYRel')
+
+
+def rand_augment(image: Image.Image, mask: Mask, rng: np.random.Generator, *, num_ops: int = 2,
+                 magnitude: float = 6.0, magnitude_std: float = 0.5,
+                 fill: tuple[int, int, int] = (124, 116, 104),
+                 resample: int = Image.BICUBIC) -> tuple[Image.Image, Mask]:
+  """timm's RandAugment: `num_ops` ops drawn with replacement from its 15-op set, each applied
+  with probability 0.5 at magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10].
+
+  Signed ops (Rotate up to 30 degrees, shears, translations) flip sign with probability 0.5;
+  geometric ops fill with `fill` (the mean colour) and also move the mask.
+  """
+  for name in (RAND_AUGMENT_OPS[i] for i in rng.integers(len(RAND_AUGMENT_OPS), size=num_ops)):
+    if rng.random() > 0.5:
+      continue
+    m = rng.normal(magnitude, magnitude_std) if magnitude_std > 0 else magnitude
+    level = min(max(m, 0.0), 10.0) / 10.0
+    if name in _COLOUR_OPS:
+      image = _COLOUR_OPS[name](image, level)
+      continue
+    sign = -1.0 if rng.random() > 0.5 else 1.0
+    if name == 'Rotate':
+      image, mask = _both(image, mask, lambda im, mk: im.rotate(
+          sign * level * 30.0, Image.NEAREST if mk else resample, fillcolor=0 if mk else fill))
+    else:
+      data = _AFFINE_OPS[name](level, sign, image.size)
+      image, mask = _both(image, mask, lambda im, mk: im.transform(
+          im.size, Image.AFFINE, data, Image.NEAREST if mk else resample,
+          fillcolor=0 if mk else fill))
+  return image, mask
+
+
+# ----------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------
+def _random_resized_crop_box(w: int, h: int, rng: np.random.Generator,
+                             scale: tuple[float, float],
+                             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+  """timm RandomResizedCropAndInterpolation.get_params -> (left, top, width, height)."""
+  area = w * h
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = rng.uniform(*scale) * area
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+    if cw <= w and ch <= h:
+      return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
+  in_ratio = w / h  # fallback: the largest central crop within the ratio range
+  if in_ratio < min(ratio):
+    cw, ch = w, int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    cw, ch = int(round(h * max(ratio))), h
+  else:
+    cw, ch = w, h
+  return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImagenetTrain:
+  size: int
+  scale: tuple[float, float] = (0.08, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  hflip: float = 0.5
+  num_ops: int = 2
+  magnitude: float = 6.0
+  magnitude_std: float = 0.5
+
+  def __call__(self, image: Image.Image, mask: Mask,
+               rng: np.random.Generator) -> tuple[Image.Image, Mask]:
+    left, top, w, h = _random_resized_crop_box(*image.size, rng, self.scale, self.ratio)
+    image, mask = _crop(image, mask, left, top, w, h)
+    wh = (self.size, self.size)
+    image, mask = _both(image, mask,
+                        lambda im, m: im.resize(wh, Image.NEAREST if m else Image.BICUBIC))
+    if rng.random() < self.hflip:
+      image, mask = _both(image, mask, lambda im, _: im.transpose(Image.FLIP_LEFT_RIGHT))
+    fill = tuple(min(255, round(255 * c)) for c in IMAGENET_MEAN)
+    return rand_augment(image, mask, rng, num_ops=self.num_ops, magnitude=self.magnitude,
+                        magnitude_std=self.magnitude_std, fill=fill)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CubOriginalTrain:
+  size: int
+  hflip: float = 0.5
+  vflip: float = 0.0
+  planckian_p: float = 0.8
+  degrees: float = 90.0
+  translate: tuple[float, float] = (0.2, 0.2)
+  scale: tuple[float, float] = (0.8, 1.2)
+
+  def __call__(self, image: Image.Image, mask: Mask,
+               rng: np.random.Generator) -> tuple[Image.Image, Mask]:
+    image, mask = _resize_shorter(image, mask, self.size, Image.BILINEAR)
+    if rng.random() < self.hflip:
+      image, mask = _both(image, mask, lambda im, _: im.transpose(Image.FLIP_LEFT_RIGHT))
+    if rng.random() < self.vflip:
+      image, mask = _both(image, mask, lambda im, _: im.transpose(Image.FLIP_TOP_BOTTOM))
+    if rng.random() < self.planckian_p:
+      image = Image.fromarray(planckian_jitter(np.asarray(image), rng.integers(len(BLACKBODY))))
+    w, h = image.size
+    angle = rng.uniform(-self.degrees, self.degrees)
+    tx = int(round(rng.uniform(-1.0, 1.0) * self.translate[0] * w))
+    ty = int(round(rng.uniform(-1.0, 1.0) * self.translate[1] * h))
+    scale = rng.uniform(*self.scale)
+    image, mask = _both(image, mask, lambda im, _: affine(im, angle, (tx, ty), scale))
+    left = int(rng.integers(0, w - self.size + 1))
+    top = int(rng.integers(0, h - self.size + 1))
+    return _crop(image, mask, left, top, self.size, self.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResizeCenterCrop:
+  size: int
+  crop_pct: float = 1.0
+  method: str = 'bilinear'
+  squash: bool = False
+
+  def __call__(self, image: Image.Image, mask: Mask,
+               rng: np.random.Generator) -> tuple[Image.Image, Mask]:
+    del rng  # deterministic
+    resample = _RESAMPLE[self.method]
+    if self.squash:
+      wh = (self.size, self.size)
+      return _both(image, mask, lambda im, m: im.resize(wh, Image.NEAREST if m else resample))
+    image, mask = _resize_shorter(image, mask, int(self.size / self.crop_pct), resample)
+    return _center_crop(image, mask, self.size)
+
+
+def imagenet_train(size: int, *, magnitude: float = 6.0, magnitude_std: float = 0.5,
+                   num_ops: int = 2) -> Transform:
+  """timm ImageNet train: RandomResizedCrop((0.08, 1), (3/4, 4/3), bicubic), hflip 0.5, then
+  RandAugment rand-m6-mstd0.5 over timm's full 15-op set (`RAND_AUGMENT_OPS`), fill = mean."""
+  return _ImagenetTrain(size, magnitude=magnitude, magnitude_std=magnitude_std, num_ops=num_ops)
+
+
+def cub_original_train(size: int, *, vflip: float = 0.0) -> Transform:
+  """Reference `cub_original`: Resize(size, bilinear, antialias), hflip 0.5, vflip, Planckian
+  jitter ('blackbody', p=0.8), RandomAffine(90, (0.2, 0.2), (0.8, 1.2), NEAREST, fill 0),
+  RandomCrop(size)."""
+  return _CubOriginalTrain(size, vflip=vflip)
+
+
+def resize_center_crop(size: int, crop_pct: float = 1.0, method: str = 'bilinear') -> Transform:
+  """Eval: the shorter side becomes int(size / crop_pct), then a centre crop of `size`.
+
+  crop_pct 1 with bilinear is the reference test transform for CUB, Waterbirds and MetaShift.
+  """
+  if method not in _RESAMPLE:
+    raise ValueError(f'unknown resize method {method!r}; expected one of {list(_RESAMPLE)}')
+  if not 0.0 < crop_pct <= 1.0:
+    raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
+  return _ResizeCenterCrop(size, crop_pct, method)
+
+
+def imagenet_eval(size: int) -> Transform:
+  """timm ImageNet eval: resize to int(size / 0.875) bicubic + centre crop; at size >= 384 the
+  reference squashes the whole image to (size, size) instead."""
+  if size >= 384:
+    return _ResizeCenterCrop(size, method='bicubic', squash=True)
+  return _ResizeCenterCrop(size, 0.875, 'bicubic')
