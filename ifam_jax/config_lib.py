@@ -1,0 +1,130 @@
+"""Shared pieces of the recipe configs in `configs/`: argument parsing and the base config.
+
+Every knob the trainer reads is declared here with the reference's value, so a recipe only
+states what differs and a typo in a command-line override (`--config.optim.lrr=...`) is an error
+instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from ifam_jax import losses, optim
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """'k1=v1,k2' -> ConfigDict, typed like `defaults`; a bare key means True (big_vision style)."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, has_value, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
+    default = defaults[key]
+    if not has_value:
+      parsed[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {key} expects a boolean, got {value!r}')
+      parsed[key] = value.lower() in ('true', '1')
+    elif default is None:
+      parsed[key] = value
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def sqrt_scaled_lr(global_batch: int, base: float = 1e-6, reference_batch: int = 16) -> float:
+  """The reference's learning-rate rule: base * sqrt(global_batch / 16)."""
+  return base * math.sqrt(global_batch / reference_batch)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every setting with the reference's default; recipes override what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_epochs = 90
+  c.global_batch_size = 128
+  c.max_steps = 0  # > 0 stops early (smoke runs); the schedule still spans total_epochs
+  c.compare_with_baseline = False  # also train the ERM baseline and print both (the demo)
+  c.demo_test_split = ''  # the eval the comparison table reports
+
+  # Model. kind 'baseline' is the plain fine-tuned ViT (no stage 1, no mask): the ERM row.
+  c.model = dict(
+      kind='ifam',
+      variant='B/14',
+      image_size=224,
+      num_registers=4,
+      dtype='bfloat16',
+      num_parts=1,
+      gumbel_tau=1.0,
+      part_dropout=0.3,
+      mask_part_dropout=0.3,
+      mask_gradient='none',
+      eval_gumbel_noise=False,
+      soft_mask=False,
+      init_weights='',  # local DINOv2 file (timm/HF safetensors or official .pth); '' = random
+      vit_overrides={},  # e.g. width/depth/num_heads/mlp_hidden/patch_size for tiny models
+  )
+
+  # Data: `train` and each entry of `evals` name a source (see ifam_jax/data/sources.py).
+  c.data = dict(
+      train=dict(source='', root='', split='train'),
+      evals={},
+      val_split='',  # the eval whose metric picks the "best" checkpoint; never a test split
+      best_metric='accuracy',
+      augment='cub_original',
+      num_workers=4,
+      eval_batch_size=256,
+  )
+
+  # Losses: weights and variants of reference section 5.
+  c.loss = dict(
+      weights=dict(losses.DEFAULT_WEIGHTS),
+      presence='original',
+      enforced_presence='enforced_presence',
+      orthogonality='ifam',
+      # The reference takes the presence max over each GPU's batch; 0 = the whole global batch.
+      presence_group_size=16,
+      degrees=90.0,
+      translate=0.11,
+      scale=(0.8, 1.4),
+  )
+
+  # Optimisation: AdamW with the reference's parameter groups (ifam_jax/optim.py).
+  c.optim = optim.default_config()
+
+  # Devices: mesh axes and regex parameter-sharding rules (first match wins).
+  c.mesh = [('data', -1), ('fsdp', 1)]
+  c.sharding_rules = [('.*', 'replicate')]
+
+  # Loop.
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1.0
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  return c
+
+
+def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
+  """`runlocal`: a few small steps on a laptop CPU with the same code path."""
+  c.global_batch_size = 8
+  c.total_epochs = 1
+  c.model.dtype = 'float32'
+  c.model.vit_overrides = dict(width=64, depth=2, num_heads=2, mlp_hidden=128)
+  c.model.init_weights = ''
+  c.data.num_workers = 0
+  c.data.eval_batch_size = 8
+  c.loss.presence_group_size = 0
+  c.max_steps = 20
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 10
+
+
+def use_baseline(c: ml_collections.ConfigDict) -> None:
+  """The ERM row: the same data and schedule, a plain fine-tuned ViT (no stage 1, no mask)."""
+  c.model.kind = 'baseline'
+  c.optim.group_rules = list(optim.BASELINE_GROUP_RULES)
+  c.optim.groups = optim.baseline_groups()

@@ -1,0 +1,45 @@
+"""Entry point: `python -m ifam_jax.main --config configs/<recipe>.py[:args] --workdir DIR`.
+
+The resolved config is written to <workdir>/config.json. Running the same command again resumes
+from the workdir's latest checkpoint. On a multi-host slice set IFAM_MULTIHOST=1 on every host
+(launch/ does) so that `jax.distributed.initialize()` runs; it is the only environment variable
+the project reads.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ifam_jax import demo, train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if os.environ.get('IFAM_MULTIHOST') == '1':
+    jax.distributed.initialize()
+  config = _CONFIG.value
+  workdir = pathlib.Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  logging.info('devices: %s', jax.devices())
+  if config.compare_with_baseline:
+    demo.train_and_compare(config, workdir)
+  else:
+    train.train_and_evaluate(config, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,505 @@
+"""Training: one linear `train_and_evaluate` in banner-commented sections (big_vision style).
+
+Data flow of a step: uint8 batch -> normalise on device -> both stages on the batch and stage 1
+on one affine-warped copy -> the weighted loss terms -> gradients of the trainable parameters
+only -> clip -> per-group AdamW -> EMA. The step is a pure function under `jax.jit` with explicit
+shardings; its randomness is `fold_in(seed, step)`, so any step can be replayed and a resumed
+run continues exactly where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from ifam_jax import checkpoints, losses, optim, sharding
+from ifam_jax import data as data_lib
+from ifam_jax.models import ifam, vit
+
+SOURCES = {
+    'folder': data_lib.ImageFolderSource,
+    'tfds': data_lib.TfdsSource,
+    'waterbirds': data_lib.WaterbirdsSource,
+    'metashift': data_lib.MetaShiftSource,
+    'in9': data_lib.ImageNet9Source,
+    'cub': data_lib.CubSource,
+    'synthetic': data_lib.SyntheticSpuriousSource,
+}
+
+# fold_in tags of the per-step key.
+RNG_MODEL, RNG_AFFINE, RNG_WARPED = range(3)
+
+
+# ----------------------------------------------------------------------------
+# Builders
+# ----------------------------------------------------------------------------
+def make_source(spec: Mapping[str, Any]) -> data_lib.sources.Source:
+  """A data source from a config entry such as dict(source='waterbirds', root=..., split=...)."""
+  spec = dict(spec)
+  kind = spec.pop('source')
+  if kind not in SOURCES:
+    raise ValueError(f'unknown data source {kind!r}; known: {sorted(SOURCES)}')
+  return SOURCES[kind](**spec)
+
+
+def make_transforms(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """(train transform, eval transform) for the configured augmentation and image size."""
+  size, augment = config.model.image_size, config.data.augment
+  t = data_lib.transforms
+  if augment == 'imagenet':
+    return t.imagenet_train(size), t.imagenet_eval(size)
+  if augment == 'cub_original':
+    return t.cub_original_train(size), t.resize_center_crop(size)
+  if augment == 'none':
+    return t.resize_center_crop(size), t.resize_center_crop(size)
+  raise ValueError(f"unknown augment {augment!r}; use 'imagenet', 'cub_original' or 'none'")
+
+
+def vit_from_config(model_cfg: ml_collections.ConfigDict) -> vit.ViTConfig:
+  return vit.vit_config(model_cfg.variant, image_size=model_cfg.image_size,
+                        num_registers=model_cfg.num_registers, dtype=model_cfg.dtype,
+                        **dict(model_cfg.vit_overrides))
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
+                rngs: nnx.Rngs) -> nnx.Module:
+  """IFAM, or the plain ViT classifier for kind='baseline'; DINOv2 weights if configured."""
+  cfg = vit_from_config(model_cfg)
+  if model_cfg.kind == 'baseline':
+    model = vit.ViTClassifier(cfg, num_classes=num_classes, rngs=rngs)
+    backbones = [model.backbone]
+  elif model_cfg.kind == 'ifam':
+    model = ifam.IFAM(num_classes=num_classes, num_parts=model_cfg.num_parts, stage1=cfg,
+                      stage2=cfg, gumbel_tau=model_cfg.gumbel_tau,
+                      part_dropout=model_cfg.part_dropout,
+                      mask_part_dropout=model_cfg.mask_part_dropout,
+                      mask_gradient=model_cfg.mask_gradient,
+                      eval_gumbel_noise=model_cfg.eval_gumbel_noise,
+                      soft_mask=model_cfg.soft_mask, rngs=rngs)
+    backbones = [model.stage1.backbone, model.stage2.backbone]
+  else:
+    raise ValueError(f"model.kind must be 'ifam' or 'baseline', got {model_cfg.kind!r}")
+  if model_cfg.init_weights:
+    state_dict = checkpoints.read_state_dict(model_cfg.init_weights)
+    for backbone in backbones:
+      checkpoints.load_dinov2(backbone, state_dict)
+  return model
+
+
+# ----------------------------------------------------------------------------
+# Losses and steps
+# ----------------------------------------------------------------------------
+def grouped_presence_loss(maps: jax.Array, kind: str, group_size: int) -> jax.Array:
+  """The presence loss averaged over groups of `group_size` images (0: one group).
+
+  The reference takes its max over each GPU's local batch and averages gradients over GPUs;
+  grouping reproduces that on any mesh, independent of how the batch is sharded here.
+  """
+  b = maps.shape[0]
+  if not group_size or group_size >= b:
+    return losses.presence_loss(maps, kind)
+  if b % group_size:
+    raise ValueError(f'batch {b} is not a multiple of loss.presence_group_size {group_size}')
+  grouped = maps.reshape((b // group_size, group_size) + maps.shape[1:])
+  return jnp.mean(jax.vmap(lambda m: losses.presence_loss(m, kind))(grouped))
+
+
+def ifam_loss_terms(model: ifam.IFAM, images: jax.Array, labels: jax.Array, valid: jax.Array,
+                    rng: jax.Array, loss_cfg: ml_collections.ConfigDict,
+                    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """Every weighted loss term of one iFAM step, and accuracy-style extras."""
+  weights = loss_cfg.weights
+  out = model(images, train=True, rng=jax.random.fold_in(rng, RNG_MODEL))
+  maps = out.part_maps
+  terms = {
+      'cls2': losses.cross_entropy(out.logits, labels, valid),
+      'cls1': losses.cross_entropy(out.stage1_logits, labels, valid),
+      'presence': lambda: grouped_presence_loss(maps, loss_cfg.presence,
+                                                loss_cfg.presence_group_size),
+      'enforced_presence': lambda: losses.enforced_presence_loss(maps,
+                                                                 loss_cfg.enforced_presence),
+      'orthogonality': lambda: losses.orthogonality_loss(out.part_features,
+                                                         loss_cfg.orthogonality),
+      'total_variation': lambda: losses.total_variation_loss(maps),
+      'entropy': lambda: losses.pixel_entropy_loss(maps),
+      'concentration': lambda: losses.concentration_loss(maps),
+  }
+  if weights.equivariance:
+    affine = losses.random_affine_params(jax.random.fold_in(rng, RNG_AFFINE), images.shape[1],
+                                         loss_cfg.degrees, loss_cfg.translate,
+                                         tuple(loss_cfg.scale))
+    warped = losses.affine_warp(images, *affine)
+    warped_maps = model.stage1_maps(warped, train=True, rng=jax.random.fold_in(rng, RNG_WARPED))
+    back = losses.inverse_warp_maps(warped_maps, *affine, images.shape[1])
+    terms['equivariance'] = losses.equivariance_loss(maps, back)
+  terms = {k: (v() if callable(v) else v) for k, v in terms.items() if weights[k]}
+  extras = {'accuracy': _accuracy(out.logits, labels, valid),
+            'stage1_accuracy': _accuracy(out.stage1_logits, labels, valid),
+            'fg_fraction': jnp.mean(out.fg_mask)}
+  return terms, extras
+
+
+def baseline_loss_terms(model: vit.ViTClassifier, images: jax.Array, labels: jax.Array,
+                        valid: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  logits = model(images)
+  return ({'cls2': losses.cross_entropy(logits, labels, valid)},
+          {'accuracy': _accuracy(logits, labels, valid)})
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+  correct = (jnp.argmax(logits, axis=-1) == labels) * valid
+  return jnp.sum(correct) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict,
+                    schedule: Callable[[jax.Array], jax.Array]) -> Callable:
+  """The pure train step: (state, frozen, batch) -> (state, metrics)."""
+  baseline = config.model.kind == 'baseline'
+  weights = config.loss.weights
+  accumulation = config.optim.accumulation_steps
+  ema_decay = config.optim.ema_decay
+
+  def loss_fn(params, frozen, images, labels, valid, rng):
+    model = nnx.merge(graphdef, params, frozen, rest)
+    if baseline:
+      terms, extras = baseline_loss_terms(model, images, labels, valid)
+    else:
+      terms, extras = ifam_loss_terms(model, images, labels, valid, rng, config.loss)
+    total = sum(weights[k] * v for k, v in terms.items())
+    return total, (terms, extras)
+
+  def train_step(state, frozen, batch):
+    step = state['step']
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    images = data_lib.normalize(batch['image'])
+    valid = batch['valid'].astype(jnp.float32)
+    (total, (terms, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'], frozen, images, batch['label'], valid, rng)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state}
+    if ema_decay:
+      stepped = (step + 1) % accumulation == 0
+      count = (step + 1) // accumulation
+      new_state['ema'] = jax.lax.cond(
+          stepped, lambda: optim.ema_update(state['ema'], params, count, ema_decay),
+          lambda: state['ema'])
+    metrics = {'loss': total, **terms, **extras, 'grad_norm': optax.tree.norm(grads),
+               'lr': schedule(step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State,
+                   config: ml_collections.ConfigDict) -> Callable:
+  """(params, frozen, batch, rng) -> per-example predictions (stage 2, stage 1, fg fraction)."""
+  baseline = config.model.kind == 'baseline'
+
+  def eval_step(params, frozen, batch, rng):
+    model = nnx.merge(graphdef, params, frozen, rest)
+    images = data_lib.normalize(batch['image'])
+    if baseline:
+      logits = model(images)
+      return {'pred': jnp.argmax(logits, -1)}
+    out = model(images, train=False, rng=rng)
+    return {'pred': jnp.argmax(out.logits, -1), 'pred1': jnp.argmax(out.stage1_logits, -1),
+            'fg_fraction': jnp.mean(out.fg_mask, axis=(1, 2))}
+
+  return eval_step
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+def summarize_predictions(preds: Mapping[str, np.ndarray], labels: np.ndarray,
+                          groups: np.ndarray, valid: np.ndarray,
+                          group_names: list[str]) -> dict[str, float]:
+  """Accuracy, stage-1 accuracy, per-group and worst-group accuracy over valid examples."""
+  keep = valid > 0
+  labels, groups = labels[keep], groups[keep]
+  correct = preds['pred'][keep] == labels
+  metrics = {'accuracy': float(correct.mean()) if correct.size else float('nan'),
+             'num_examples': int(keep.sum())}
+  if 'pred1' in preds:
+    metrics['stage1_accuracy'] = float((preds['pred1'][keep] == labels).mean())
+    metrics['fg_fraction'] = float(preds['fg_fraction'][keep].mean())
+  if group_names:
+    per_group = {}
+    for g, name in enumerate(group_names):
+      members = groups == g
+      if members.any():
+        per_group[name] = float(correct[members].mean())
+    metrics['group_accuracy'] = per_group
+    metrics['worst_group_accuracy'] = min(per_group.values())
+  return metrics
+
+
+def evaluate(eval_step: Callable, params: Any, frozen: Any, dataset: Any, num_batches: int,
+             batch_sharding: Any, group_names: list[str], seed: int) -> dict[str, float]:
+  """One ordered, padded pass over an eval dataset; metrics computed on the host."""
+  collected: dict[str, list[np.ndarray]] = {}
+  for i, batch in zip(range(num_batches), dataset):
+    arrays = data_lib.global_batch({k: batch[k] for k in ('image',)}, batch_sharding)
+    rng = jax.random.fold_in(jax.random.key(seed), i)
+    out = multihost_utils.process_allgather(eval_step(params, frozen, arrays, rng), tiled=True)
+    host = {k: multihost_utils.process_allgather(batch[k]) .reshape(-1)
+            for k in ('label', 'group', 'valid')}
+    for k, v in {**out, **host}.items():
+      collected.setdefault(k, []).append(np.asarray(v))
+  cat = {k: np.concatenate(v) for k, v in collected.items()}
+  preds = {k: cat[k] for k in ('pred', 'pred1', 'fg_fraction') if k in cat}
+  return summarize_predictions(preds, cat['label'], cat['group'], cat['valid'], group_names)
+
+
+# ----------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------
+class MetricWriter:
+  """JSON lines in <workdir>/metrics.jsonl plus a readable line on stdout (process 0 only)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / 'metrics.jsonl'
+    self.active = jax.process_index() == 0
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    if not self.active:
+      return
+    with self.path.open('a') as f:
+      f.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------
+# Parameters for evaluation: <workdir>/params/{final,best}
+# ----------------------------------------------------------------------------
+def save_params(workdir: pathlib.Path, which: str, params: Any, frozen: Any,
+                info: Mapping[str, Any]) -> None:
+  """Writes trainable + frozen parameters (EMA where enabled) and a JSON of what they are."""
+  path = (workdir / 'params' / which).absolute()
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, {'params': params, 'frozen': frozen}, force=True)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    (workdir / 'params' / f'{which}.json').write_text(json.dumps(dict(info), indent=2) + '\n')
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+               which: str = 'final') -> nnx.Module:
+  """The model of `config` with the parameters saved under <workdir>/params/<which>."""
+  workdir = pathlib.Path(workdir)
+  info_path = workdir / 'params' / f'{which}.json'
+  if not info_path.exists():
+    raise FileNotFoundError(f'no saved parameters at {info_path}; train first')
+  info = json.loads(info_path.read_text())
+  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+  model_cfg.init_weights = ''
+  abstract = nnx.eval_shape(lambda: build_model(model_cfg, info['num_classes'], nnx.Rngs(0)))
+  graphdef, params, frozen, rest = optim.split_frozen(abstract, config.optim.group_rules,
+                                                      config.optim.groups)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {'params': params, 'frozen': frozen})
+  restored = ocp.StandardCheckpointer().restore((workdir / 'params' / which).absolute(), target)
+  return nnx.merge(graphdef, restored['params'], restored['frozen'], rest)
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns final evals."""
+  workdir_path = pathlib.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  writer = MetricWriter(workdir_path)
+
+  # --- Data (validated before any device work) ---------------------------------------------
+  patch = vit_from_config(config.model).patch_size
+  data_lib.check_image_size(config.model.image_size, patch)
+  train_source = make_source(config.data.train)
+  eval_sources = {name: make_source(spec) for name, spec in config.data.evals.items()}
+  if config.data.val_split and config.data.val_split not in eval_sources:
+    raise ValueError(f'data.val_split {config.data.val_split!r} is not one of the evals '
+                     f'{sorted(eval_sources)}')
+  num_classes = train_source.num_classes
+  for name, source in eval_sources.items():
+    if source.num_classes != num_classes:
+      raise ValueError(f'eval {name!r} has {source.num_classes} classes, train has {num_classes}')
+  train_transform, eval_transform = make_transforms(config)
+  batch_size = config.global_batch_size
+  steps_per_epoch = len(train_source) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'{train_source!r} has {len(train_source)} examples, fewer than one batch '
+                     f'of {batch_size}')
+  total_steps = steps_per_epoch * config.total_epochs
+  if config.max_steps:
+    total_steps = min(total_steps, config.max_steps)
+  train_ds = data_lib.make_dataset(train_source, transform=train_transform,
+                                   global_batch_size=batch_size, seed=config.seed, train=True,
+                                   num_workers=config.data.num_workers)
+  logging.info('train: %r, %d steps/epoch, %d steps', train_source, steps_per_epoch, total_steps)
+
+  # --- Mesh, model, optimizer -----------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  model = build_model(config.model, num_classes, nnx.Rngs(config.seed))
+  graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
+                                                      config.optim.groups)
+  del model
+  labels = optim.label_params(params, config.optim.group_rules)
+  tx = optim.build_optimizer(config.optim, labels, steps_per_epoch, config.total_epochs)
+  schedule = optim.lr_schedule(config.optim, steps_per_epoch, config.total_epochs)
+
+  def init_state(params):
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    if config.optim.ema_decay:
+      state['ema'] = params
+    return state
+
+  abstract_state = jax.eval_shape(init_state, params)
+  state_sharding = sharding.infer_sharding(abstract_state, config.sharding_rules, mesh)
+  frozen_sharding = sharding.infer_sharding(frozen, config.sharding_rules, mesh)
+  repl = sharding.replicated(mesh)
+  params = jax.device_put(params, state_sharding['params'])
+  frozen = jax.device_put(frozen, frozen_sharding)
+  state = jax.jit(init_state, out_shardings=state_sharding)(params)
+  del params
+
+  train_step = jax.jit(make_train_step(graphdef, rest, tx, config, schedule),
+                       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(graphdef, rest, config),
+                      in_shardings=(state_sharding['params'], frozen_sharding, batch_sharding,
+                                    repl), out_shardings=repl)
+
+  # --- Checkpoints: resume if the workdir has one --------------------------------------------
+  manager = ocp.CheckpointManager(
+      (workdir_path / 'checkpoints').absolute(), item_names=('state', 'data'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True))
+  train_iter = iter(train_ds)
+  start_step = manager.latest_step() or 0
+  if start_step:
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        {'train': abstract_state, 'frozen': frozen},
+        {'train': state_sharding, 'frozen': frozen_sharding})
+    restored = manager.restore(start_step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data=grain.checkpoint.CheckpointRestore(train_iter)))
+    state, frozen = restored['state']['train'], restored['state']['frozen']
+    logging.info('resumed from step %d', start_step)
+
+  def save(step: int) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({'train': state, 'frozen': frozen}),
+        data=grain.checkpoint.CheckpointSave(train_iter)))
+
+  # --- Evaluators -----------------------------------------------------------------------------
+  def eval_params():
+    return state['ema'] if config.optim.ema_decay else state['params']
+
+  best_path = workdir_path / 'params' / 'best.json'
+  best_so_far = (json.loads(best_path.read_text())['value'] if best_path.exists()
+                 else -math.inf)
+
+  def maybe_save_best(step: int, results: Mapping[str, Mapping[str, float]]) -> None:
+    """Keeps the parameters of the best validation score (never chosen on a test split)."""
+    nonlocal best_so_far
+    if not config.data.val_split:
+      return
+    value = results[config.data.val_split][config.data.best_metric]
+    if value > best_so_far:
+      best_so_far = value
+      save_params(workdir_path, 'best', eval_params(), frozen,
+                  {'step': step, 'num_classes': num_classes, 'split': config.data.val_split,
+                   'metric': config.data.best_metric, 'value': value})
+
+  def run_evals(step: int) -> dict[str, dict[str, float]]:
+    params = eval_params()
+    results = {}
+    for name, source in eval_sources.items():
+      ds = data_lib.make_dataset(source, transform=eval_transform,
+                                 global_batch_size=config.data.eval_batch_size,
+                                 seed=config.seed, train=False,
+                                 num_workers=config.data.num_workers)
+      n = data_lib.num_eval_batches(len(source), config.data.eval_batch_size,
+                                    jax.process_count())
+      results[name] = evaluate(eval_step, params, frozen, ds, n, batch_sharding,
+                               source.group_names, config.seed)
+      writer.write(step, name, results[name])
+      logging.info('eval %s @ %d: %s', name, step,
+                   {k: v for k, v in results[name].items() if k != 'group_accuracy'})
+    return results
+
+  # --- Train loop -----------------------------------------------------------------------------
+  eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+  skipped = 0
+  last_log_time, last_log_step = time.perf_counter(), start_step
+  metrics = None
+  results: dict[str, Any] = {}
+  with jax.set_mesh(mesh):
+    for step in range(start_step, total_steps):
+      batch = next(train_iter)
+      skipped += int(np.sum(batch['valid'] == 0))
+      state, metrics = train_step(state, frozen, data_lib.global_batch(
+          {k: batch[k] for k in ('image', 'label', 'valid')}, batch_sharding))
+      done = step + 1
+      is_last = done == total_steps
+      if done % config.log_every_steps == 0 or is_last or done % config.checkpoint_every_steps == 0:
+        scalars = _scalars(jax.device_get(metrics))
+        if not math.isfinite(scalars['loss']):
+          manager.wait_until_finished()
+          raise FloatingPointError(
+              f'non-finite loss at step {done}: {scalars}; the last good checkpoint is step '
+              f'{manager.latest_step()} in {workdir_path / "checkpoints"}')
+        now = time.perf_counter()
+        rate = (done - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
+        eta = (total_steps - done) * batch_size / max(rate, 1e-9)
+        scalars.update(img_per_sec=rate, step_time=batch_size / max(rate, 1e-9),
+                       skipped_images=skipped, epoch=done / steps_per_epoch)
+        writer.write(done, 'train', scalars)
+        if jax.process_index() == 0:
+          print(f'step {done}/{total_steps} ({100 * done / total_steps:.1f}%) | '
+                f'loss {scalars["loss"]:.4f} | acc {scalars["accuracy"]:.3f} | '
+                f'lr {scalars["lr"]:.3g} | {rate:.1f} img/s | ETA {_format_duration(eta)}',
+                flush=True)
+        last_log_time, last_log_step = now, done
+      if done % config.checkpoint_every_steps == 0 or is_last:
+        save(done)
+      if eval_sources and (done % eval_every == 0 or is_last):
+        results = run_evals(done)
+        maybe_save_best(done, results)
+  manager.wait_until_finished()
+  if skipped:
+    logging.warning('%d unreadable images were skipped during training', skipped)
+  if not results and eval_sources:
+    results = run_evals(total_steps)
+  save_params(workdir_path, 'final', eval_params(), frozen,
+              {'step': total_steps, 'num_classes': num_classes})
+  return {'step': total_steps, 'evals': results, 'train': _scalars(jax.device_get(metrics))
+          if metrics is not None else {}}
