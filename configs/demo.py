@@ -23,7 +23,8 @@ def get_config(arg: str | None = None):
   c.compare_with_baseline = not (arg.baseline or arg.ifam_only)
   c.demo_test_split = 'test'
 
-  synthetic = dict(source='synthetic', image_size=64, seed=0, num_classes=2, majority=0.95)
+  synthetic = dict(source='synthetic', image_size=64, seed=0, num_classes=2, majority=0.95,
+                   object_size=(0.18, 0.28))
   c.data.train = dict(synthetic, num_examples=4096, split='train')
   c.data.evals = dict(val=dict(synthetic, num_examples=512, split='val'),
                       test=dict(synthetic, num_examples=1024, split='test'))

@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Devices: mesh axes and regex parameter-sharding rules (first match wins).
   c.mesh = [('data', -1), ('fsdp', 1)]
   c.sharding_rules = [('.*', 'replicate')]
+  c.fsdp_min_size = 2**18  # 'fsdp' rules leave tensors with fewer elements replicated
 
   # Loop.
   c.log_every_steps = 50
@@ -128,3 +129,53 @@ def use_baseline(c: ml_collections.ConfigDict) -> None:
   c.model.kind = 'baseline'
   c.optim.group_rules = list(optim.BASELINE_GROUP_RULES)
   c.optim.groups = optim.baseline_groups()
+
+
+def paper_recipe(*, image_size: int, global_batch_size: int, total_epochs: int, augment: str,
+                 presence_group_size: int) -> ml_collections.ConfigDict:
+  """`base_config` with the settings the paper's recipe table (reference 6.6) varies.
+
+  The learning rate follows the reference's sqrt rule. `presence_group_size` is the per-GPU
+  batch of the reference's run, over which its presence loss takes the max.
+  """
+  c = base_config()
+  c.model.image_size = image_size
+  c.global_batch_size = global_batch_size
+  c.optim.lr = sqrt_scaled_lr(global_batch_size)
+  c.total_epochs = total_epochs
+  c.data.augment = augment
+  c.loss.presence_group_size = presence_group_size
+  return c
+
+
+RECIPE_ARGS = dict(root='', weights='', num_parts=1, runlocal=False, baseline=False)
+_REQUIRED_HELP = dict(
+    root='root=<dataset folder>',
+    weights='weights=<local DINOv2 file, e.g. vit_base_patch14_reg4_dinov2.lvd142m.safetensors>')
+
+
+def parse_recipe_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """`parse_arg` with the arguments every paper recipe takes; `defaults` adds or overrides."""
+  return parse_arg(arg, **{**RECIPE_ARGS, **defaults})
+
+
+def apply_common_args(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDict,
+                      required: tuple[str, ...] = ('root', 'weights')) -> ml_collections.ConfigDict:
+  """Applies `weights`, `num_parts`, `runlocal` and `baseline` of `parse_recipe_arg`.
+
+  A paper run without its dataset or DINOv2 weights is almost certainly a mistake, so the
+  `required` arguments must be set unless `runlocal` asks for a random tiny ViT. That tiny ViT
+  has nothing worth freezing, so under `runlocal` the stage-1 backbone trains too.
+  """
+  missing = [name for name in required if not arg[name]]
+  if missing and not arg.runlocal:
+    raise ValueError(f'this recipe needs {", ".join(_REQUIRED_HELP[m] for m in missing)}; '
+                     'pass runlocal instead for a smoke run of a random tiny ViT')
+  c.model.num_parts = arg.num_parts
+  c.model.init_weights = arg.weights
+  if arg.runlocal:
+    shrink_for_local_run(c)
+    c.optim.groups = optim.ifam_groups(freeze_backbone=False)
+  if arg.baseline:
+    use_baseline(c)
+  return c

@@ -238,13 +238,19 @@ class IfamTinyTest(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': os.path.join(folder, f'{i}.jpg'), 'label': i % 3, 'place': i % 2}
 
 
-def test_tfds_source_without_tensorflow(tmp_path):
+def prepare_tiny_tfds(tmp_path):
+  """Writes `ifam_tiny_test` as ArrayRecord under tmp_path/tfds (image i has value 40 i)."""
   manual = tmp_path / 'manual'
   for i in range(5):
     write_image(manual / f'{i}.jpg', value=40 * i)
   data_dir = tmp_path / 'tfds'
   IfamTinyTest(data_dir=str(data_dir), file_format='array_record').download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  return data_dir
+
+
+def test_tfds_source_without_tensorflow(tmp_path):
+  data_dir = prepare_tiny_tfds(tmp_path)
   src = sources.TfdsSource('ifam_tiny_test', 'train', data_dir, group_key='place')
   assert len(src) == 5 and src.class_names == ['a', 'b', 'c'] and src.num_classes == 3
   assert src.group_names == ['land', 'water']

@@ -399,31 +399,35 @@ class SyntheticSpuriousSource(Source):
 
   The background is the easier cue (about 80% of the pixels, one strong colour), so a model
   looking at the whole image learns it and fails on the minority groups; the shape alone is
-  easy for a small ViT (radius 18-28% of the side, centre within 12% of the middle, a random
-  object colour unrelated to label and background). Records are drawn on the fly, fully
+  easy for a small ViT (radius `object_size`, 18-28% of the side by default, centre within 12%
+  of the middle, a random object colour unrelated to label and background). Records are drawn on the fly, fully
   determined by (seed, split, index), and carry the exact object mask as `'fg_mask'` (uint8
   [H, W], 1 on the object). Every image has one object colour and two background colours.
   """
 
   def __init__(self, num_examples: int, image_size: int = 64, split: str = 'train', seed: int = 0,
-               majority: float = 0.95, num_classes: int = 2):
+               majority: float = 0.95, num_classes: int = 2,
+               object_size: tuple[float, float] = (0.18, 0.28)):
     if split not in _SPLIT_CODES:
       raise ValueError(f'synthetic split must be one of {list(_SPLIT_CODES)}, got {split!r}')
     if not 2 <= num_classes <= len(SYNTHETIC_SHAPES):
       raise ValueError(f'num_classes must be in 2..{len(SYNTHETIC_SHAPES)}, got {num_classes}')
     if not 0.0 <= majority <= 1.0:
       raise ValueError(f'majority must be a probability, got {majority}')
+    if not 0.05 <= object_size[0] <= object_size[1] <= 0.4:
+      raise ValueError(f'object_size must be radii within [0.05, 0.4] of the side, got '
+                       f'{object_size}')
     if num_examples < 1 or image_size < 16:
       raise ValueError(f'need num_examples >= 1 and image_size >= 16, got {num_examples}, '
                        f'{image_size}')
     self.num_examples, self.image_size, self.split = num_examples, image_size, split
-    self.seed, self.majority = seed, majority
+    self.seed, self.majority, self.object_size = seed, majority, tuple(object_size)
     self.class_names = list(SYNTHETIC_SHAPES[:num_classes])
     backgrounds = SYNTHETIC_BACKGROUNDS[:num_classes]
     self.group_names = [f'{s}/{b}' for s in self.class_names for b in backgrounds]
     self._repr = _describe('SyntheticSpuriousSource', num_examples=num_examples,
                            image_size=image_size, split=split, seed=seed, majority=majority,
-                           num_classes=num_classes)
+                           num_classes=num_classes, object_size=tuple(object_size))
 
   def __len__(self) -> int:
     return self.num_examples
@@ -449,7 +453,7 @@ class SyntheticSpuriousSource(Source):
                       0, 255)
     image = np.where(_texture(SYNTHETIC_BACKGROUNDS[background], x, y, s, rng)[..., None],
                      colours[0], colours[1])
-    r = rng.uniform(0.18, 0.28) * s
+    r = rng.uniform(*self.object_size) * s
     cx, cy = s / 2 + rng.uniform(-0.12, 0.12, size=2) * s
     mask = _shape_mask(SYNTHETIC_SHAPES[label], x - cx, y - cy, r)
     colour = np.array(_OBJECT_COLOURS[rng.integers(len(_OBJECT_COLOURS))])
