@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -43,6 +44,9 @@ SOURCES = {
 
 # fold_in tags of the per-step key.
 RNG_MODEL, RNG_AFFINE, RNG_WARPED = range(3)
+
+# Train metrics that must be finite before a step's state is logged, evaluated or checkpointed.
+FINITE_METRICS = ('loss', 'grad_norm', 'param_norm')
 
 
 # ----------------------------------------------------------------------------
@@ -169,7 +173,11 @@ def _accuracy(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Arr
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict,
                     schedule: Callable[[jax.Array], jax.Array]) -> Callable:
-  """The pure train step: (state, frozen, batch) -> (state, metrics)."""
+  """The pure train step: (state, frozen, batch) -> (state, metrics).
+
+  The state carries everything a resumed run needs to continue exactly, down to the count of
+  unreadable (skipped) training images that the logs report.
+  """
   baseline = config.model.kind == 'baseline'
   weights = config.loss.weights
   accumulation = config.optim.accumulation_steps
@@ -193,7 +201,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
         state['params'], frozen, images, batch['label'], valid, rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state}
+    new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state,
+                 'skipped_images': state['skipped_images'] + jnp.sum(batch['valid'] == 0)}
     if ema_decay:
       stepped = (step + 1) % accumulation == 0
       count = (step + 1) // accumulation
@@ -201,7 +210,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
           stepped, lambda: optim.ema_update(state['ema'], params, count, ema_decay),
           lambda: state['ema'])
     metrics = {'loss': total, **terms, **extras, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(step)}
+               'param_norm': optax.tree.norm(params), 'lr': schedule(step),
+               'skipped_images': new_state['skipped_images']}
     return new_state, metrics
 
   return train_step
@@ -253,15 +263,20 @@ def summarize_predictions(preds: Mapping[str, np.ndarray], labels: np.ndarray,
 
 def evaluate(eval_step: Callable, params: Any, frozen: Any, dataset: Any, num_batches: int,
              batch_sharding: Any, group_names: list[str], seed: int) -> dict[str, float]:
-  """One ordered, padded pass over an eval dataset; metrics computed on the host."""
+  """One ordered, padded pass over an eval dataset; metrics computed on the host.
+
+  Labels, groups and validity become global arrays like the images and are gathered with the
+  predictions, so all come back in the global batch order, which follows the mesh's device order
+  and need not follow the process order (it does not on TPU slices).
+  """
   collected: dict[str, list[np.ndarray]] = {}
   for i, batch in zip(range(num_batches), dataset):
-    arrays = data_lib.global_batch({k: batch[k] for k in ('image',)}, batch_sharding)
+    arrays = data_lib.global_batch({k: batch[k] for k in ('image', 'label', 'group', 'valid')},
+                                   batch_sharding)
     rng = jax.random.fold_in(jax.random.key(seed), i)
-    out = multihost_utils.process_allgather(eval_step(params, frozen, arrays, rng), tiled=True)
-    host = {k: multihost_utils.process_allgather(batch[k]) .reshape(-1)
-            for k in ('label', 'group', 'valid')}
-    for k, v in {**out, **host}.items():
+    out = eval_step(params, frozen, arrays, rng)
+    out.update({k: arrays[k] for k in ('label', 'group', 'valid')})
+    for k, v in multihost_utils.process_allgather(out, tiled=True).items():
       collected.setdefault(k, []).append(np.asarray(v))
   cat = {k: np.concatenate(v) for k, v in collected.items()}
   preds = {k: cat[k] for k in ('pred', 'pred1', 'fg_fraction') if k in cat}
@@ -271,12 +286,33 @@ def evaluate(eval_step: Callable, params: Any, frozen: Any, dataset: Any, num_ba
 # ----------------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------------
-class MetricWriter:
-  """JSON lines in <workdir>/metrics.jsonl plus a readable line on stdout (process 0 only)."""
+def _replace_text(path: pathlib.Path, text: str) -> None:
+  """Writes `path` atomically, so a kill never leaves it half-written."""
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
-  def __init__(self, workdir: pathlib.Path):
+
+class MetricWriter:
+  """JSON lines in <workdir>/metrics.jsonl (process 0 only).
+
+  A run resumed from step `start_step` first drops the lines of later steps (and a line cut short
+  by the kill): it replays those steps exactly and logs them again, so the file reads as one
+  uninterrupted run.
+  """
+
+  def __init__(self, workdir: pathlib.Path, start_step: int):
     self.path = workdir / 'metrics.jsonl'
     self.active = jax.process_index() == 0
+    if self.active and self.path.exists():
+      kept = []
+      for line in self.path.read_text().splitlines():
+        try:
+          if json.loads(line)['step'] <= start_step:
+            kept.append(line + '\n')
+        except json.JSONDecodeError:
+          pass
+      _replace_text(self.path, ''.join(kept))
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     if not self.active:
@@ -297,31 +333,43 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------
 # Parameters for evaluation: <workdir>/params/{final,best}
 # ----------------------------------------------------------------------------
+def read_params_info(workdir: pathlib.Path, which: str) -> dict[str, Any] | None:
+  """The JSON of <workdir>/params/<which>, or None: it exists only once the parameters do."""
+  path = workdir / 'params' / f'{which}.json'
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def save_params(workdir: pathlib.Path, which: str, params: Any, frozen: Any,
                 info: Mapping[str, Any]) -> None:
-  """Writes trainable + frozen parameters (EMA where enabled) and a JSON of what they are."""
-  path = (workdir / 'params' / which).absolute()
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, {'params': params, 'frozen': frozen}, force=True)
-  checkpointer.wait_until_finished()
+  """Writes trainable + frozen parameters (EMA where enabled) and a JSON of what they are.
+
+  Collective: every process calls it. The JSON is removed first and written last, so it marks
+  complete parameters even if a kill interrupts the save.
+  """
+  info_path = workdir / 'params' / f'{which}.json'
   if jax.process_index() == 0:
-    (workdir / 'params' / f'{which}.json').write_text(json.dumps(dict(info), indent=2) + '\n')
+    info_path.unlink(missing_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save((workdir / 'params' / which).absolute(),
+                      {'params': params, 'frozen': frozen}, force=True)
+  if jax.process_index() == 0:
+    _replace_text(info_path, json.dumps(dict(info), indent=2) + '\n')
+  multihost_utils.sync_global_devices(f'save_params {which}')
 
 
 def load_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                which: str = 'final') -> nnx.Module:
   """The model of `config` with the parameters saved under <workdir>/params/<which>."""
   workdir = pathlib.Path(workdir)
-  info_path = workdir / 'params' / f'{which}.json'
-  if not info_path.exists():
-    raise FileNotFoundError(f'no saved parameters at {info_path}; train first')
-  info = json.loads(info_path.read_text())
+  info = read_params_info(workdir, which)
+  if info is None:
+    raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which}; train first')
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.init_weights = ''
   abstract = nnx.eval_shape(lambda: build_model(model_cfg, info['num_classes'], nnx.Rngs(0)))
   graphdef, params, frozen, rest = optim.split_frozen(abstract, config.optim.group_rules,
                                                       config.optim.groups)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         {'params': params, 'frozen': frozen})
   restored = ocp.StandardCheckpointer().restore((workdir / 'params' / which).absolute(), target)
@@ -332,10 +380,13 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 # The loop
 # ----------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns final evals."""
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns {'step', 'evals', 'train'}: the last step, its eval metrics per split and its train
+  metrics. A workdir that already holds the final parameters returns what it recorded then.
+  """
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
-  writer = MetricWriter(workdir_path)
 
   # --- Data (validated before any device work) ---------------------------------------------
   patch = vit_from_config(config.model).patch_size
@@ -358,6 +409,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = steps_per_epoch * config.total_epochs
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
+  final = read_params_info(workdir_path, 'final')
+  if final is not None and final['step'] == total_steps:
+    logging.info('%s is done (params/final.json is step %d); not training again',
+                 workdir_path, total_steps)
+    return {k: final[k] for k in ('step', 'evals', 'train')}
   train_ds = data_lib.make_dataset(train_source, transform=train_transform,
                                    global_batch_size=batch_size, seed=config.seed, train=True,
                                    num_workers=config.data.num_workers)
@@ -375,14 +431,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = optim.lr_schedule(config.optim, steps_per_epoch, config.total_epochs)
 
   def init_state(params):
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+             'skipped_images': jnp.zeros((), jnp.int32)}
     if config.optim.ema_decay:
       state['ema'] = params
     return state
 
   abstract_state = jax.eval_shape(init_state, params)
-  state_sharding = sharding.infer_sharding(abstract_state, config.sharding_rules, mesh)
-  frozen_sharding = sharding.infer_sharding(frozen, config.sharding_rules, mesh)
+  state_sharding = sharding.infer_sharding(abstract_state, config.sharding_rules, mesh,
+                                           config.fsdp_min_size)
+  frozen_sharding = sharding.infer_sharding(frozen, config.sharding_rules, mesh,
+                                            config.fsdp_min_size)
   repl = sharding.replicated(mesh)
   params = jax.device_put(params, state_sharding['params'])
   frozen = jax.device_put(frozen, frozen_sharding)
@@ -397,9 +456,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     repl), out_shardings=repl)
 
   # --- Checkpoints: resume if the workdir has one --------------------------------------------
+  # A save interrupted by a kill stays in a '<step>.orbax-checkpoint-tmp' directory, which
+  # latest_step() ignores and the manager deletes; a step directory exists only once complete.
   manager = ocp.CheckpointManager(
       (workdir_path / 'checkpoints').absolute(), item_names=('state', 'data'),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=True,
                                            enable_async_checkpointing=True))
   train_iter = iter(train_ds)
   start_step = manager.latest_step() or 0
@@ -413,6 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data=grain.checkpoint.CheckpointRestore(train_iter)))
     state, frozen = restored['state']['train'], restored['state']['frozen']
     logging.info('resumed from step %d', start_step)
+  writer = MetricWriter(workdir_path, start_step)
 
   def save(step: int) -> None:
     manager.save(step, args=ocp.args.Composite(
@@ -423,9 +486,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def eval_params():
     return state['ema'] if config.optim.ema_decay else state['params']
 
-  best_path = workdir_path / 'params' / 'best.json'
-  best_so_far = (json.loads(best_path.read_text())['value'] if best_path.exists()
-                 else -math.inf)
+  best = read_params_info(workdir_path, 'best')
+  best_so_far = -math.inf if best is None else best['value']
 
   def maybe_save_best(step: int, results: Mapping[str, Mapping[str, float]]) -> None:
     """Keeps the parameters of the best validation score (never chosen on a test split)."""
@@ -457,31 +519,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return results
 
   # --- Train loop -----------------------------------------------------------------------------
+  # Metrics are fetched only on steps that log, evaluate or checkpoint (fetching every step
+  # would stall the device queue); each of those first checks that the state is finite, so a
+  # diverged state is never logged as good, evaluated or saved. Evals precede the checkpoint,
+  # so a checkpoint at step s implies the evals of step s are in metrics.jsonl.
   eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
-  skipped = 0
   last_log_time, last_log_step = time.perf_counter(), start_step
   metrics = None
   results: dict[str, Any] = {}
   with jax.set_mesh(mesh):
     for step in range(start_step, total_steps):
       batch = next(train_iter)
-      skipped += int(np.sum(batch['valid'] == 0))
       state, metrics = train_step(state, frozen, data_lib.global_batch(
           {k: batch[k] for k in ('image', 'label', 'valid')}, batch_sharding))
       done = step + 1
       is_last = done == total_steps
-      if done % config.log_every_steps == 0 or is_last or done % config.checkpoint_every_steps == 0:
-        scalars = _scalars(jax.device_get(metrics))
-        if not math.isfinite(scalars['loss']):
-          manager.wait_until_finished()
-          raise FloatingPointError(
-              f'non-finite loss at step {done}: {scalars}; the last good checkpoint is step '
-              f'{manager.latest_step()} in {workdir_path / "checkpoints"}')
+      log = done % config.log_every_steps == 0 or is_last
+      checkpoint = done % config.checkpoint_every_steps == 0 or is_last
+      evals = bool(eval_sources) and (done % eval_every == 0 or is_last)
+      if not (log or checkpoint or evals):
+        continue
+      scalars = _scalars(jax.device_get(metrics))
+      diverged = {k: scalars[k] for k in FINITE_METRICS if not math.isfinite(scalars[k])}
+      if diverged:
+        manager.wait_until_finished()
+        last_good = manager.latest_step()
+        raise FloatingPointError(
+            f'non-finite {diverged} at step {done} (checked on every log, eval and checkpoint '
+            'step); this state is not saved. ' + (
+                'No checkpoint was saved before it.' if last_good is None else
+                f'The last good checkpoint is step {last_good} in {manager.directory}.'))
+      if log:
         now = time.perf_counter()
         rate = (done - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
         eta = (total_steps - done) * batch_size / max(rate, 1e-9)
         scalars.update(img_per_sec=rate, step_time=batch_size / max(rate, 1e-9),
-                       skipped_images=skipped, epoch=done / steps_per_epoch)
+                       epoch=done / steps_per_epoch)
         writer.write(done, 'train', scalars)
         if jax.process_index() == 0:
           print(f'step {done}/{total_steps} ({100 * done / total_steps:.1f}%) | '
@@ -489,17 +562,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f'lr {scalars["lr"]:.3g} | {rate:.1f} img/s | ETA {_format_duration(eta)}',
                 flush=True)
         last_log_time, last_log_step = now, done
-      if done % config.checkpoint_every_steps == 0 or is_last:
-        save(done)
-      if eval_sources and (done % eval_every == 0 or is_last):
+      if evals:
+        eval_start = time.perf_counter()
         results = run_evals(done)
         maybe_save_best(done, results)
+        last_log_time += time.perf_counter() - eval_start  # img/s and ETA are of training
+      if checkpoint:
+        save(done)
   manager.wait_until_finished()
-  if skipped:
+  manager.close()
+  if skipped := int(jax.device_get(state['skipped_images'])):
     logging.warning('%d unreadable images were skipped during training', skipped)
-  if not results and eval_sources:
+  if not results and eval_sources:  # resumed from the last checkpoint of a run killed after it
     results = run_evals(total_steps)
-  save_params(workdir_path, 'final', eval_params(), frozen,
-              {'step': total_steps, 'num_classes': num_classes})
-  return {'step': total_steps, 'evals': results, 'train': _scalars(jax.device_get(metrics))
-          if metrics is not None else {}}
+  summary = {'step': total_steps, 'evals': results,
+             'train': {} if metrics is None else _scalars(jax.device_get(metrics))}
+  save_params(workdir_path, 'final', eval_params(), frozen, {'num_classes': num_classes,
+                                                             **summary})
+  return summary

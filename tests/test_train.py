@@ -1,0 +1,406 @@
+"""Train loop: exact resume after SIGKILL, 1 vs 8 devices, divergence, checkpoints and saved
+parameters, logs, frozen parameters, eval alignment across processes.
+
+Training runs the real entry point (`python -m ifam_jax.main`) in subprocesses, with this file as
+its config: `get_config` below is configs/demo.py shrunk to a one-block 32 px iFAM with the
+reference's parameter groups. To fit a 2-core CI budget the subprocesses share a persistent
+compilation cache (runs of one config and device count compile once) and compile with LLVM at
+-O0 (3x faster to compile); runs that are compared always share these flags.
+"""
+
+import importlib.util
+import itertools
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from flax import nnx
+
+from ifam_jax import config_lib, optim, sharding, train
+from ifam_jax import data as data_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 16  # 2 epochs of 64 examples in batches of 8
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+TIMING = ('img_per_sec', 'step_time')  # the only train metrics allowed to differ between runs
+
+
+def get_config(arg=None):
+  """configs/demo.py, iFAM only, shrunk; `fsdp` asks for the data=4, fsdp=2 mesh."""
+  arg = config_lib.parse_arg(arg, steps=STEPS, fsdp=False)
+  spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  c = demo.get_config(f'ifam_only,steps={arg.steps}')
+  c.total_epochs = 2
+  c.global_batch_size = 8
+  c.model.image_size = 32
+  c.model.vit_overrides = dict(width=32, depth=1, num_heads=2, mlp_hidden=64, patch_size=8)
+  for source in (c.data.train, *c.data.evals.values()):
+    source.image_size = 32
+    source.num_examples = 16
+  c.data.train.num_examples = 64
+  c.data.eval_batch_size = 8
+  c.data.num_workers = 0
+  c.loss.presence_group_size = 4
+  # The reference's groups: stage-1 backbone frozen, 1e3-1e4 lr factors on the new parts.
+  c.optim.groups = optim.ifam_groups()
+  c.optim.lr = 1e-5
+  c.optim.lr_schedule_unit = 'step'
+  c.optim.warmup_epochs = 1.0  # from warmup_lr 0: the first update is zero (see divergence test)
+  c.optim.warmup_lr = 0.0
+  c.sharding_rules = [('.*kernel', 'fsdp'), ('.*', 'replicate')]
+  c.fsdp_min_size = 1  # so that even these tiny kernels shard
+  if arg.fsdp:
+    c.mesh = [('data', 4), ('fsdp', 2)]
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.keep_checkpoints = STEPS
+  c.eval_every_epochs = 1.0
+  return c
+
+
+# ----------------------------------------------------------------------------
+# Running the entry point
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  """Subprocess environment: CPU, one device, a compilation cache shared by all runs."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', XLA_FLAGS=FAST_COMPILE,
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+def command(workdir, arg='', *overrides):
+  config = f'{__file__}:{arg}' if arg else __file__
+  return [sys.executable, '-m', 'ifam_jax.main', f'--config={config}', f'--workdir={workdir}',
+          *overrides]
+
+
+def run_main(env, workdir, arg='', *overrides, devices=1, check=True):
+  if devices > 1:
+    env = dict(env, XLA_FLAGS=f'{FAST_COMPILE} --xla_force_host_platform_device_count={devices}')
+  result = subprocess.run(command(workdir, arg, *overrides), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  if check and result.returncode:
+    raise AssertionError(f'training failed:\n{result.stderr[-5000:]}')
+  return result
+
+
+def read_metrics(workdir, split=None):
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [m for m in lines if split is None or m['split'] == split]
+
+
+def without_timing(metrics):
+  return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+def restore(path):
+  """A saved tree as numpy arrays, whatever mesh or processes saved it."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path.absolute()).item_metadata.tree)
+    return jax.device_get(checkpointer.restore(path.absolute(), target))
+
+
+def name(path):
+  """A leaf's '/'-joined path, without the '/value' that a saved nnx Variable adds."""
+  return sharding.path_name(path).removesuffix('/value')
+
+
+def state_metadata(workdir, step):
+  """{path: array metadata (shape, dtype, sharding)} of the state checkpointed at `step`."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.metadata((workdir / 'checkpoints' / str(step) / 'state').absolute())
+  return {name(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree.item_metadata)[0]}
+
+
+def flat(tree):
+  return {name(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope='module')
+def reference(env, tmp_path_factory):
+  """One uninterrupted run on one device: (workdir, stdout)."""
+  workdir = tmp_path_factory.mktemp('reference')
+  return workdir, run_main(env, workdir).stdout
+
+
+# ----------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------
+def test_sigkill_and_resume_is_bitwise_identical(env, reference, tmp_path):
+  """Killed mid-run and rerun, the run ends with the same bits, batches and logs."""
+  ref_dir, _ = reference
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(command(workdir), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  try:
+    deadline = time.monotonic() + 240
+    while not ((workdir / 'checkpoints').exists() and checkpoint_steps(workdir)
+               and checkpoint_steps(workdir)[-1] >= STEPS // 2):
+      assert proc.poll() is None and time.monotonic() < deadline, 'run ended before the kill'
+      time.sleep(0.01)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its grain workers, as a preemption does
+    proc.wait()
+  killed_at = checkpoint_steps(workdir)[-1]
+  assert killed_at < STEPS and not (workdir / 'params' / 'final.json').exists()
+
+  # What a kill can leave: step directories still being written (one of a step the resumed run
+  # saves again, one of a step it never saves), a line cut short.
+  for step in (killed_at + 1, killed_at + 2):
+    half_written = workdir / 'checkpoints' / f'{step}.orbax-checkpoint-tmp' / 'state'
+    half_written.mkdir(parents=True, exist_ok=True)
+    (half_written / '_METADATA').write_text('{"tree_metadata": {')
+  with (workdir / 'metrics.jsonl').open('a') as f:
+    f.write('{"step": 99, "split": "tr')
+
+  resumed = run_main(env, workdir)
+  assert f'step {killed_at + 1}/{STEPS}' in resumed.stdout
+  assert f'step {killed_at}/{STEPS}' not in resumed.stdout
+  assert not list((workdir / 'checkpoints').glob('*tmp*'))
+
+  ref_final = flat(restore(ref_dir / 'params' / 'final'))
+  final = flat(restore(workdir / 'params' / 'final'))
+  assert ref_final.keys() == final.keys()
+  for path, value in ref_final.items():
+    assert value.dtype == final[path].dtype and np.array_equal(value, final[path]), path
+  # Same batches in the same order (every loss term and accuracy of every step), same evals.
+  assert without_timing(read_metrics(workdir)) == without_timing(read_metrics(ref_dir))
+  assert [m['step'] for m in read_metrics(workdir, 'train')] == list(range(1, STEPS + 1))
+  best, ref_best = (json.loads((w / 'params' / 'best.json').read_text())
+                    for w in (workdir, ref_dir))
+  assert best == ref_best
+
+
+def test_data_checkpoint_restores_a_worker_iterator(tmp_path):
+  """The loop's data item (grain's Orbax handler) resumes an mp_prefetch iterator exactly."""
+  flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+  source = data_lib.SyntheticSpuriousSource(64, 32)
+
+  def batches(num_workers):  # with random augmentation, which must resume too
+    return iter(data_lib.make_dataset(source, transform=data_lib.transforms.cub_original_train(32),
+                                      global_batch_size=8, seed=0, train=True,
+                                      num_workers=num_workers))
+
+  expected = list(itertools.islice(batches(0), 6))
+  it, fresh = batches(1), batches(1)
+  for _ in range(3):
+    next(it)
+  with ocp.CheckpointManager(tmp_path.absolute(), item_names=('data',)) as manager:
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  for want in expected[3:]:
+    got = next(fresh)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+  it.close()
+  fresh.close()
+
+
+# ----------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------
+def test_eight_devices_with_fsdp_match_one_device(env, reference, tmp_path):
+  ref_dir, _ = reference
+  steps = 4
+  run_main(env, tmp_path, f'fsdp,steps={steps}', devices=8)
+  losses = [m['loss'] for m in read_metrics(tmp_path, 'train')]
+  ref_losses = [m['loss'] for m in read_metrics(ref_dir, 'train')[:steps]]
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert len(set(ref_losses)) == steps  # the steps did change the model
+
+  # Kernels and their Adam moments were sharded over 'fsdp'; other tensors replicated.
+  specs = {path: meta.sharding.partition_spec
+           for path, meta in state_metadata(tmp_path, steps).items()}
+  assert 'fsdp' in specs['train/params/stage2/backbone/blocks/0/attn/qkv/kernel']
+  assert 'fsdp' in specs['frozen/stage1/backbone/blocks/0/attn/qkv/kernel']
+  assert any('fsdp' in spec for path, spec in specs.items()
+             if path.startswith('train/opt_state') and path.endswith('qkv/kernel'))
+  assert not any('fsdp' in spec for path, spec in specs.items() if not path.endswith('kernel'))
+  for split in ('val', 'test'):  # every example counted once with 1 example per device
+    assert read_metrics(tmp_path, split)[-1]['num_examples'] == 16
+
+
+def eval_alignment(devices):
+  """`train.evaluate` over a 'model' that is right except on group 0, with padding.
+
+  The image of example j holds its prediction; labels, groups and valid flags come from the
+  per-process batches, as the eval pipeline yields them (process p reads j = p, p + P, ...).
+  """
+  mesh = sharding.make_mesh([('data', -1), ('fsdp', 1)], devices)
+  replicated = sharding.replicated(mesh)
+  num_examples, num_groups, pc, pi = 13, 4, jax.process_count(), jax.process_index()
+  per_process = 2 * len(devices) // pc
+
+  def batch(i):
+    j = pi + pc * (i * per_process + np.arange(per_process))
+    label, group = j % 3, j % num_groups
+    pred = np.where(group == 0, (label + 1) % 3, label)
+    return {'image': np.broadcast_to(pred[:, None, None, None], (per_process, 1, 1, 1)
+                                     ).astype(np.uint8),
+            'label': label.astype(np.int32), 'group': group.astype(np.int32),
+            'valid': (j < num_examples).astype(np.int32)}
+
+  batches = [batch(i) for i in range(-(-num_examples // (2 * len(devices))))]
+  eval_step = jax.jit(lambda params, frozen, b, rng: {'pred': b['image'][:, 0, 0, 0]},
+                      out_shardings=replicated)
+  return train.evaluate(eval_step, {}, {}, batches, len(batches), sharding.batch_sharding(mesh),
+                        [f'g{g}' for g in range(num_groups)], seed=0)
+
+
+EXPECTED_ALIGNMENT = {'accuracy': 9 / 13, 'num_examples': 13, 'worst_group_accuracy': 0.0,
+                      'group_accuracy': {'g0': 0.0, 'g1': 1.0, 'g2': 1.0, 'g3': 1.0}}
+
+
+def _two_process_worker(process_id: int, port: int, workdir: str) -> None:
+  """One of two processes with two CPU devices each, their devices alternating in the mesh:
+  evaluates, then saves parameters (collectively) and reads back their JSON."""
+  jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
+  local = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
+  interleaved = [d for pair in zip(*local) for d in pair]
+  metrics = eval_alignment(interleaved)
+  mesh = sharding.make_mesh([('data', -1), ('fsdp', 1)], interleaved)
+  rows = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
+                                                np.full((2, 3), process_id, np.float32))
+  bias = jax.device_put(np.arange(3, dtype=np.float32), sharding.replicated(mesh))
+  workdir = pathlib.Path(workdir)
+  train.save_params(workdir, 'final', {'rows': rows}, {'bias': bias}, {'step': 7})
+  result = {'metrics': metrics, 'info': train.read_params_info(workdir, 'final')}
+  (workdir / f'{process_id}.json').write_text(json.dumps(result))
+
+
+def test_eval_and_saved_params_across_processes(env, tmp_path):
+  """Eval labels line up with predictions whatever the device order; save_params is collective."""
+  assert eval_alignment(jax.devices()[:1]) == EXPECTED_ALIGNMENT
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  two_devices = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+                     PYTHONPATH=str(REPO / 'tests'))
+  procs = [subprocess.Popen([sys.executable, '-c', 'import test_train; test_train.'
+                             f'_two_process_worker({i}, {port}, "{tmp_path}")'],
+                            env=two_devices, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for proc in procs:
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+  for i in range(2):
+    result = json.loads((tmp_path / f'{i}.json').read_text())
+    assert result == {'metrics': EXPECTED_ALIGNMENT, 'info': {'step': 7}}
+  saved = restore(tmp_path / 'params' / 'final')
+  # Global rows follow the mesh: devices of processes 0, 1, 0, 1 hold one row each.
+  np.testing.assert_array_equal(saved['params']['rows'], np.repeat([[0], [1], [0], [1]], 3, 1))
+  np.testing.assert_array_equal(saved['frozen']['bias'], np.arange(3))
+
+
+# ----------------------------------------------------------------------------
+# Divergence, checkpoints, saved parameters
+# ----------------------------------------------------------------------------
+def test_divergence_stops_without_saving_it(env, tmp_path):
+  # lr 0 in the first step (warmup from 0), then 1e30 x 1e4 on the heads: infinite by step 2.
+  result = run_main(env, tmp_path, '', '--config.optim.lr=1e30',
+                    '--config.checkpoint_every_steps=1', check=False)
+  assert result.returncode != 0
+  error = re.search(r'^FloatingPointError: (.*)$', result.stderr, re.MULTILINE)
+  assert error, result.stderr[-3000:]
+  assert 'at step 2 ' in error[1] and 'last good checkpoint is step 1 ' in error[1], error[1]
+  assert checkpoint_steps(tmp_path) == [1]
+  assert not (tmp_path / 'params' / 'final').exists()
+  assert [m['step'] for m in read_metrics(tmp_path, 'train')] == [1]
+  for path, value in flat(restore(tmp_path / 'checkpoints' / '1' / 'state')).items():
+    assert np.isfinite(value).all(), path
+
+
+def test_keeps_latest_checkpoints_and_best_on_val(env, tmp_path):
+  steps = 6
+  overrides = ('--config.checkpoint_every_steps=1', '--config.keep_checkpoints=2',
+               '--config.eval_every_epochs=0.25')
+  run_main(env, tmp_path, f'steps={steps}', *overrides)
+  assert checkpoint_steps(tmp_path) == [steps - 1, steps]
+
+  config = get_config(f'steps={steps}')
+  best = json.loads((tmp_path / 'params' / 'best.json').read_text())
+  assert best['split'] == 'val' and best['metric'] == config.data.best_metric
+  vals = read_metrics(tmp_path, 'val')
+  assert [m['step'] for m in vals] == [2, 4, 6]
+  scores = [m[config.data.best_metric] for m in vals]
+  assert best['value'] == max(scores) and best['step'] == vals[scores.index(max(scores))]['step']
+  saved = restore(tmp_path / 'params' / 'best')
+  model = train.load_model(config, tmp_path, 'best')
+  loaded = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  assert loaded.keys() == (flat(saved['params']) | flat(saved['frozen'])).keys()
+  for path, value in (flat(saved['params']) | flat(saved['frozen'])).items():
+    assert np.array_equal(loaded[path], value), path
+
+  # Run again: already done, so no training, no new logs or checkpoints.
+  logged = (tmp_path / 'metrics.jsonl').read_text()
+  start = time.monotonic()
+  again = run_main(env, tmp_path, f'steps={steps}', *overrides)
+  assert 'step 1/' not in again.stdout
+  assert (tmp_path / 'metrics.jsonl').read_text() == logged
+  assert checkpoint_steps(tmp_path) == [steps - 1, steps]
+  assert time.monotonic() - start < 30
+
+
+# ----------------------------------------------------------------------------
+# Logs and frozen parameters
+# ----------------------------------------------------------------------------
+def test_train_metrics_and_progress_line(reference):
+  workdir, stdout = reference
+  weights = get_config().loss.weights
+  terms = {k for k, w in weights.items() if w}
+  for m in read_metrics(workdir, 'train'):
+    missing = (terms | {'loss', 'lr', 'grad_norm', 'param_norm', *TIMING}) - m.keys()
+    assert not missing, (m['step'], missing)
+    assert all(np.isfinite(m[k]) for k in terms)
+  assert re.search(rf'^step 3/{STEPS} \(18\.8%\) \| loss \d+\.\d+ .* img/s \| ETA \d+:\d\d:\d\d$',
+                   stdout, re.MULTILINE), stdout[:2000]
+
+
+def test_frozen_parameters_stay_put_and_have_no_optimizer_state(reference):
+  """Stage-1 backbone frozen (the reference's groups): no change, no gradient, no Adam moments."""
+  workdir, _ = reference
+  early = restore(workdir / 'checkpoints' / '2' / 'state')
+  final = restore(workdir / 'params' / 'final')
+  frozen, early_frozen = flat(final['frozen']), flat(early['frozen'])
+  trainable, early_trainable = flat(final['params']), flat(early['train']['params'])
+  assert frozen and all(path.startswith('stage1/backbone/') for path in frozen)
+  assert not any(path.startswith('stage1/backbone/') for path in trainable
+                 if not re.search('(cls|reg)_token|pos_embed', path))
+  for path, value in frozen.items():
+    assert np.array_equal(value, early_frozen[path]), path
+  changed = {path for path, value in trainable.items()
+             if not np.array_equal(value, early_trainable[path])}
+  for prefix in ('stage2/head', 'stage2/backbone', 'stage1/prototypes', 'stage1/part_classifier'):
+    assert any(path.startswith(prefix) for path in changed), prefix
+
+  saved = state_metadata(workdir, STEPS)
+  in_blocks = [path for path in saved if 'stage1/backbone/blocks' in path]
+  assert in_blocks and all(path.startswith('frozen/') for path in in_blocks)
+  assert any(path.startswith('train/opt_state') and 'stage2/backbone/blocks' in path
+             for path in saved)
+  # Plain arrays only: no typed PRNG keys (or anything else) in the saved state.
+  assert {str(meta.dtype) for meta in saved.values()} <= {'float32', 'int32'}
