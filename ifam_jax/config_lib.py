@@ -125,10 +125,17 @@ def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
 
 
 def use_baseline(c: ml_collections.ConfigDict) -> None:
-  """The ERM row: the same data and schedule, a plain fine-tuned ViT (no stage 1, no mask)."""
+  """The ERM row: the same data and schedule, a plain fine-tuned ViT (no stage 1, no mask).
+
+  The ViT and its head train exactly as iFAM's stage 2 does in `c` (same learning-rate factors,
+  same freezing), so the two rows differ only by stage 1 and the mask.
+  """
+  stage2_backbone, head = c.optim.groups.stage2_backbone, c.optim.groups.head
   c.model.kind = 'baseline'
   c.optim.group_rules = list(optim.BASELINE_GROUP_RULES)
-  c.optim.groups = optim.baseline_groups()
+  c.optim.groups = optim.baseline_groups(freeze_backbone=stage2_backbone.frozen,
+                                         backbone_lr_factor=stage2_backbone.lr_factor,
+                                         scratch_lr_factor=head.lr_factor)
 
 
 def paper_recipe(*, image_size: int, global_batch_size: int, total_epochs: int, augment: str,

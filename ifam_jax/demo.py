@@ -25,13 +25,24 @@ def _row(name: str, metrics: dict) -> str:
           f'{100 * metrics["worst_group_accuracy"]:>14.1f} |')
 
 
+def _examples_per_group(source, count: int) -> list[int]:
+  """The first examples of each group in turn, so every group shows up in the picture."""
+  per_group = max(1, count // max(source.num_groups, 1))
+  picked: dict[int, list[int]] = {}
+  for i in range(min(len(source), 50 * count)):
+    members = picked.setdefault(source[i]['group'], [])
+    if len(members) < per_group:
+      members.append(i)
+  return sorted(sum(picked.values(), []), key=lambda i: source[i]['group'])[:count]
+
+
 def save_part_maps(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                    split: str) -> pathlib.Path:
   """Image, part overlay and stage-2 view for a few examples of `split`, one row each."""
   model = train.load_model(config, workdir)
   source = train.make_source(config.data.evals[split])
   _, eval_transform = train.make_transforms(config)
-  indices = np.linspace(0, len(source) - 1, PICTURE_EXAMPLES).astype(int)
+  indices = _examples_per_group(source, PICTURE_EXAMPLES)
   rng = np.random.default_rng(0)
   images = np.stack([data_lib.transforms.process(source[i], rng, eval_transform)['image']
                      for i in indices])

@@ -27,6 +27,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter off; progress is printed
   if os.environ.get('IFAM_MULTIHOST') == '1':
     jax.distributed.initialize()
   config = _CONFIG.value

@@ -95,12 +95,12 @@ def ifam_groups(*, freeze_backbone: bool = True, freeze_params_stage_1: bool = F
   }
 
 
-def baseline_groups(*, freeze_backbone: bool = False,
+def baseline_groups(*, freeze_backbone: bool = False, backbone_lr_factor: float = 1.0,
                     scratch_lr_factor: float = 1e4) -> dict[str, dict[str, Any]]:
   """Groups for `BASELINE_GROUP_RULES`: the fine-tuned ViT of the ERM rows."""
   return {
       'head': _group(scratch_lr_factor, True),
-      'backbone': _group(1.0, True, freeze_backbone),
+      'backbone': _group(backbone_lr_factor, True, freeze_backbone),
   }
 
 

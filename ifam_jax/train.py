@@ -321,6 +321,14 @@ class MetricWriter:
       f.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
 
 
+def announce(message: str, *args: Any) -> None:
+  """Progress for people: logged, and printed on process 0 when absl INFO logs are hidden
+  (`main` hides them by default; `--verbosity=0` shows every library's INFO lines)."""
+  logging.info(message, *args)
+  if jax.process_index() == 0 and logging.get_verbosity() < logging.INFO:
+    print(message % args, flush=True)
+
+
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
@@ -411,13 +419,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps = min(total_steps, config.max_steps)
   final = read_params_info(workdir_path, 'final')
   if final is not None and final['step'] == total_steps:
-    logging.info('%s is done (params/final.json is step %d); not training again',
-                 workdir_path, total_steps)
+    announce('%s is done (params/final.json is step %d); not training again', workdir_path,
+             total_steps)
     return {k: final[k] for k in ('step', 'evals', 'train')}
   train_ds = data_lib.make_dataset(train_source, transform=train_transform,
                                    global_batch_size=batch_size, seed=config.seed, train=True,
                                    num_workers=config.data.num_workers)
-  logging.info('train: %r, %d steps/epoch, %d steps', train_source, steps_per_epoch, total_steps)
+  announce('train: %r, %d steps/epoch, %d steps', train_source, steps_per_epoch, total_steps)
 
   # --- Mesh, model, optimizer -----------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -474,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state=ocp.args.StandardRestore(abstract),
         data=grain.checkpoint.CheckpointRestore(train_iter)))
     state, frozen = restored['state']['train'], restored['state']['frozen']
-    logging.info('resumed from step %d', start_step)
+    announce('resumed from step %d', start_step)
   writer = MetricWriter(workdir_path, start_step)
 
   def save(step: int) -> None:
@@ -514,8 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       results[name] = evaluate(eval_step, params, frozen, ds, n, batch_sharding,
                                source.group_names, config.seed)
       writer.write(step, name, results[name])
-      logging.info('eval %s @ %d: %s', name, step,
-                   {k: v for k, v in results[name].items() if k != 'group_accuracy'})
+      announce('eval %s @ step %d: %s', name, step, ', '.join(
+          f'{k} {v:.4g}' for k, v in results[name].items() if k != 'group_accuracy'))
     return results
 
   # --- Train loop -----------------------------------------------------------------------------

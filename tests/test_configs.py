@@ -83,6 +83,17 @@ def test_recipe_arguments(name):
     get_config(name, '')
 
 
+def test_baseline_trains_like_stage2():
+  """The ERM row's ViT and head get iFAM stage 2's learning-rate factors and freezing."""
+  paper = get_config('waterbirds', PAPER_ARGS + ',baseline').optim.groups
+  assert (paper.head.lr_factor, paper.backbone.lr_factor, paper.backbone.frozen) == \
+      (1e4, 1.0, False)
+  ifam_groups = get_config('demo', 'ifam_only').optim.groups
+  erm = get_config('demo', 'baseline').optim.groups  # also what the demo's comparison trains
+  assert (erm.head.lr_factor, erm.backbone.lr_factor) == \
+      (ifam_groups.head.lr_factor, ifam_groups.stage2_backbone.lr_factor) == (1.0, 1.0)
+
+
 def test_imagenet_data_choices():
   tfds = get_config('imagenet', 'data=tfds,tfds_dir=/tfds,weights=/w')  # needs no root
   assert dict(tfds.data.train) == dict(source='tfds', name='imagenet2012', data_dir='/tfds',

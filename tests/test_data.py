@@ -327,6 +327,31 @@ def test_synthetic_fg_mask_covers_the_object():
     assert 0 < ys.min() and ys.max() < 63 and 0 < xs.min() and xs.max() < 63  # fully inside
 
 
+def test_synthetic_palette_and_object_size():
+  """Shared palette: colours no longer identify the background type; object_size sets the area."""
+
+  def background_colours(src):
+    by_type = {}
+    for i in range(len(src)):
+      r = src[i]
+      outside = r['image'][r['fg_mask'] == 0]
+      brightest = tuple(outside[np.argmax(outside.sum(1))] // 40)  # the palette's light tone
+      by_type.setdefault(r['group'] % 2, set()).add(brightest)
+    return by_type
+
+  own = background_colours(sources.SyntheticSpuriousSource(40, 32, 'test', seed=2))
+  assert not own[0] & own[1]  # by default each type has its own colours
+  shared = background_colours(sources.SyntheticSpuriousSource(40, 32, 'test', seed=2,
+                                                              shared_palette=True))
+  assert shared[0] & shared[1]  # with a shared palette both types show the same colours
+  small = sources.SyntheticSpuriousSource(20, 64, 'test', object_size=(0.1, 0.12))
+  large = sources.SyntheticSpuriousSource(20, 64, 'test', object_size=(0.3, 0.35))
+  assert (np.mean([small[i]['fg_mask'].mean() for i in range(20)]) * 4
+          < np.mean([large[i]['fg_mask'].mean() for i in range(20)]))
+  with pytest.raises(ValueError, match='object_size'):
+    sources.SyntheticSpuriousSource(4, 32, object_size=(0.3, 0.6))
+
+
 # ----------------------------------------------------------------------------
 # Transforms
 # ----------------------------------------------------------------------------

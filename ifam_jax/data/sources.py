@@ -403,11 +403,13 @@ class SyntheticSpuriousSource(Source):
   of the middle, a random object colour unrelated to label and background). Records are drawn on the fly, fully
   determined by (seed, split, index), and carry the exact object mask as `'fg_mask'` (uint8
   [H, W], 1 on the object). Every image has one object colour and two background colours.
+  With `shared_palette`, every background type draws its two colours from the same palette, so
+  only the texture tells the types apart.
   """
 
   def __init__(self, num_examples: int, image_size: int = 64, split: str = 'train', seed: int = 0,
                majority: float = 0.95, num_classes: int = 2,
-               object_size: tuple[float, float] = (0.18, 0.28)):
+               object_size: tuple[float, float] = (0.18, 0.28), shared_palette: bool = False):
     if split not in _SPLIT_CODES:
       raise ValueError(f'synthetic split must be one of {list(_SPLIT_CODES)}, got {split!r}')
     if not 2 <= num_classes <= len(SYNTHETIC_SHAPES):
@@ -422,12 +424,14 @@ class SyntheticSpuriousSource(Source):
                        f'{image_size}')
     self.num_examples, self.image_size, self.split = num_examples, image_size, split
     self.seed, self.majority, self.object_size = seed, majority, tuple(object_size)
+    self.shared_palette = shared_palette
     self.class_names = list(SYNTHETIC_SHAPES[:num_classes])
     backgrounds = SYNTHETIC_BACKGROUNDS[:num_classes]
     self.group_names = [f'{s}/{b}' for s in self.class_names for b in backgrounds]
     self._repr = _describe('SyntheticSpuriousSource', num_examples=num_examples,
                            image_size=image_size, split=split, seed=seed, majority=majority,
-                           num_classes=num_classes, object_size=tuple(object_size))
+                           num_classes=num_classes, object_size=tuple(object_size),
+                           shared_palette=shared_palette)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -449,8 +453,9 @@ class SyntheticSpuriousSource(Source):
     s = self.image_size
     y, x = np.mgrid[0:s, 0:s] + 0.5  # pixel centres
     jitter = rng.integers(-12, 13, size=3)
-    colours = np.clip(np.array(_BACKGROUND_COLOURS[SYNTHETIC_BACKGROUNDS[background]]) + jitter,
-                      0, 255)
+    palette = SYNTHETIC_BACKGROUNDS[rng.integers(self.num_classes) if self.shared_palette
+                                    else background]
+    colours = np.clip(np.array(_BACKGROUND_COLOURS[palette]) + jitter, 0, 255)
     image = np.where(_texture(SYNTHETIC_BACKGROUNDS[background], x, y, s, rng)[..., None],
                      colours[0], colours[1])
     r = rng.uniform(*self.object_size) * s
