@@ -1,12 +1,25 @@
-"""Pictures of what the model sees: part assignments, the stage-2 mask, predictions (PIL only)."""
+"""Pictures of what the model sees: part assignments, the stage-2 mask, predictions (PIL only).
+
+`run_visualize` (`--mode visualize`) writes, for a trained workdir, an example grid (image | part
+assignment | what stage 2 sees, with both stages' predictions), one gallery per part (the images
+where that part covers the most patches, to decide which part to drop) and, when a leave-one-out
+report exists, its bar chart.
+"""
 
 from __future__ import annotations
 
+import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import jax
+import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ifam_jax import train
+from ifam_jax import data as data_lib
+from ifam_jax.models import ifam
 
 # Distinct colours for up to 16 parts (background is left transparent).
 PART_COLOURS = np.array([
@@ -63,3 +76,131 @@ def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | pathlib.Path,
   path.parent.mkdir(parents=True, exist_ok=True)
   canvas.save(path)
   return path
+
+
+def save_bar_chart(values: Mapping[str, float], path: str | pathlib.Path, title: str,
+                   width: int = 480, bar_height: int = 18) -> pathlib.Path:
+  """Horizontal bars in [0, 1] (accuracies), one per label, with the value written beside it."""
+  label_w = 8 * max(len(k) for k in values) + 8
+  height = 24 + len(values) * (bar_height + 6)
+  canvas = Image.new('RGB', (label_w + width + 60, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  draw.text((4, 4), title, fill=(0, 0, 0))
+  for i, (label, value) in enumerate(values.items()):
+    top = 24 + i * (bar_height + 6)
+    draw.text((4, top + 3), label, fill=(0, 0, 0))
+    length = int(width * min(max(value, 0.0), 1.0))
+    draw.rectangle((label_w, top, label_w + length, top + bar_height),
+                   fill=tuple(int(c) for c in PART_COLOURS[3]))
+    draw.text((label_w + length + 4, top + 3), f'{100 * value:.1f}', fill=(0, 0, 0))
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  canvas.save(path)
+  return path
+
+
+# ----------------------------------------------------------------------------
+# --mode visualize
+# ----------------------------------------------------------------------------
+def examples_per_group(source, count: int) -> list[int]:
+  """The first examples of each group in turn (or simply the first ones without groups)."""
+  if not source.num_groups:
+    return list(range(min(count, len(source))))
+  per_group = max(1, count // source.num_groups)
+  picked: dict[int, list[int]] = {}
+  for i in range(min(len(source), 50 * count)):
+    members = picked.setdefault(source[i]['group'], [])
+    if len(members) < per_group:
+      members.append(i)
+  return sorted(sum(picked.values(), []), key=lambda i: source[i]['group'])[:count]
+
+
+def _predict(model, config: ml_collections.ConfigDict, source, indices: Sequence[int],
+             batch_size: int = 64) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Eval-transformed uint8 images and the model's outputs for `indices` (host arrays)."""
+  _, transform = train.make_transforms(config)
+  rng = np.random.default_rng(0)
+  images = np.stack([data_lib.transforms.process(source[i], rng, transform)['image']
+                     for i in indices])
+  is_ifam = isinstance(model, ifam.IFAM)
+
+  @jax.jit
+  def forward(x):
+    x = data_lib.normalize(x)
+    if not is_ifam:
+      return {'logits': model(x)}
+    out = model(x, train=False, rng=jax.random.key(config.seed))
+    return {'logits': out.logits, 'stage1_logits': out.stage1_logits,
+            'part_maps': out.part_maps, 'fg_mask': out.fg_mask}
+
+  outputs = [jax.device_get(forward(images[i:i + batch_size]))
+             for i in range(0, len(images), batch_size)]
+  return images, {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+
+def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequence[int],
+                 path: str | pathlib.Path) -> pathlib.Path:
+  """One row per image: image | part assignment | stage-2 view, captioned with predictions."""
+  images, out = _predict(model, config, source, indices)
+  names = source.class_names
+  rows, captions = [], []
+  for n, i in enumerate(indices):
+    record = source[i]
+    truth = (source.group_names[record['group']] if source.num_groups
+             else names[record['label']])
+    caption = f'{truth}: stage 2 -> {names[out["logits"][n].argmax()]}'
+    row = [images[n]]
+    if 'part_maps' in out:
+      caption += f', stage 1 -> {names[out["stage1_logits"][n].argmax()]}'
+      row += [part_overlay(images[n], out['part_maps'][n]),
+              mask_overlay(images[n], out['fg_mask'][n])]
+    rows.append(row)
+    captions.append(caption)
+  return save_grid(rows, path, captions)
+
+
+def part_galleries(model, config: ml_collections.ConfigDict, source, pool: int, size: int,
+                   out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """For each part, the `size` images (of the first `pool`) where it covers the most patches."""
+  indices = list(range(min(pool, len(source))))
+  images, out = _predict(model, config, source, indices)
+  num_parts = out['part_maps'].shape[-1] - 1
+  assigned = out['part_maps'].argmax(-1)  # [N, h, w]
+  area = np.stack([(assigned == k).mean((1, 2)) for k in range(num_parts)], axis=1)  # [N, K]
+  paths = []
+  for k in range(num_parts):
+    best = np.argsort(-area[:, k], kind='stable')[:size]
+    # One-hot maps that keep part k and send every other token to the background.
+    row = [part_overlay(images[n], np.eye(num_parts + 1)[np.where(assigned[n] == k, k, num_parts)])
+           for n in best]
+    paths.append(save_grid([row], out_dir / f'part_{k}.png',
+                           [f'part {k}: largest in ' + ', '.join(
+                               f'{100 * area[n, k]:.0f}%' for n in best)]))
+  return paths
+
+
+def run_visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                  which: str = 'final', split: str = '', num_images: int = 8,
+                  gallery_pool: int = 256, gallery_size: int = 6) -> list[pathlib.Path]:
+  """Writes the pictures of <workdir>/params/<which> under <workdir>/pictures/<which>/."""
+  workdir = pathlib.Path(workdir)
+  split = split or config.data.val_split or next(iter(config.data.evals), '')
+  if split not in config.data.evals:
+    raise ValueError(f'no eval split {split!r} to draw from; configured: '
+                     f'{sorted(config.data.evals)}')
+  model = train.load_model(config, workdir, which)
+  source = train.make_source(config.data.evals[split])
+  out_dir = workdir / 'pictures' / which
+  paths = [example_grid(model, config, source, examples_per_group(source, num_images),
+                        out_dir / f'examples_{split}.png')]
+  if isinstance(model, ifam.IFAM):
+    paths += part_galleries(model, config, source, gallery_pool, gallery_size, out_dir)
+  loo = workdir / 'eval' / which / 'leave_one_out.json'
+  if loo.exists():
+    rows = json.loads(loo.read_text())['rows']
+    paths.append(save_bar_chart({r['removed']: r['accuracy'] for r in rows},
+                                out_dir / 'leave_one_out.png', 'accuracy with parts removed'))
+  if jax.process_index() == 0:
+    for path in paths:
+      print(f'wrote {path}')
+  return paths

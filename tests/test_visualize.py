@@ -1,0 +1,42 @@
+"""Pictures: overlays by hand, and --mode visualize on a tiny trained workdir."""
+
+import numpy as np
+from PIL import Image
+
+from ifam_jax import train, visualize
+from test_train import get_config
+
+
+def test_overlays_by_hand():
+  image = np.full((4, 4, 3), 100, np.uint8)
+  maps = np.zeros((2, 2, 3))  # K=2 on a 2x2 grid: part 0, part 1, background, background
+  maps[0, 0, 0] = maps[0, 1, 1] = maps[1, 0, 2] = maps[1, 1, 2] = 1.0
+  out = visualize.part_overlay(image, maps, alpha=0.5)
+  np.testing.assert_array_equal(out[2:], image[2:])  # background patches untouched
+  expected = (0.5 * 100 + 0.5 * visualize.PART_COLOURS[0].astype(float)).astype(np.uint8)
+  np.testing.assert_array_equal(out[0, 0], expected)
+  assert not np.array_equal(out[0, 0], out[0, 3])  # parts 0 and 1 get different colours
+  masked = visualize.mask_overlay(image, np.array([[1.0, 0.0], [0.0, 1.0]]))
+  assert masked[:2, :2].min() == 100 and masked[:2, 2:].max() == 0 and masked[2:, 2:].min() == 100
+
+
+def test_grid_and_bar_chart(tmp_path):
+  tile = np.zeros((8, 8, 3), np.uint8)
+  path = visualize.save_grid([[tile, tile], [tile]], tmp_path / 'g.png', ['a', 'b'], scale=2)
+  assert Image.open(path).size == (2 * (16 + 4) + 4, 2 * (16 + 14 + 4) + 4)
+  chart = visualize.save_bar_chart({'none': 0.9, 'part 0': 0.4}, tmp_path / 'bar.png', 't')
+  pixels = np.asarray(Image.open(chart))
+  assert pixels.shape[0] == 24 + 2 * 24  # two bars
+  bar = np.all(pixels == visualize.PART_COLOURS[3], axis=-1)
+  rows = [np.flatnonzero(bar[24 + i * 24 + 9]).size for i in range(2)]
+  assert rows[0] > 2 * rows[1] > 0  # 0.9 is drawn longer than twice 0.4
+
+
+def test_run_visualize_on_a_trained_workdir(tmp_path):
+  config = get_config('steps=2')
+  train.train_and_evaluate(config, tmp_path)
+  paths = visualize.run_visualize(config, tmp_path, gallery_pool=8, gallery_size=3)
+  names = sorted(p.name for p in paths)
+  assert names == ['examples_val.png', 'part_0.png']
+  for path in paths:
+    assert Image.open(path).size[0] > 64
