@@ -15,12 +15,16 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ifam_jax import demo, train
+from ifam_jax import demo, train, visualize
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'visualize'], 'What to run.')
+_WHICH = flags.DEFINE_string('which', 'final', 'Saved parameters to use outside training: '
+                             "<workdir>/params/<which> ('final', 'best', ...).")
+_SPLIT = flags.DEFINE_string('split', '', 'Eval split to draw pictures from (default: the '
+                             'validation split, else the first eval).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -34,10 +38,14 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
+  mode = _MODE.value
   if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+    name = 'config.json' if mode == 'train' else f'config_{mode}.json'
+    (workdir / name).write_text(config.to_json_best_effort(indent=2) + '\n')
   logging.info('devices: %s', jax.devices())
-  if config.compare_with_baseline:
+  if mode == 'visualize':
+    visualize.run_visualize(config, workdir, _WHICH.value, _SPLIT.value)
+  elif config.compare_with_baseline:
     demo.train_and_compare(config, workdir)
   else:
     train.train_and_evaluate(config, workdir)
