@@ -1,4 +1,8 @@
-"""Checkpoints: importing pretrained DINOv2 weights (Orbax train state will live here too).
+"""Checkpoints: torch-free state-dict readers and writers, and pretrained DINOv2 import.
+
+State dicts are read from and written to safetensors and torch zip (`torch.save`) files
+without torch (`read_state_dict`, `write_state_dict`), so exported weights load in PyTorch and
+PyTorch weights load here on machines that have no torch.
 
 DINOv2 import reads a local file, without torch, in any of the formats the weights ship in:
 
@@ -25,16 +29,21 @@ uses non-antialiased bicubic with a +0.1 offset, and HF non-antialiased bicubic 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import importlib.util
+import io
 import json
 import math
 import os
 import pathlib
 import pickle
 import re
+import struct
 import sys
+import types
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import jax
@@ -189,6 +198,165 @@ def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------
+# Writing state dicts: safetensors and torch zip, without torch
+# ----------------------------------------------------------------------------
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+_TORCH_ALIGNMENT = 64  # torch.save aligns each record's bytes (for torch.load(mmap=True))
+
+
+def _native(dtype: np.dtype) -> np.dtype:
+  return dtype.newbyteorder('=')
+
+
+def _little_endian_bytes(x: np.ndarray) -> memoryview:
+  x = np.ascontiguousarray(x)
+  return x.astype(x.dtype.newbyteorder('<'), copy=False).reshape(-1).view(np.uint8).data
+
+
+def _write_safetensors(path: pathlib.Path, state_dict: StateDict) -> None:
+  header, offset = {}, 0
+  for key, value in state_dict.items():
+    header[key] = {'dtype': _SAFETENSORS_NAMES[_native(value.dtype)], 'shape': list(value.shape),
+                   'data_offsets': [offset, offset + value.nbytes]}
+    offset += value.nbytes
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # the format pads its header with spaces to align the data
+  with open(path, 'wb') as f:
+    f.write(len(raw).to_bytes(8, 'little') + raw)
+    for value in state_dict.values():
+      f.write(_little_endian_bytes(value))
+
+
+@contextlib.contextmanager
+def _torch_pickle_names() -> Iterator[tuple[Callable[..., Any], dict[np.dtype, type]]]:
+  """(`torch._utils._rebuild_tensor_v2`, {dtype: `torch.<Name>Storage`}) for pickling tensors.
+
+  torch's own where torch is installed. Otherwise stand-ins, in modules that sit in `sys.modules`
+  as 'torch' and 'torch._utils' only while the pickle is written: pickle writes a global as
+  (module, name) after checking that importing the module yields the very same object.
+  """
+  if importlib.util.find_spec('torch') is not None:
+    import torch  # pylint: disable=import-outside-toplevel  (optional dependency)
+    yield torch._utils._rebuild_tensor_v2, {np.dtype(dtype): getattr(torch, name)
+                                            for name, dtype in _TORCH_STORAGES.items()}
+    return
+  torch, utils = types.ModuleType('torch'), types.ModuleType('torch._utils')
+
+  def rebuild(*unused: Any) -> None:
+    raise NotImplementedError('a stand-in for pickling; torch.load calls the real one')
+
+  rebuild.__module__ = utils.__name__
+  rebuild.__name__ = rebuild.__qualname__ = '_rebuild_tensor_v2'
+  utils._rebuild_tensor_v2 = rebuild
+  torch._utils = utils
+  storages = {np.dtype(dtype): type(name, (), {'__module__': 'torch'})
+              for name, dtype in _TORCH_STORAGES.items()}
+  for storage in storages.values():
+    setattr(torch, storage.__name__, storage)
+  sys.modules.update({'torch': torch, 'torch._utils': utils})
+  try:
+    yield rebuild, storages
+  finally:
+    del sys.modules['torch'], sys.modules['torch._utils']
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageRef:
+  index: int
+
+
+class _TorchPickler(pickle.Pickler):
+  """Pickles numpy arrays as `torch.save` pickles tensors.
+
+  A tensor is `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)`; its
+  storage is the persistent id ('storage', <dtype>Storage, key, 'cpu', numel), whose bytes go to
+  the record data/<key>. Protocol 2, as torch writes.
+  """
+
+  def __init__(self, file: io.BytesIO, rebuild: Callable[..., Any],
+               storage_types: dict[np.dtype, type]):
+    super().__init__(file, protocol=2)
+    self._rebuild = rebuild
+    self._storage_types = storage_types
+    self.storages: list[np.ndarray] = []
+
+  def reducer_override(self, obj: Any) -> Any:
+    if not isinstance(obj, np.ndarray):
+      return NotImplemented
+    self.storages.append(obj)
+    shape = obj.shape
+    stride = tuple(math.prod(max(n, 1) for n in shape[i + 1:]) for i in range(len(shape)))
+    return self._rebuild, (_StorageRef(len(self.storages) - 1), 0, shape, stride, False,
+                           collections.OrderedDict())
+
+  def persistent_id(self, obj: Any) -> Any:
+    if not isinstance(obj, _StorageRef):
+      return None
+    x = self.storages[obj.index]
+    return ('storage', self._storage_types[_native(x.dtype)], str(obj.index), 'cpu', x.size)
+
+
+def _write_torch_zip(path: pathlib.Path, state_dict: StateDict) -> None:
+  """The zip `torch.save` writes: archive/{data.pkl, byteorder, data/<key>..., version}.
+
+  Records are stored uncompressed with each one's bytes aligned to 64 like torch's own writer
+  (padding in an 'FB' extra field), for records under 2 GiB (zipfile adds a zip64 field to
+  larger ones).
+  """
+  buffer = io.BytesIO()
+  with _torch_pickle_names() as (rebuild, storage_types):
+    pickler = _TorchPickler(buffer, rebuild, storage_types)
+    pickler.dump(collections.OrderedDict(state_dict))
+  records = [('data.pkl', buffer.getvalue()), ('byteorder', b'little'),
+             *((f'data/{i}', _little_endian_bytes(x)) for i, x in enumerate(pickler.storages)),
+             ('version', b'3\n')]
+  with open(path, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
+    for name, data in records:
+      info = zipfile.ZipInfo('archive/' + name)
+      start = f.tell() + 30 + len(info.filename.encode()) + 4  # local header, name, extra header
+      pad = -start % _TORCH_ALIGNMENT
+      info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad
+      archive.writestr(info, data)
+
+
+def _torch_save(path: pathlib.Path, state_dict: StateDict) -> None:
+  import torch  # pylint: disable=import-outside-toplevel  (optional dependency)
+
+  def tensor(x: np.ndarray) -> Any:
+    x = np.array(x)  # a writable copy: torch.from_numpy shares memory
+    if x.dtype == jnp.bfloat16:  # numpy has no bfloat16 of torch's kind
+      return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+  torch.save(collections.OrderedDict((k, tensor(v)) for k, v in state_dict.items()), path)
+
+
+def write_state_dict(path: PathLike, state_dict: StateDict) -> None:
+  """Writes a flat {name: array} state dict as .safetensors or a torch zip (.pth/.pt/.bin).
+
+  The torch zip is written by `torch.save` where torch is installed and otherwise directly, in
+  the same format (`_write_torch_zip`). `read_state_dict` reads either back exactly.
+  """
+  path = pathlib.Path(path)
+  state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
+  supported = {np.dtype(v) for v in _TORCH_STORAGES.values()}  # == the safetensors dtypes
+  unsupported = {k: str(v.dtype) for k, v in state_dict.items()
+                 if _native(v.dtype) not in supported}
+  if unsupported:
+    raise ValueError(f'cannot write tensors of these dtypes: {unsupported}')
+  if path.suffix == '.safetensors':
+    _write_safetensors(path, state_dict)
+  elif path.suffix in ('.pth', '.pt', '.bin'):
+    if importlib.util.find_spec('torch') is not None:
+      _torch_save(path, state_dict)
+    else:
+      _write_torch_zip(path, state_dict)
+  else:
+    raise ValueError(f'unknown checkpoint type {path.suffix!r} ({path}); expected .safetensors, '
+                     '.pth, .pt or .bin')
+
+
+# ----------------------------------------------------------------------------
 # DINOv2 formats and their names
 # ----------------------------------------------------------------------------
 # Checkpoint names per naming. Block entries follow `block` + index + '.'; a tuple lists tensors
@@ -249,7 +417,17 @@ class _Param:
   path: tuple[str | int, ...]
   sources: tuple[str, ...]
   shape: tuple[int, ...]
-  layout: Literal['copy', 'linear', 'conv'] = 'copy'
+  layout: Literal['copy', 'linear', 'conv', 'conv1x1'] = 'copy'
+
+
+# How a torch tensor becomes ours and back, per `_Param.layout`: (torch -> ours, ours -> torch).
+# Only transposes and reshapes: exact, and they trace (jax.eval_shape) as well as run on numpy.
+LAYOUTS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    'copy': (lambda x: x, lambda x: x),
+    'linear': (lambda x: x.T, lambda x: x.T),  # Linear (out, in) <-> (in, out); any 2-D transpose
+    'conv': (lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),  # OIHW, HWIO
+    'conv1x1': (lambda x: x[:, :, 0, 0], lambda x: x[:, :, None, None]),  # (O, I, 1, 1), (O, I)
+}
 
 
 def _dense(path: tuple[str | int, ...], names: tuple[str, ...], dout: int,
@@ -371,11 +549,7 @@ def dinov2_to_vit_params(state_dict: StateDict, cfg: ViTConfig) -> dict[str, Any
   for prm in plan:
     parts = [np.asarray(state_dict[k], np.float32) for k in prm.sources]
     x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if prm.layout == 'linear':
-      x = x.T  # torch (out, in) -> (in, out)
-    elif prm.layout == 'conv':
-      x = x.transpose(2, 3, 1, 0)  # torch OIHW -> HWIO
-    flat[prm.path] = x
+    flat[prm.path] = LAYOUTS[prm.layout][0](x)
   if cls_pos is not None:
     flat[('cls_token',)] = flat[('cls_token',)] + cls_pos
   source = math.isqrt(pos_embed.shape[1])
@@ -391,9 +565,10 @@ def dinov2_to_vit_params(state_dict: StateDict, cfg: ViTConfig) -> dict[str, Any
   return traverse_util.unflatten_dict(flat)
 
 
-def _assignments(vit: VisionTransformer, params: dict[str, Any]) -> list[tuple[nnx.Variable, Any]]:
+def _assignments(module: nnx.Module,
+                 params: Mapping[str, Any]) -> list[tuple[nnx.Variable, Any]]:
   """Pairs each model parameter with its new value after checking that names and shapes agree."""
-  variables = dict(nnx.to_flat_state(nnx.state(vit, nnx.Param)))
+  variables = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
   values = traverse_util.flatten_dict(params)
   unexpected = sorted('.'.join(map(str, p)) for p in set(values) - set(variables))
   missing = sorted('.'.join(map(str, p)) for p in set(variables) - set(values))
@@ -418,13 +593,19 @@ def _assign(assignments: list[tuple[nnx.Variable, Any]]) -> None:
     variable.set_value(jax.device_put(np.asarray(value, old.dtype), old.sharding))
 
 
+def load_params(module: nnx.Module, params: Mapping[str, Any]) -> None:
+  """Assigns a nested dict of arrays to the module's parameters, after checking every name and
+  shape (a module from `nnx.eval_shape` becomes a real one)."""
+  _assign(_assignments(module, params))
+
+
 def _as_state_dict(source: PathLike | StateDict) -> StateDict:
   return source if isinstance(source, Mapping) else read_state_dict(source)
 
 
 def load_dinov2(vit: VisionTransformer, source: PathLike | StateDict) -> None:
   """Assigns DINOv2 weights (a file or a state dict) to `vit` in place; checks come first."""
-  _assign(_assignments(vit, dinov2_to_vit_params(_as_state_dict(source), vit.cfg)))
+  load_params(vit, dinov2_to_vit_params(_as_state_dict(source), vit.cfg))
 
 
 def load_dinov2_into_ifam(model: IFAM, source: PathLike | StateDict) -> None:

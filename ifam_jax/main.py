@@ -15,14 +15,18 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ifam_jax import demo, train, visualize
+from ifam_jax import demo, export, train, visualize
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'visualize'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'visualize', 'export', 'import'],
+                          'What to run.')
 _WHICH = flags.DEFINE_string('which', 'final', 'Saved parameters to use outside training: '
                              "<workdir>/params/<which> ('final', 'best', ...).")
+_SOURCE = flags.DEFINE_string('source', '', '--mode import: a reference PyTorch snapshot (.pth) or '
+                              'our model.safetensors, saved as <workdir>/params/<which> '
+                              "('imported' unless --which is given).")
 _SPLIT = flags.DEFINE_string('split', '', 'Eval split to draw pictures from (default: the '
                              'validation split, else the first eval).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -45,6 +49,14 @@ def main(argv: list[str]) -> None:
   logging.info('devices: %s', jax.devices())
   if mode == 'visualize':
     visualize.run_visualize(config, workdir, _WHICH.value, _SPLIT.value)
+  elif mode == 'export':
+    for name, path in export.export(config, workdir, _WHICH.value).items():
+      print(f'{name}: {path}')
+  elif mode == 'import':
+    if not _SOURCE.value:
+      raise app.UsageError('--mode import needs --source')
+    which = _WHICH.value if flags.FLAGS['which'].present else 'imported'
+    print(export.import_to_workdir(_SOURCE.value, config, workdir, which))
   elif config.compare_with_baseline:
     demo.train_and_compare(config, workdir)
   else:
