@@ -14,8 +14,8 @@ Evaluated on 'val' (metadata split 1) and 'test' (split 2). <workdir>/params/bes
 parameters of the best validation worst-group accuracy and params/final those of the last step;
 the reference instead keeps the checkpoint of the best test accuracy. Here worst_group_accuracy
 is the minimum over all four (bird, place) groups; the reference's WGA is the minimum over the
-two minority groups (landbird/water, waterbird/land, both in `group_accuracy`), the same number
-whenever a minority group is the worst. Compute is bfloat16 (parameters fp32) where the
+two minority groups (landbird/water, waterbird/land), reported as
+worst_group_accuracy_minority. Compute is bfloat16 (parameters fp32) where the
 reference ran fp32: add --config.model.dtype=float32 for its numerics.
 """
 

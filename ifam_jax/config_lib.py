@@ -101,6 +101,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = [('.*', 'replicate')]
   c.fsdp_min_size = 2**18  # 'fsdp' rules leave tensors with fewer elements replicated
 
+  # Evaluation entry points (ifam_jax/evaluate.py: eval, calibrate, leave-one-out, audit).
+  c.eval = dict(
+      splits=(),  # evals to run: names in data.evals, 'in9_<variant>', 'bg_challenge'; () = all
+      thresholds='',  # part-threshold JSON (from calibrate, or the reference's); applied to evals
+      threshold_rule='',  # '' = the file's rule; the reference's files carry none: 'dot_product'
+      in9_root='',  # IN-9 release folder: evaluates its variants' val sets (and the challenge)
+      in9_variants=('original', 'mixed_same', 'mixed_rand'),
+      in9_mapping='',  # in_to_in9.json, for models that were not trained on the 9 classes
+      calibration_sample=2**20,  # tokens kept per part (a uniform sample) for the percentiles
+  )
+
   # Loop.
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0

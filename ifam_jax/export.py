@@ -173,13 +173,6 @@ def export(config: ml_collections.ConfigDict, workdir: PathLike, which: str = 'f
 # ----------------------------------------------------------------------------
 # Import
 # ----------------------------------------------------------------------------
-def _abstract_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
-  """The model of `model_cfg` without materialised weights (`load_params` fills them in)."""
-  model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-  model_cfg.init_weights = ''
-  return nnx.eval_shape(lambda: train.build_model(model_cfg, num_classes, nnx.Rngs(0)))
-
-
 def read_reference(source: PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The state dict of a reference snapshot ({'model_state', 'optimizer_state', ...}) or of a
   bare state dict, from a .pth/.pt file (read without torch), a .safetensors file or a mapping."""
@@ -248,7 +241,7 @@ def import_reference(source: PathLike | Mapping[str, Any], config: ml_collection
   """
   state_dict = read_reference(source)
   num_classes = _check_config(state_dict, config.model, num_classes)
-  model = _abstract_model(config.model, num_classes)
+  model = train.abstract_model(config.model, num_classes)
   checkpoints.load_params(model, from_reference(state_dict, model))
   return model
 
@@ -262,7 +255,7 @@ def load_exported(path: PathLike, config: ml_collections.ConfigDict | None = Non
   path = pathlib.Path(path)
   description = json.loads((path.parent / 'model.json').read_text())
   num_classes = description['num_classes']
-  saved = _abstract_model(ml_collections.ConfigDict(description['model']), num_classes)
+  saved = train.abstract_model(ml_collections.ConfigDict(description['model']), num_classes)
   if path.is_dir():
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -275,7 +268,7 @@ def load_exported(path: PathLike, config: ml_collections.ConfigDict | None = Non
     params = traverse_util.unflatten_dict({paths.get(k, (k,)): v for k, v in named.items()})
   else:
     raise ValueError(f'{path} is neither an exported Orbax params directory nor a .safetensors')
-  model = saved if config is None else _abstract_model(config.model, num_classes)
+  model = saved if config is None else train.abstract_model(config.model, num_classes)
   checkpoints.load_params(model, params)
   return model
 

@@ -15,18 +15,25 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ifam_jax import demo, export, train, visualize
+from ifam_jax import demo, evaluate, export, train, visualize
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'visualize', 'export', 'import'],
-                          'What to run.')
-_WHICH = flags.DEFINE_string('which', 'final', 'Saved parameters to use outside training: '
-                             "<workdir>/params/<which> ('final', 'best', ...).")
+_MODE = flags.DEFINE_enum(
+    'mode', 'train',
+    ['train', 'eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export', 'import'],
+    'What to run.')
+_WHICH = flags.DEFINE_string('which', 'final', 'Parameters to use outside training: '
+                             "<workdir>/params/<which> ('final', 'best', 'imported'), or "
+                             "'step_<N>' for the train checkpoint of step N (EMA if any).")
 _SOURCE = flags.DEFINE_string('source', '', '--mode import: a reference PyTorch snapshot (.pth) or '
                               'our model.safetensors, saved as <workdir>/params/<which> '
                               "('imported' unless --which is given).")
+_FIXED_PARTS = flags.DEFINE_list('fixed_parts', [], '--mode leave_one_out: parts removed in '
+                                 'every row (each other part is then removed in turn).')
+_PERCENTILES = flags.DEFINE_list('percentiles', ['97', '99'], '--mode calibrate: percentiles q.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 64, '--mode audit: images audited per split.')
 _SPLIT = flags.DEFINE_string('split', '', 'Eval split to draw pictures from (default: the '
                              'validation split, else the first eval).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -47,15 +54,26 @@ def main(argv: list[str]) -> None:
     name = 'config.json' if mode == 'train' else f'config_{mode}.json'
     (workdir / name).write_text(config.to_json_best_effort(indent=2) + '\n')
   logging.info('devices: %s', jax.devices())
-  if mode == 'visualize':
-    visualize.run_visualize(config, workdir, _WHICH.value, _SPLIT.value)
+  which = _WHICH.value
+  if mode == 'eval':
+    evaluate.run_eval(config, workdir, which)
+  elif mode == 'calibrate':
+    evaluate.run_calibrate(config, workdir, which, tuple(float(q) for q in _PERCENTILES.value))
+  elif mode == 'leave_one_out':
+    evaluate.run_leave_one_out(config, workdir, which, [int(p) for p in _FIXED_PARTS.value])
+  elif mode == 'audit':
+    report = evaluate.run_audit(config, workdir, which, _NUM_IMAGES.value)
+    if not report['passed']:
+      raise SystemExit('audit failed: stage 2 depends on masked-out pixels')
+  elif mode == 'visualize':
+    visualize.run_visualize(config, workdir, which, _SPLIT.value)
   elif mode == 'export':
-    for name, path in export.export(config, workdir, _WHICH.value).items():
+    for name, path in export.export(config, workdir, which).items():
       print(f'{name}: {path}')
   elif mode == 'import':
     if not _SOURCE.value:
       raise app.UsageError('--mode import needs --source')
-    which = _WHICH.value if flags.FLAGS['which'].present else 'imported'
+    which = which if flags.FLAGS['which'].present else 'imported'
     print(export.import_to_workdir(_SOURCE.value, config, workdir, which))
   elif config.compare_with_baseline:
     demo.train_and_compare(config, workdir)

@@ -9,10 +9,12 @@ run continues exactly where the killed one stopped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import pathlib
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,7 +23,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -30,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from ifam_jax import checkpoints, losses, optim, sharding
 from ifam_jax import data as data_lib
+from ifam_jax.evaluate import evaluate_source, make_eval_step
 from ifam_jax.models import ifam, vit
 
 SOURCES = {
@@ -217,72 +219,6 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State,
-                   config: ml_collections.ConfigDict) -> Callable:
-  """(params, frozen, batch, rng) -> per-example predictions (stage 2, stage 1, fg fraction)."""
-  baseline = config.model.kind == 'baseline'
-
-  def eval_step(params, frozen, batch, rng):
-    model = nnx.merge(graphdef, params, frozen, rest)
-    images = data_lib.normalize(batch['image'])
-    if baseline:
-      logits = model(images)
-      return {'pred': jnp.argmax(logits, -1)}
-    out = model(images, train=False, rng=rng)
-    return {'pred': jnp.argmax(out.logits, -1), 'pred1': jnp.argmax(out.stage1_logits, -1),
-            'fg_fraction': jnp.mean(out.fg_mask, axis=(1, 2))}
-
-  return eval_step
-
-
-# ----------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------
-def summarize_predictions(preds: Mapping[str, np.ndarray], labels: np.ndarray,
-                          groups: np.ndarray, valid: np.ndarray,
-                          group_names: list[str]) -> dict[str, float]:
-  """Accuracy, stage-1 accuracy, per-group and worst-group accuracy over valid examples."""
-  keep = valid > 0
-  labels, groups = labels[keep], groups[keep]
-  correct = preds['pred'][keep] == labels
-  metrics = {'accuracy': float(correct.mean()) if correct.size else float('nan'),
-             'num_examples': int(keep.sum())}
-  if 'pred1' in preds:
-    metrics['stage1_accuracy'] = float((preds['pred1'][keep] == labels).mean())
-    metrics['fg_fraction'] = float(preds['fg_fraction'][keep].mean())
-  if group_names:
-    per_group = {}
-    for g, name in enumerate(group_names):
-      members = groups == g
-      if members.any():
-        per_group[name] = float(correct[members].mean())
-    metrics['group_accuracy'] = per_group
-    metrics['worst_group_accuracy'] = min(per_group.values())
-  return metrics
-
-
-def evaluate(eval_step: Callable, params: Any, frozen: Any, dataset: Any, num_batches: int,
-             batch_sharding: Any, group_names: list[str], seed: int) -> dict[str, float]:
-  """One ordered, padded pass over an eval dataset; metrics computed on the host.
-
-  Labels, groups and validity become global arrays like the images and are gathered with the
-  predictions, so all come back in the global batch order, which follows the mesh's device order
-  and need not follow the process order (it does not on TPU slices).
-  """
-  collected: dict[str, list[np.ndarray]] = {}
-  for i, batch in zip(range(num_batches), dataset):
-    arrays = data_lib.global_batch({k: batch[k] for k in ('image', 'label', 'group', 'valid')},
-                                   batch_sharding)
-    rng = jax.random.fold_in(jax.random.key(seed), i)
-    out = eval_step(params, frozen, arrays, rng)
-    out.update({k: arrays[k] for k in ('label', 'group', 'valid')})
-    for k, v in multihost_utils.process_allgather(out, tiled=True).items():
-      collected.setdefault(k, []).append(np.asarray(v))
-  cat = {k: np.concatenate(v) for k, v in collected.items()}
-  preds = {k: cat[k] for k in ('pred', 'pred1', 'fg_fraction') if k in cat}
-  return summarize_predictions(preds, cat['label'], cat['group'], cat['valid'], group_names)
-
-
 # ----------------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------------
@@ -339,10 +275,38 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------
-# Parameters for evaluation: <workdir>/params/{final,best}
+# Parameters for evaluation: <workdir>/params/{final,best}, or a train checkpoint (step_<N>)
 # ----------------------------------------------------------------------------
+def train_checkpoint(workdir: pathlib.Path, which: str) -> pathlib.Path | None:
+  """<workdir>/checkpoints/<N>/state for which='step_<N>' (raises if no such step), else None."""
+  match = re.fullmatch(r'step_(\d+)', which)
+  if match is None:
+    return None
+  root = workdir / 'checkpoints'
+  path = (root / str(int(match[1])) / 'state').absolute()
+  if not path.is_dir():
+    steps = sorted(int(p.name) for p in root.glob('*') if p.name.isdigit())
+    raise FileNotFoundError(f'no train checkpoint of step {int(match[1])} in {root}; '
+                            f'available steps: {steps}')
+  return path
+
+
 def read_params_info(workdir: pathlib.Path, which: str) -> dict[str, Any] | None:
-  """The JSON of <workdir>/params/<which>, or None: it exists only once the parameters do."""
+  """The JSON of <workdir>/params/<which>, or None: it exists only once the parameters do.
+
+  For which='step_<N>': {'step', 'num_classes', 'ema'} of train checkpoint N, from its metadata.
+  num_classes is the width of the saved classifier `head` (the ViT's, iFAM's stage 2), which
+  describes exactly that checkpoint, also of a run that is still going or was killed.
+  """
+  if (state := train_checkpoint(workdir, which)) is not None:
+    tree = ocp.PyTreeCheckpointHandler().metadata(state).tree
+    saved = {'params': tree['train']['params'], 'frozen': tree['frozen']}
+    widths = [leaf.shape[-1] for path, leaf in jax.tree_util.tree_leaves_with_path(saved)
+              if ('head', 'kernel') in itertools.pairwise(getattr(k, 'key', None) for k in path)]
+    if not widths:
+      raise ValueError(f'{state} has no classifier head/kernel')
+    return {'step': int(state.parent.name), 'num_classes': widths[0],
+            'ema': 'ema' in tree['train']}
   path = workdir / 'params' / f'{which}.json'
   return json.loads(path.read_text()) if path.exists() else None
 
@@ -365,22 +329,39 @@ def save_params(workdir: pathlib.Path, which: str, params: Any, frozen: Any,
   multihost_utils.sync_global_devices(f'save_params {which}')
 
 
+def abstract_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+  """The model of `model_cfg` without materialised weights, for restoring saved ones into."""
+  model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  model_cfg.init_weights = ''
+  return nnx.eval_shape(lambda: build_model(model_cfg, num_classes, nnx.Rngs(0)))
+
+
 def load_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                which: str = 'final') -> nnx.Module:
-  """The model of `config` with the parameters saved under <workdir>/params/<which>."""
+  """The model of `config` with the parameters saved under <workdir>/params/<which>.
+
+  which='step_<N>' reads train checkpoint N instead: its EMA where the run had one, else its
+  params, plus frozen; a partial restore that reads no optimizer state.
+  """
   workdir = pathlib.Path(workdir)
   info = read_params_info(workdir, which)
   if info is None:
     raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which}; train first')
-  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
-  model_cfg.init_weights = ''
-  abstract = nnx.eval_shape(lambda: build_model(model_cfg, info['num_classes'], nnx.Rngs(0)))
+  abstract = abstract_model(config.model, info['num_classes'])
   graphdef, params, frozen, rest = optim.split_frozen(abstract, config.optim.group_rules,
                                                       config.optim.groups)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         {'params': params, 'frozen': frozen})
-  restored = ocp.StandardCheckpointer().restore((workdir / 'params' / which).absolute(), target)
+  if (state := train_checkpoint(workdir, which)) is None:
+    restored = ocp.StandardCheckpointer().restore((workdir / 'params' / which).absolute(), target)
+  else:
+    key = 'ema' if info['ema'] else 'params'
+    item = {'train': {key: target['params']}, 'frozen': target['frozen']}
+    restored = ocp.PyTreeCheckpointHandler().restore(state, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    restored = {'params': restored['train'][key], 'frozen': restored['frozen']}
   return nnx.merge(graphdef, restored['params'], restored['frozen'], rest)
 
 
@@ -513,17 +494,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     params = eval_params()
     results = {}
     for name, source in eval_sources.items():
-      ds = data_lib.make_dataset(source, transform=eval_transform,
-                                 global_batch_size=config.data.eval_batch_size,
-                                 seed=config.seed, train=False,
-                                 num_workers=config.data.num_workers)
-      n = data_lib.num_eval_batches(len(source), config.data.eval_batch_size,
-                                    jax.process_count())
-      results[name] = evaluate(eval_step, params, frozen, ds, n, batch_sharding,
-                               source.group_names, config.seed)
+      results[name] = evaluate_source(eval_step, params, frozen, source, eval_transform, config,
+                                      batch_sharding)
       writer.write(step, name, results[name])
       announce('eval %s @ step %d: %s', name, step, ', '.join(
-          f'{k} {v:.4g}' for k, v in results[name].items() if k != 'group_accuracy'))
+          f'{k} {v:.4g}' for k, v in results[name].items() if isinstance(v, (int, float))))
     return results
 
   # --- Train loop -----------------------------------------------------------------------------

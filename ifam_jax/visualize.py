@@ -196,10 +196,12 @@ def run_visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   if isinstance(model, ifam.IFAM):
     paths += part_galleries(model, config, source, gallery_pool, gallery_size, out_dir)
   loo = workdir / 'eval' / which / 'leave_one_out.json'
-  if loo.exists():
-    rows = json.loads(loo.read_text())['rows']
-    paths.append(save_bar_chart({r['removed']: r['accuracy'] for r in rows},
-                                out_dir / 'leave_one_out.png', 'accuracy with parts removed'))
+  if loo.exists():  # written by --mode leave_one_out
+    for name, rows in json.loads(loo.read_text())['splits'].items():
+      bars = {('removed ' + ','.join(map(str, r['removed_parts'])) if r['removed_parts']
+               else 'none'): r['accuracy'] for r in rows}
+      paths.append(save_bar_chart(bars, out_dir / f'leave_one_out_{name}.png',
+                                  f'{name}: accuracy with parts removed'))
   if jax.process_index() == 0:
     for path in paths:
       print(f'wrote {path}')

@@ -112,6 +112,15 @@ def test_cub_waterbird200_eval():
       source='cub', root='/data', split='test', image_subdir='waterbird_complete95_forest2water2')
 
 
+def test_cub_segmentations_arg():
+  assert 'segmentation_dir' not in get_config('cub', PAPER_ARGS).data.evals.test
+  c = get_config('cub', PAPER_ARGS + ',segmentations=segmentations,waterbird200_root=wb')
+  assert dict(c.data.evals.test) == dict(source='cub', root='/data', split='test',
+                                         segmentation_dir='segmentations')
+  assert dict(c.data.evals.waterbird200) == dict(c.data.evals.test, image_subdir='wb')
+  assert 'segmentation_dir' not in c.data.train
+
+
 # ----------------------------------------------------------------------------
 # End to end, from every source type
 # ----------------------------------------------------------------------------

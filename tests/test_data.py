@@ -214,6 +214,67 @@ def test_cub_label_outside_class_set(tmp_path):
     sources.CubSource(root, 'train')
 
 
+def write_cub_mask(root, name: str, mask: np.ndarray, mode: str = 'L'):
+  """Writes `mask` (bool [H, W]) as segmentations/<name>.png in `mode`, with 'on' values that are
+  small and in one channel only, so that binarising at > 0 matters."""
+  path = root / 'segmentations' / (os.path.splitext(name)[0] + '.png')
+  os.makedirs(path.parent, exist_ok=True)
+  if mode == 'RGB':
+    img = Image.fromarray(np.stack([np.zeros_like(mask), np.zeros_like(mask), mask], -1)
+                          .astype(np.uint8) * 7)
+  else:
+    img = Image.fromarray(mask.astype(np.uint8) * (1 if mode == 'P' else 3), 'L')
+    if mode == 'P':
+      img = img.convert('P')
+      img.putpalette([0, 0, 0, 255, 255, 255])
+  img.save(path)
+  return path
+
+
+def test_cub_segmentations(tmp_path):
+  root = tmp_path / 'CUB_200_2011'
+  make_cub(root)
+  # Test split: b.jpg, d.jpg. A bright left band (x < 14 of 40, all rows) with its mask, so
+  # alignment through the eval crop (21x16 -> centre 16x16, 2 px cut on the left) is visible.
+  band = np.zeros((30, 40), bool)
+  band[:, :14] = True
+  for name in ('001.A/b.jpg', '002.B/d.jpg'):
+    Image.fromarray(band.astype(np.uint8) * 255).convert('RGB').save(root / 'images' / name)
+  for mode in ('L', 'P', 'RGB'):
+    for name in ('001.A/b.jpg', '002.B/d.jpg'):
+      write_cub_mask(root, name, band, mode)
+    test = sources.CubSource(root, 'test', segmentation_dir='segmentations')
+    for i in range(len(test)):
+      record = test[i]
+      assert isinstance(record['image'], bytes)
+      assert record['fg_mask'].dtype == np.uint8 and record['fg_mask'].shape == (30, 40)
+      np.testing.assert_array_equal(record['fg_mask'], band, err_msg=mode)
+  out = transforms.process(test[0], np.random.default_rng(0), transforms.resize_center_crop(16))
+  assert out['fg_mask'].shape == (16, 16) and out['valid'] == 1
+  image = out['image'].mean(-1)
+  edge = 5  # the band ends at x = 14 * 21 / 40 - 2 = 5.35: a blend of bright and dark
+  np.testing.assert_array_equal(np.delete(out['fg_mask'], edge, 1),
+                                np.delete(image > 128, edge, 1))
+  assert out['fg_mask'][:, :edge].all() and not out['fg_mask'][:, edge + 1:].any()
+  assert 'segmentation_dir' in repr(test) and 'segmentation_dir' not in repr(
+      sources.CubSource(root, 'test'))
+  absolute = sources.CubSource(root, 'test', segmentation_dir=str(root / 'segmentations'))
+  np.testing.assert_array_equal(absolute[1]['fg_mask'], band)
+
+  wrong_size = write_cub_mask(root, '002.B/d.jpg', band[:, :20])
+  with pytest.raises(ValueError, match=f'{wrong_size} is 20x30'):
+    test[1]  # pylint: disable=pointless-statement
+  missing = root / 'segmentations' / '002.B' / 'd.png'
+  missing.unlink()
+  with pytest.raises(FileNotFoundError, match=str(missing)):
+    test[1]  # pylint: disable=pointless-statement
+  (root / 'segmentations' / '001.A' / 'b.png').unlink()  # the first mask is checked when built
+  with pytest.raises(FileNotFoundError, match=str(root / 'segmentations' / '001.A' / 'b.png')):
+    sources.CubSource(root, 'test', segmentation_dir='segmentations')
+  with pytest.raises(FileNotFoundError, match=str(root / 'masks')):
+    sources.CubSource(root, 'test', segmentation_dir='masks')
+
+
 # ----------------------------------------------------------------------------
 # TFDS ArrayRecord, without TensorFlow
 # ----------------------------------------------------------------------------

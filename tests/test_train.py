@@ -28,7 +28,7 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from ifam_jax import config_lib, optim, sharding, train
+from ifam_jax import config_lib, evaluate, optim, sharding, train
 from ifam_jax import data as data_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def test_eight_devices_with_fsdp_match_one_device(env, reference, tmp_path):
 
 
 def eval_alignment(devices):
-  """`train.evaluate` over a 'model' that is right except on group 0, with padding.
+  """`evaluate.evaluate` over a 'model' that is right except on group 0, with padding.
 
   The image of example j holds its prediction; labels, groups and valid flags come from the
   per-process batches, as the eval pipeline yields them (process p reads j = p, p + P, ...).
@@ -265,10 +265,12 @@ def eval_alignment(devices):
             'valid': (j < num_examples).astype(np.int32)}
 
   batches = [batch(i) for i in range(-(-num_examples // (2 * len(devices))))]
-  eval_step = jax.jit(lambda params, frozen, b, rng: {'pred': b['image'][:, 0, 0, 0]},
-                      out_shardings=replicated)
-  return train.evaluate(eval_step, {}, {}, batches, len(batches), sharding.batch_sharding(mesh),
-                        [f'g{g}' for g in range(num_groups)], seed=0)
+  eval_step = jax.jit(lambda params, frozen, b, rng: {'logits': jax.nn.one_hot(
+      b['image'][:, 0, 0, 0], 3)}, out_shardings=replicated)
+  metrics = evaluate.evaluate(eval_step, {}, {}, batches, len(batches),
+                              sharding.batch_sharding(mesh),
+                              [f'g{g}' for g in range(num_groups)], seed=0)
+  return {k: metrics[k] for k in EXPECTED_ALIGNMENT}
 
 
 EXPECTED_ALIGNMENT = {'accuracy': 9 / 13, 'num_examples': 13, 'worst_group_accuracy': 0.0,

@@ -1,7 +1,8 @@
 """Random-access data sources for grain: one raw record per example, nothing decoded.
 
 Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'group': int}`, where
-`group` is -1 when the data set defines no groups; the synthetic source adds `'fg_mask'`. Every
+`group` is -1 when the data set defines no groups; the synthetic source, and CubSource given a
+`segmentation_dir`, add a ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in {0, 1}). Every
 source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0 without groups).
 
 Sources validate their inputs when built, with cheap checks only (directory listings, metadata
@@ -13,6 +14,7 @@ DataLoader compares it when restoring a checkpoint.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import pathlib
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 # torchvision's ImageFolder extensions, matched case-insensitively.
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -248,16 +251,51 @@ def _read_id_table(path: pathlib.Path) -> dict[int, str]:
   return table
 
 
+def _image_size(image: bytes) -> tuple[int, int] | None:
+  """(width, height) from an encoded image's header; None if unreadable."""
+  try:
+    with Image.open(io.BytesIO(image)) as img:
+      return img.size
+  except Exception:  # pylint: disable=broad-except  # transforms.decode logs and blanks it
+    return None
+
+
+def read_binary_mask(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+  """uint8 [H, W]: 1 where the mask image at `path` is > 0 (in any colour channel).
+
+  Single-band modes (L, 1, I, ...) are read as stored; palette, RGB(A) and LA images through their
+  RGB colours. `size`, when given, is the (width, height) the mask must have.
+  """
+  try:
+    with Image.open(path) as img:
+      if len(img.getbands()) > 1 or img.mode == 'P':
+        img = img.convert('RGB')
+      values = np.asarray(img)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'segmentation mask {path} does not exist') from None
+  except Exception as e:  # pylint: disable=broad-except  # decoders raise many error types
+    raise ValueError(f'cannot read segmentation mask {path}: {type(e).__name__}: {e}') from None
+  mask = (values.max(axis=-1) if values.ndim == 3 else values) > 0
+  if size is not None and mask.shape[::-1] != tuple(size):
+    raise ValueError(f'segmentation mask {path} is {mask.shape[1]}x{mask.shape[0]} (WxH), but its '
+                     f'image is {size[0]}x{size[1]}')
+  return mask.astype(np.uint8)
+
+
 class CubSource(FileSource):
   """CUB-200-2011 from its list files under `root` (the CUB_200_2011 folder).
 
   images.txt names the files (under `root/image_subdir`; 'waterbird_complete95_forest2water2'
   gives Waterbird200), image_class_labels.txt holds labels 1..200 (-> 0..199) and
   train_test_split.txt marks train (1) and test (0). classes.txt, when present, names the classes
-  and sets their number.
+  and sets their number. `segmentation_dir` (relative to root, or absolute; the official release
+  unpacks as 'segmentations') adds 'fg_mask' from `<segmentation_dir>/<images.txt name>.png`,
+  binarised at > 0 and read lazily; a missing mask or one whose size differs from its image raises
+  an error naming the file.
   """
 
-  def __init__(self, root: str | os.PathLike, split: str, image_subdir: str = 'images'):
+  def __init__(self, root: str | os.PathLike, split: str, image_subdir: str = 'images',
+               segmentation_dir: str = ''):
     root = pathlib.Path(root)
     if split not in ('train', 'test'):
       raise ValueError(f"CUB split must be 'train' or 'test' (the reference has no val), "
@@ -274,7 +312,7 @@ class CubSource(FileSource):
     label_path, split_path = root / 'image_class_labels.txt', root / 'train_test_split.txt'
     label_of, is_train = _read_id_table(label_path), _read_id_table(split_path)
     want = '1' if split == 'train' else '0'
-    paths, labels = [], []
+    paths, labels, names = [], [], []
     for image_id, name in files.items():
       for table, path in ((label_of, label_path), (is_train, split_path)):
         if image_id not in table:
@@ -286,10 +324,26 @@ class CubSource(FileSource):
       if is_train[image_id] == want:
         paths.append(str(image_dir / name))
         labels.append(label - 1)
+        names.append(name)
     _check_first_image(paths, f'CUB images.txt {root / "images.txt"}')
+    self.mask_paths = None
+    if segmentation_dir:
+      mask_dir = root / segmentation_dir
+      _require_dir(mask_dir, 'CUB segmentation folder')
+      self.mask_paths = [str(mask_dir / (os.path.splitext(n)[0] + '.png')) for n in names]
+      if self.mask_paths:
+        _require_file(pathlib.Path(self.mask_paths[0]), 'CUB segmentation mask')
     self.group_names = []
     super().__init__(paths, labels, [-1] * len(paths))
-    self._repr = _describe('CubSource', root=str(root), split=split, image_subdir=image_subdir)
+    extra = {'segmentation_dir': segmentation_dir} if segmentation_dir else {}  # stable old reprs
+    self._repr = _describe('CubSource', root=str(root), split=split, image_subdir=image_subdir,
+                           **extra)
+
+  def __getitem__(self, index: int) -> Record:
+    record = super().__getitem__(index)
+    if self.mask_paths is not None:
+      record['fg_mask'] = read_binary_mask(self.mask_paths[index], _image_size(record['image']))
+    return record
 
 
 # ----------------------------------------------------------------------------
