@@ -9,6 +9,7 @@ run continues exactly where the killed one stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -220,6 +221,74 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
 
 
 # ----------------------------------------------------------------------------
+# Model, optimizer and jitted steps (shared by the train loop and ifam_jax.bench)
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Training:
+  """Everything the train loop needs before its first step, laid out on the mesh.
+
+  `state` is {'step', 'params', 'opt_state', 'skipped_images'[, 'ema']}; `abstract_state` is its
+  shape tree (for restoring checkpoints). `train_step(state, frozen, batch) -> (state, metrics)`
+  donates `state`; `eval_step(params, frozen, batch, rng)` is `evaluate.make_eval_step`'s.
+  """
+
+  graphdef: nnx.GraphDef
+  rest: nnx.State
+  tx: optax.GradientTransformation
+  schedule: Callable[[jax.Array], jax.Array]
+  abstract_state: Any
+  state: Any
+  frozen: Any
+  state_sharding: Any
+  frozen_sharding: Any
+  batch_sharding: jax.sharding.Sharding
+  train_step: Callable
+  eval_step: Callable
+
+
+def build_training(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
+                   mesh: jax.sharding.Mesh) -> Training:
+  """Builds the model (DINOv2 weights if configured), optimizer, sharded state and steps."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  model = build_model(config.model, num_classes, nnx.Rngs(config.seed))
+  graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
+                                                      config.optim.groups)
+  del model
+  labels = optim.label_params(params, config.optim.group_rules)
+  tx = optim.build_optimizer(config.optim, labels, steps_per_epoch, config.total_epochs)
+  schedule = optim.lr_schedule(config.optim, steps_per_epoch, config.total_epochs)
+
+  def init_state(params):
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+             'skipped_images': jnp.zeros((), jnp.int32)}
+    if config.optim.ema_decay:
+      state['ema'] = params
+    return state
+
+  abstract_state = jax.eval_shape(init_state, params)
+  state_sharding = sharding.infer_sharding(abstract_state, config.sharding_rules, mesh,
+                                           config.fsdp_min_size)
+  frozen_sharding = sharding.infer_sharding(frozen, config.sharding_rules, mesh,
+                                            config.fsdp_min_size)
+  repl = sharding.replicated(mesh)
+  params = jax.device_put(params, state_sharding['params'])
+  frozen = jax.device_put(frozen, frozen_sharding)
+  state = jax.jit(init_state, out_shardings=state_sharding)(params)
+  del params
+
+  train_step = jax.jit(make_train_step(graphdef, rest, tx, config, schedule),
+                       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(graphdef, rest, config),
+                      in_shardings=(state_sharding['params'], frozen_sharding, batch_sharding,
+                                    repl), out_shardings=repl)
+  return Training(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule,
+                  abstract_state=abstract_state, state=state, frozen=frozen,
+                  state_sharding=state_sharding, frozen_sharding=frozen_sharding,
+                  batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
+
+
+# ----------------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------------
 def _replace_text(path: pathlib.Path, text: str) -> None:
@@ -410,39 +479,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Mesh, model, optimizer -----------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  model = build_model(config.model, num_classes, nnx.Rngs(config.seed))
-  graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
-                                                      config.optim.groups)
-  del model
-  labels = optim.label_params(params, config.optim.group_rules)
-  tx = optim.build_optimizer(config.optim, labels, steps_per_epoch, config.total_epochs)
-  schedule = optim.lr_schedule(config.optim, steps_per_epoch, config.total_epochs)
-
-  def init_state(params):
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-             'skipped_images': jnp.zeros((), jnp.int32)}
-    if config.optim.ema_decay:
-      state['ema'] = params
-    return state
-
-  abstract_state = jax.eval_shape(init_state, params)
-  state_sharding = sharding.infer_sharding(abstract_state, config.sharding_rules, mesh,
-                                           config.fsdp_min_size)
-  frozen_sharding = sharding.infer_sharding(frozen, config.sharding_rules, mesh,
-                                            config.fsdp_min_size)
-  repl = sharding.replicated(mesh)
-  params = jax.device_put(params, state_sharding['params'])
-  frozen = jax.device_put(frozen, frozen_sharding)
-  state = jax.jit(init_state, out_shardings=state_sharding)(params)
-  del params
-
-  train_step = jax.jit(make_train_step(graphdef, rest, tx, config, schedule),
-                       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(graphdef, rest, config),
-                      in_shardings=(state_sharding['params'], frozen_sharding, batch_sharding,
-                                    repl), out_shardings=repl)
+  t = build_training(config, num_classes, steps_per_epoch, mesh)
+  batch_sharding, state, frozen = t.batch_sharding, t.state, t.frozen
+  abstract_state, state_sharding, frozen_sharding = (t.abstract_state, t.state_sharding,
+                                                     t.frozen_sharding)
+  train_step, eval_step = t.train_step, t.eval_step
+  del t
 
   # --- Checkpoints: resume if the workdir has one --------------------------------------------
   # A save interrupted by a kill stays in a '<step>.orbax-checkpoint-tmp' directory, which

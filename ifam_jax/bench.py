@@ -1,0 +1,367 @@
+"""Speed: `python -m ifam_jax.bench --config configs/<recipe>.py[:args] --mode train|infer|data`.
+
+Prints one JSON line per measurement. `train` and `infer` run on synthetic device-resident
+batches (no data loading), so they measure the model, the optimizer and XLA only; `data` measures
+the grain pipeline alone. Parameters are always randomly initialised (`model.init_weights` is
+ignored: speed does not depend on the values), so a recipe's weights argument may name anything.
+
+  python -m ifam_jax.bench --config configs/imagenet.py:root=none,weights=none \\
+      --config.global_batch_size=128 --mode train
+
+FLOP accounting (`flops_per_image`, analytic, matmuls only; 2 FLOPs per multiply-add): one ViT
+forward over T = prefix + M tokens costs the patch embedding over all N_p patches (2 N_p p^2 3 D)
+plus, per block, qkv (2 T D 3D), attention scores and values (2 x 2 T^2 D), the output projection
+(2 T D^2) and the MLP (2 T D H x 2; SwiGLU's fc1 is 2H wide). LayerNorms, softmax, heads and the
+part layers are left out (< 1 %). A backward pass costs one forward for the activation gradients
+and one for the weight gradients, and only what is needed is counted: blocks whose weights train
+cost 3 forwards; frozen blocks with something trainable before them (the reference's groups train
+stage 1's tokens and position embedding, so gradients flow back through every frozen stage-1
+block) cost 2; frozen blocks with nothing trainable before them cost 1. The patch embedding never
+needs an input gradient: 2 forwards if its kernel trains, else 1. A train step is stage 1 on the
+batch + stage 1 on the warped batch (if the equivariance loss is on) + stage 2, each so counted;
+at 224 px with the reference's groups that is ~7 ViT-B/14 forwards, ~330 GFLOP per image.
+Inference is one stage-1 forward plus one stage-2 forward over all patches (dense, masked keys) or
+over the gathered `keep_count` tokens. `xla_flops_per_image` is XLA's own count
+(`compiled.cost_analysis()`), which includes everything but may count fused ops differently.
+MFU = img/s x flops_per_image / (peak x devices); the peak defaults to the dense bf16 spec of the
+device (`--peak_flops` overrides; the reference quotes ~800 TFLOP/s as attainable on an H100).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from PIL import Image
+
+from ifam_jax import data as data_lib
+from ifam_jax import optim, sharding, train
+from ifam_jax.models import parts, vit
+
+# Dense bf16 tensor-core peaks (spec sheets, without sparsity), matched on device_kind.
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12}
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
+                                          lock_config=True)
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'data'], 'What to measure.')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'train/infer: untimed steps after compilation.')
+_WINDOWS = flags.DEFINE_integer('windows', 5, 'train/infer: timed windows; the median is reported.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'train/infer: steps per window (data: batches).')
+_BATCH = flags.DEFINE_integer('batch', 0, 'infer/data batch (default: data.eval_batch_size for '
+                              'infer, global_batch_size for data).')
+_FG = flags.DEFINE_list('fg_fraction', ['1.0', '0.25'], 'infer: foreground fractions of the '
+                        'synthetic stage-2 mask; each is measured dense and token-gathered.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'train/infer: classifier width.')
+_PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s per device for MFU (0: the spec of '
+                           'the device kind if known, else no MFU).')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', 'data: a folder of class folders of JPEGs '
+                                '(default: 256 random 500x375 JPEGs in a temp dir).')
+_WORKERS = flags.DEFINE_list('num_workers', ['0', '4', '8'], 'data: grain worker counts.')
+
+
+# ----------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------
+def vit_forward_flops(cfg: vit.ViTConfig, num_tokens: int | None = None,
+                      embed_factor: int = 1, block_factor: int = 1) -> float:
+  """Matmul FLOPs of one image through a ViT with `num_tokens` patch tokens in the blocks.
+
+  `num_tokens` defaults to all patches (the patch embedding always runs on all of them);
+  `embed_factor` / `block_factor` scale the two parts for backward passes (module docstring).
+  """
+  n_p, d, h = cfg.num_patches, cfg.width, cfg.mlp_hidden
+  t = cfg.num_prefix + (n_p if num_tokens is None else num_tokens)
+  fc1 = 2 * h if cfg.mlp == 'swiglu' else h
+  embed = 2 * n_p * cfg.patch_size**2 * 3 * d
+  block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * t * d * (fc1 + h)
+  return embed_factor * embed + block_factor * cfg.depth * block
+
+
+def _backward_factors(trainable: Sequence[str], prefix: str) -> tuple[int, int]:
+  """(embed, block) factors of the ViT under `prefix` given the trainable parameter names."""
+  own = [n for n in trainable if n.startswith(prefix)]
+  embed = 2 if any('/patch_embed/' in n for n in own) else 1
+  if any('/blocks/' in n for n in own):
+    return embed, 3
+  upstream = any(not ('/blocks/' in n or '/norm/' in n) for n in own)
+  return embed, 2 if upstream else 1
+
+
+def train_flops_per_image(config: ml_collections.ConfigDict, trainable: Sequence[str]) -> float:
+  """Analytic FLOPs of one training image (module docstring); `trainable`: parameter names."""
+  cfg = train.vit_from_config(config.model)
+  if config.model.kind == 'baseline':
+    return vit_forward_flops(cfg, None, *_backward_factors(trainable, 'backbone/'))
+  stage1 = vit_forward_flops(cfg, None, *_backward_factors(trainable, 'stage1/backbone/'))
+  stage2 = vit_forward_flops(cfg, None, *_backward_factors(trainable, 'stage2/backbone/'))
+  passes = 2 if config.loss.weights.equivariance else 1
+  return passes * stage1 + stage2
+
+
+def keep_count_for(fraction: float, num_patches: int) -> int:
+  """ceil(fraction x N_p) rounded up to a multiple of 8 (friendlier tiles), at most N_p."""
+  return min(num_patches, 8 * math.ceil(math.ceil(fraction * num_patches) / 8))
+
+
+# ----------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------
+def device_info() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return {'device_kind': device.device_kind, 'platform': device.platform,
+          'num_devices': jax.device_count()}
+
+
+def peak_flops(flag_value: float = 0.0) -> tuple[float | None, str]:
+  """(peak FLOP/s per device, where it comes from)."""
+  if flag_value:
+    return flag_value, 'flag'
+  kind = jax.devices()[0].device_kind
+  for name, value in PEAK_FLOPS.items():
+    if name in kind:
+      return value, f'{name} dense bf16 spec'
+  return None, 'unknown device: pass --peak_flops'
+
+
+def peak_memory_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return None if peak is None else peak / 2**30
+
+
+def xla_flops(compiled: Any) -> float | None:
+  """XLA's FLOP estimate of a compiled computation, if the backend gives one."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+def time_windows(run: Callable[[], Any], *, warmup: int, windows: int, steps: int) -> list[float]:
+  """Seconds per step of each window; `run()` enqueues one step and returns something to wait
+  on. Nothing is fetched to the host inside a window."""
+  out = None
+  for _ in range(warmup):
+    out = run()
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = run()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / steps)
+  return times
+
+
+def _report(config: ml_collections.ConfigDict, mode: str, batch: int, step_s: float,
+            flops: float | None, xla: float | None, compile_s: float | None,
+            peak: float | None = None, peak_source: str = '', **extra: Any) -> dict[str, Any]:
+  img_per_sec = batch / step_s
+  mfu = (img_per_sec * flops / (peak * jax.device_count())
+         if flops is not None and peak else None)
+  return {**device_info(), 'mode': mode, 'image_size': config.model.image_size,
+          'num_parts': config.model.num_parts, 'batch': batch, **extra,
+          'img_per_sec': img_per_sec, 'step_time_ms': 1e3 * step_s,
+          'flops_per_image': flops, 'xla_flops_per_image': xla, 'mfu': mfu,
+          'peak_flops': peak, 'peak_flops_source': peak_source,
+          'peak_memory_gib': peak_memory_gib(), 'compile_s': compile_s}
+
+
+def random_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` without pretrained weights."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.init_weights = ''
+  return config
+
+
+def _random_images(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
+  return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Modes
+# ----------------------------------------------------------------------------
+def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, warmup: int = 3,
+                windows: int = 5, steps: int = 10, peak: float = 0.0) -> dict[str, Any]:
+  """The real jitted train step (`train.build_training`) on one resident random batch."""
+  config = random_init(config)
+  batch_size = config.global_batch_size
+  mesh = sharding.make_mesh(config.mesh)
+  t = train.build_training(config, num_classes, steps_per_epoch=1000, mesh=mesh)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put({
+      'image': _random_images(rng, batch_size, config.model.image_size),
+      'label': rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
+      'valid': np.ones((batch_size,), np.int32)}, t.batch_sharding)
+  trainable = jax.tree.leaves(sharding.map_named(lambda name, _: name, t.state['params']))
+  with jax.set_mesh(mesh):
+    start = time.perf_counter()
+    step = t.train_step.lower(t.state, t.frozen, batch).compile()
+    compile_s = time.perf_counter() - start
+    state = t.state
+
+    def run():
+      nonlocal state
+      state, metrics = step(state, t.frozen, batch)
+      return metrics['loss']
+
+    times = time_windows(run, warmup=warmup, windows=windows, steps=steps)
+  xla = xla_flops(step)
+  return _report(config, 'train', batch_size, statistics.median(times),
+                 train_flops_per_image(config, trainable),
+                 None if xla is None else xla / batch_size, compile_s, *peak_flops(peak))
+
+
+def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State,
+                    keep_count: int | None) -> Callable:
+  """(params, frozen, images, patch_mask) -> (stage-2 logits, stage-1 logits).
+
+  The eval forward of `IFAM.__call__` with the foreground mask given instead of derived, so the
+  foreground fraction (and with it the token-gather saving) is controlled.
+  """
+
+  def step(params, frozen, images, patch_mask):
+    model = nnx.merge(graphdef, params, frozen, rest)
+    images = data_lib.normalize(images)
+    features = model.stage1.features(images)
+    logits, _ = model.stage1.part_logits(features)
+    maps = parts.gumbel_softmax(logits, model.gumbel_tau, None)
+    _, part_scores = model.stage1.classify(maps, features, part_dropout=0.0, rng=None)
+    keep_index = None if keep_count is None else vit.gather_patches(patch_mask, keep_count)
+    return model.stage2(images, patch_mask, keep_index=keep_index), jnp.mean(part_scores, 1)
+
+  return step
+
+
+def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[float],
+                batch: int = 0, num_classes: int = 1000, warmup: int = 3, windows: int = 5,
+                steps: int = 10, peak: float = 0.0) -> list[dict[str, Any]]:
+  """Eval forward at each foreground fraction, dense (masked keys) and token-gathered."""
+  if config.model.kind != 'ifam':
+    raise ValueError('--mode infer measures the iFAM eval forward; model.kind must be ifam')
+  config = random_init(config)
+  batch = batch or config.data.eval_batch_size
+  cfg = train.vit_from_config(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  model = train.build_model(config.model, num_classes, nnx.Rngs(config.seed))
+  graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
+                                                      config.optim.groups)
+  del model
+  rng = np.random.default_rng(0)
+  images = jax.device_put(_random_images(rng, batch, config.model.image_size), batch_sharding)
+  n_p = cfg.num_patches
+  results = []
+  with jax.set_mesh(mesh):
+    for fraction in fg_fractions:
+      if not 0 < fraction <= 1:
+        raise ValueError(f'fg_fraction must be in (0, 1], got {fraction}')
+      fg = math.ceil(fraction * n_p)
+      mask = np.zeros((batch, n_p), np.float32)  # exactly `fg` foreground patches, random places
+      mask[np.arange(batch)[:, None], rng.permuted(np.tile(np.arange(n_p), (batch, 1)),
+                                                   axis=1)[:, :fg]] = 1.0
+      mask = jax.device_put(mask, batch_sharding)
+      for keep_count in (None, keep_count_for(fraction, n_p)):
+        fn = jax.jit(make_infer_step(graphdef, rest, keep_count))
+        start = time.perf_counter()
+        compiled = fn.lower(params, frozen, images, mask).compile()
+        compile_s = time.perf_counter() - start
+        times = time_windows(lambda: compiled(params, frozen, images, mask), warmup=warmup,
+                             windows=windows, steps=steps)
+        flops = vit_forward_flops(cfg) + vit_forward_flops(cfg, keep_count)
+        xla = xla_flops(compiled)
+        results.append(_report(
+            config, 'infer', batch, statistics.median(times), flops,
+            None if xla is None else xla / batch, compile_s, *peak_flops(peak),
+            fg_fraction=fraction, gather=keep_count is not None,
+            keep_count=n_p if keep_count is None else keep_count))
+  return results
+
+
+def write_random_jpegs(root: pathlib.Path, count: int = 256, size: tuple[int, int] = (500, 375),
+                       num_classes: int = 4) -> None:
+  """`count` noise JPEGs (worst case for the decoder) in `num_classes` class folders."""
+  rng = np.random.default_rng(0)
+  for i in range(count):
+    folder = root / f'class_{i % num_classes}'
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / f'{i:05d}.jpg', quality=90)
+
+
+def bench_data(config: ml_collections.ConfigDict, *, data_dir: str = '',
+               num_workers: Sequence[int] = (0, 4, 8), batch: int = 0,
+               batches: int = 10) -> list[dict[str, Any]]:
+  """Images/s of the grain pipeline with the config's train transform, per worker count.
+
+  The first batch (worker start-up) is not timed; the data set repeats, so any size works.
+  """
+  batch = batch or config.global_batch_size
+  transform, _ = train.make_transforms(config)
+  with tempfile.TemporaryDirectory() as tmp:
+    if not data_dir:
+      data_dir = tmp
+      write_random_jpegs(pathlib.Path(tmp))
+    source = data_lib.ImageFolderSource(data_dir)
+    results = []
+    for workers in num_workers:
+      it = iter(data_lib.make_dataset(source, transform=transform, global_batch_size=batch,
+                                      seed=config.seed, train=True, num_workers=workers))
+      next(it)
+      start = time.perf_counter()
+      for _ in range(batches):
+        next(it)
+      step_s = (time.perf_counter() - start) / batches
+      img_per_sec = batch / step_s
+      results.append({**device_info(), 'mode': 'data', 'image_size': config.model.image_size,
+                      'num_parts': config.model.num_parts, 'batch': batch,
+                      'augment': config.data.augment, 'num_workers': workers,
+                      'img_per_sec': img_per_sec, 'step_time_ms': 1e3 * step_s,
+                      'img_per_sec_per_core': img_per_sec / max(workers, 1)})
+      del it
+  return results
+
+
+# ----------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  config, mode = _CONFIG.value, _MODE.value
+  timing = dict(warmup=_WARMUP.value, windows=_WINDOWS.value, steps=_STEPS.value)
+  if mode == 'train':
+    results = [bench_train(config, num_classes=_NUM_CLASSES.value, peak=_PEAK.value, **timing)]
+  elif mode == 'infer':
+    results = bench_infer(config, fg_fractions=[float(f) for f in _FG.value], batch=_BATCH.value,
+                          num_classes=_NUM_CLASSES.value, peak=_PEAK.value, **timing)
+  else:
+    results = bench_data(config, data_dir=_DATA_DIR.value, batch=_BATCH.value,
+                         num_workers=[int(w) for w in _WORKERS.value], batches=_STEPS.value)
+  for result in results:
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

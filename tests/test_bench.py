@@ -1,0 +1,81 @@
+"""Benchmark: every mode yields its JSON fields on a tiny CPU config; the FLOP accounting."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from ifam_jax import bench, train
+from test_train import get_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMING = dict(warmup=1, windows=1, steps=1)
+KEYS = {'device_kind', 'platform', 'mode', 'image_size', 'num_parts', 'batch', 'img_per_sec',
+        'step_time_ms', 'flops_per_image', 'xla_flops_per_image', 'mfu', 'peak_flops',
+        'peak_flops_source', 'peak_memory_gib', 'compile_s'}
+
+
+def test_vit_forward_flops_matches_hand_count():
+  cfg = train.vit_from_config(get_config().model)  # 32 px, patch 8, width 32, depth 1, mlp 64
+  n, t, d, h = 16, 16 + 5, 32, 64
+  expected = 2 * n * 8 * 8 * 3 * d + (2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d
+                                      + 4 * t * d * h)
+  assert bench.vit_forward_flops(cfg) == expected
+  assert bench.vit_forward_flops(cfg, 8) < expected
+  base = ml_collections.ConfigDict(dict(variant='B/14', image_size=224, num_registers=4,
+                                        dtype='bfloat16', vit_overrides={}))
+  assert bench.vit_forward_flops(train.vit_from_config(base)) == pytest.approx(47e9, rel=0.01)
+
+
+def test_keep_count_rounds_up_to_multiple_of_8():
+  assert bench.keep_count_for(0.25, 256) == 64
+  assert bench.keep_count_for(0.3, 16) == 8
+  assert bench.keep_count_for(1.0, 20) == 20
+
+
+def test_train_reports_the_reference_accounting():
+  config = get_config()
+  result = bench.bench_train(config, num_classes=4, **TIMING)
+  assert KEYS <= result.keys() and result['mode'] == 'train' and result['batch'] == 8
+  assert result['img_per_sec'] > 0 and result['compile_s'] > 0
+  # Reference groups: stage-1 blocks and patch embedding frozen but its tokens train (2x blocks,
+  # 1x embed), twice (the equivariance pass); stage 2 trains fully (3x blocks, 2x embed).
+  cfg = train.vit_from_config(config.model)
+  expected = (2 * bench.vit_forward_flops(cfg, None, 1, 2)
+              + bench.vit_forward_flops(cfg, None, 2, 3))
+  assert result['flops_per_image'] == pytest.approx(expected)
+  json.dumps(result)
+
+
+def test_infer_gather_costs_less_than_dense():
+  dense, gathered = bench.bench_infer(get_config(), fg_fractions=[0.25], batch=4, num_classes=4,
+                                      **TIMING)
+  assert KEYS <= dense.keys() and not dense['gather'] and gathered['gather']
+  assert (dense['keep_count'], gathered['keep_count']) == (16, 8)
+  assert gathered['flops_per_image'] < dense['flops_per_image']
+  if dense['xla_flops_per_image'] and gathered['xla_flops_per_image']:
+    assert gathered['xla_flops_per_image'] < dense['xla_flops_per_image']
+
+
+def test_data_mode_from_generated_jpegs(tmp_path):
+  bench.write_random_jpegs(tmp_path, count=8, size=(50, 40))
+  (result,) = bench.bench_data(get_config(), data_dir=str(tmp_path), num_workers=[0], batch=4,
+                               batches=2)
+  assert result['mode'] == 'data' and result['img_per_sec_per_core'] == result['img_per_sec'] > 0
+
+
+def test_command_line_prints_json_lines():
+  out = subprocess.run(
+      [sys.executable, '-m', 'ifam_jax.bench', f'--config={REPO / "tests" / "test_train.py"}',
+       '--mode=infer', '--fg_fraction=0.5', '--batch=2', '--num_classes=4', '--warmup=1',
+       '--windows=1', '--steps=1', '--peak_flops=1e12'],
+      cwd=REPO, capture_output=True, text=True, check=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'}).stdout
+  lines = [json.loads(line) for line in out.splitlines()]
+  assert [r['gather'] for r in lines] == [False, True]
+  assert all(KEYS <= r.keys() and r['peak_flops_source'] == 'flag' and r['mfu'] > 0
+             for r in lines)
