@@ -21,14 +21,15 @@ needs an input gradient: 2 forwards if its kernel trains, else 1. A train step i
 batch + stage 1 on the warped batch (if the equivariance loss is on) + stage 2, each so counted;
 at 224 px with the reference's groups that is ~7 ViT-B/14 forwards, ~330 GFLOP per image.
 Inference is one stage-1 forward plus one stage-2 forward over all patches (dense, masked keys) or
-over the gathered `keep_count` tokens. `xla_flops_per_image` is XLA's own count
-(`compiled.cost_analysis()`), which includes everything but may count fused ops differently.
+over the gathered `keep_count` tokens. (XLA's own `cost_analysis()` is not used: on GPUs it
+leaves out the cuBLAS and cuDNN calls, i.e. nearly all of the work.)
 MFU = img/s x flops_per_image / (peak x devices); the peak defaults to the dense bf16 spec of the
 device (`--peak_flops` overrides; the reference quotes ~800 TFLOP/s as attainable on an H100).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import pathlib
@@ -69,6 +70,8 @@ _PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s per device for MFU (0
                            'the device kind if known, else no MFU).')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'data: a folder of class folders of JPEGs '
                                 '(default: 256 random 500x375 JPEGs in a temp dir).')
+_PROFILE = flags.DEFINE_string('profile_dir', '', 'train/infer: also trace `steps` steps into '
+                               'this folder (TensorBoard/Perfetto) and add a device-time summary.')
 _WORKERS = flags.DEFINE_list('num_workers', ['0', '4', '8'], 'data: grain worker counts.')
 
 
@@ -142,18 +145,6 @@ def peak_memory_gib() -> float | None:
   return None if peak is None else peak / 2**30
 
 
-def xla_flops(compiled: Any) -> float | None:
-  """XLA's FLOP estimate of a compiled computation, if the backend gives one."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend implements it
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get('flops')
-  return float(flops) if flops and flops > 0 else None
-
-
 def time_windows(run: Callable[[], Any], *, warmup: int, windows: int, steps: int) -> list[float]:
   """Seconds per step of each window; `run()` enqueues one step and returns something to wait
   on. Nothing is fetched to the host inside a window."""
@@ -172,7 +163,7 @@ def time_windows(run: Callable[[], Any], *, warmup: int, windows: int, steps: in
 
 
 def _report(config: ml_collections.ConfigDict, mode: str, batch: int, step_s: float,
-            flops: float | None, xla: float | None, compile_s: float | None,
+            flops: float | None, compile_s: float | None,
             peak: float | None = None, peak_source: str = '', **extra: Any) -> dict[str, Any]:
   img_per_sec = batch / step_s
   mfu = (img_per_sec * flops / (peak * jax.device_count())
@@ -180,7 +171,7 @@ def _report(config: ml_collections.ConfigDict, mode: str, batch: int, step_s: fl
   return {**device_info(), 'mode': mode, 'image_size': config.model.image_size,
           'num_parts': config.model.num_parts, 'batch': batch, **extra,
           'img_per_sec': img_per_sec, 'step_time_ms': 1e3 * step_s,
-          'flops_per_image': flops, 'xla_flops_per_image': xla, 'mfu': mfu,
+          'attention': config.model.attention, 'flops_per_image': flops, 'mfu': mfu,
           'peak_flops': peak, 'peak_flops_source': peak_source,
           'peak_memory_gib': peak_memory_gib(), 'compile_s': compile_s}
 
@@ -192,6 +183,70 @@ def random_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+# Kernel families, matched in order on lower-cased device kernel names.
+KERNEL_FAMILIES = (
+    ('attention', ('sdpa', 'fmha', 'flash', 'attention')),
+    ('matmul', ('gemm', 'nvjet', 'cutlass', 'xmma', 'cublas', 'dot')),
+    ('fusion', ('fusion', 'loop_', 'input_', 'triton', 'reduce', 'transpose', 'copy')),
+    ('convolution', ('fprop', 'dgrad', 'wgrad', 'conv2d', 'convolution')),
+)
+
+
+def kernel_family(name: str) -> str:
+  lower = name.lower()
+  for family, needles in KERNEL_FAMILIES:
+    if any(n in lower for n in needles):
+      return family
+  return 'other'
+
+
+def summarize_trace(trace_file: str | pathlib.Path, steps: int, top: int = 12) -> dict[str, Any]:
+  """Device time per step by kernel family and the `top` kernels, from a Perfetto trace.
+
+  Only the device's stream lines are read (the 'XLA Ops' line repeats their time by HLO op).
+  """
+  with gzip.open(trace_file, 'rt') as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  names = {}
+  for e in events:
+    if e.get('ph') == 'M' and e.get('name') in ('process_name', 'thread_name'):
+      names[(e['pid'], e.get('tid') if e['name'] == 'thread_name' else None)] = e['args']['name']
+  device_pids = {pid for (pid, tid), n in names.items() if tid is None and 'device' in n.lower()
+                 and 'cpu' not in n.lower()}
+  by_kernel: dict[str, float] = {}
+  for e in events:
+    if e.get('ph') != 'X' or e.get('pid') not in device_pids:
+      continue
+    thread = names.get((e['pid'], e.get('tid')), '')
+    if not thread.lower().startswith('stream'):
+      continue
+    by_kernel[e['name']] = by_kernel.get(e['name'], 0.0) + e.get('dur', 0.0)
+  by_family: dict[str, float] = {}
+  for name, us in by_kernel.items():
+    by_family[kernel_family(name)] = by_family.get(kernel_family(name), 0.0) + us
+  ms = lambda us: round(us / 1e3 / steps, 3)
+  ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]
+  return {'device_ms_per_step': ms(sum(by_kernel.values())),
+          'device_ms_by_family': {k: ms(v) for k, v in sorted(by_family.items(),
+                                                             key=lambda kv: -kv[1])},
+          'top_kernels_ms': [[name[:120], ms(us)] for name, us in ranked]}
+
+
+def profile_steps(run: Callable[[], Any], log_dir: str, steps: int) -> dict[str, Any]:
+  """Traces `steps` calls of `run` and summarises the device time (`summarize_trace`)."""
+  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    start = time.perf_counter()
+    out = None
+    for _ in range(steps):
+      out = run()
+    jax.block_until_ready(out)
+    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+  traces = sorted(pathlib.Path(log_dir).glob('plugins/profile/*/perfetto_trace.json.gz'))
+  summary = summarize_trace(traces[-1], steps) if traces else {}
+  return {'profile': {'dir': log_dir, 'traced_wall_ms_per_step': round(wall_ms, 3), **summary}}
+
+
 def _random_images(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
   return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
 
@@ -200,7 +255,8 @@ def _random_images(rng: np.random.Generator, batch: int, size: int) -> np.ndarra
 # Modes
 # ----------------------------------------------------------------------------
 def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, warmup: int = 3,
-                windows: int = 5, steps: int = 10, peak: float = 0.0) -> dict[str, Any]:
+                windows: int = 5, steps: int = 10, peak: float = 0.0,
+                profile_dir: str = '') -> dict[str, Any]:
   """The real jitted train step (`train.build_training`) on one resident random batch."""
   config = random_init(config)
   batch_size = config.global_batch_size
@@ -224,10 +280,10 @@ def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, w
       return metrics['loss']
 
     times = time_windows(run, warmup=warmup, windows=windows, steps=steps)
-  xla = xla_flops(step)
+    profile = profile_steps(run, profile_dir, steps) if profile_dir else {}
   return _report(config, 'train', batch_size, statistics.median(times),
-                 train_flops_per_image(config, trainable),
-                 None if xla is None else xla / batch_size, compile_s, *peak_flops(peak))
+                 train_flops_per_image(config, trainable), compile_s, *peak_flops(peak),
+                 **profile)
 
 
 def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State,
@@ -253,7 +309,8 @@ def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State,
 
 def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[float],
                 batch: int = 0, num_classes: int = 1000, warmup: int = 3, windows: int = 5,
-                steps: int = 10, peak: float = 0.0) -> list[dict[str, Any]]:
+                steps: int = 10, peak: float = 0.0,
+                profile_dir: str = '') -> list[dict[str, Any]]:
   """Eval forward at each foreground fraction, dense (masked keys) and token-gathered."""
   if config.model.kind != 'ifam':
     raise ValueError('--mode infer measures the iFAM eval forward; model.kind must be ifam')
@@ -284,15 +341,15 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
         start = time.perf_counter()
         compiled = fn.lower(params, frozen, images, mask).compile()
         compile_s = time.perf_counter() - start
-        times = time_windows(lambda: compiled(params, frozen, images, mask), warmup=warmup,
-                             windows=windows, steps=steps)
+        run = lambda: compiled(params, frozen, images, mask)  # pylint: disable=cell-var-from-loop
+        times = time_windows(run, warmup=warmup, windows=windows, steps=steps)
+        tag = f'fg{fraction}_{"gather" if keep_count else "dense"}'
+        profile = profile_steps(run, f'{profile_dir}/{tag}', steps) if profile_dir else {}
         flops = vit_forward_flops(cfg) + vit_forward_flops(cfg, keep_count)
-        xla = xla_flops(compiled)
         results.append(_report(
-            config, 'infer', batch, statistics.median(times), flops,
-            None if xla is None else xla / batch, compile_s, *peak_flops(peak),
-            fg_fraction=fraction, gather=keep_count is not None,
-            keep_count=n_p if keep_count is None else keep_count))
+            config, 'infer', batch, statistics.median(times), flops, compile_s,
+            *peak_flops(peak), fg_fraction=fraction, gather=keep_count is not None,
+            keep_count=n_p if keep_count is None else keep_count, **profile))
   return results
 
 
@@ -351,10 +408,12 @@ def main(argv: list[str]) -> None:
   config, mode = _CONFIG.value, _MODE.value
   timing = dict(warmup=_WARMUP.value, windows=_WINDOWS.value, steps=_STEPS.value)
   if mode == 'train':
-    results = [bench_train(config, num_classes=_NUM_CLASSES.value, peak=_PEAK.value, **timing)]
+    results = [bench_train(config, num_classes=_NUM_CLASSES.value, peak=_PEAK.value,
+                           profile_dir=_PROFILE.value, **timing)]
   elif mode == 'infer':
     results = bench_infer(config, fg_fractions=[float(f) for f in _FG.value], batch=_BATCH.value,
-                          num_classes=_NUM_CLASSES.value, peak=_PEAK.value, **timing)
+                          num_classes=_NUM_CLASSES.value, peak=_PEAK.value,
+                          profile_dir=_PROFILE.value, **timing)
   else:
     results = bench_data(config, data_dir=_DATA_DIR.value, batch=_BATCH.value,
                          num_workers=[int(w) for w in _WORKERS.value], batches=_STEPS.value)

@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=224,
       num_registers=4,
       dtype='bfloat16',
+      # 'flash': visible tokens first, masks as lengths, cuDNN's fused kernel on GPUs (bf16);
+      # 'xla': the dense -inf bias, bit-faithful to the reference (ifam_jax/models/vit.py).
+      attention='flash',
       num_parts=1,
       gumbel_tau=1.0,
       part_dropout=0.3,

@@ -80,6 +80,7 @@ def make_transforms(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
 def vit_from_config(model_cfg: ml_collections.ConfigDict) -> vit.ViTConfig:
   return vit.vit_config(model_cfg.variant, image_size=model_cfg.image_size,
                         num_registers=model_cfg.num_registers, dtype=model_cfg.dtype,
+                        attention=model_cfg.attention,
                         **dict(model_cfg.vit_overrides))
 
 

@@ -1,5 +1,6 @@
 """Benchmark: every mode yields its JSON fields on a tiny CPU config; the FLOP accounting."""
 
+import gzip
 import json
 import os
 import pathlib
@@ -15,7 +16,7 @@ from test_train import get_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING = dict(warmup=1, windows=1, steps=1)
 KEYS = {'device_kind', 'platform', 'mode', 'image_size', 'num_parts', 'batch', 'img_per_sec',
-        'step_time_ms', 'flops_per_image', 'xla_flops_per_image', 'mfu', 'peak_flops',
+        'step_time_ms', 'attention', 'flops_per_image', 'mfu', 'peak_flops',
         'peak_flops_source', 'peak_memory_gib', 'compile_s'}
 
 
@@ -27,7 +28,7 @@ def test_vit_forward_flops_matches_hand_count():
   assert bench.vit_forward_flops(cfg) == expected
   assert bench.vit_forward_flops(cfg, 8) < expected
   base = ml_collections.ConfigDict(dict(variant='B/14', image_size=224, num_registers=4,
-                                        dtype='bfloat16', vit_overrides={}))
+                                        dtype='bfloat16', attention='xla', vit_overrides={}))
   assert bench.vit_forward_flops(train.vit_from_config(base)) == pytest.approx(47e9, rel=0.01)
 
 
@@ -57,8 +58,35 @@ def test_infer_gather_costs_less_than_dense():
   assert KEYS <= dense.keys() and not dense['gather'] and gathered['gather']
   assert (dense['keep_count'], gathered['keep_count']) == (16, 8)
   assert gathered['flops_per_image'] < dense['flops_per_image']
-  if dense['xla_flops_per_image'] and gathered['xla_flops_per_image']:
-    assert gathered['xla_flops_per_image'] < dense['xla_flops_per_image']
+
+
+def test_profile_summary_reads_device_streams_only(tmp_path):
+  """A GPU-shaped Perfetto trace: stream kernels are summed per step, host and op lines are not."""
+  meta = [
+      {'ph': 'M', 'pid': 1, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
+      {'ph': 'M', 'pid': 2, 'name': 'process_name', 'args': {'name': '/device:GPU:0'}},
+      {'ph': 'M', 'pid': 2, 'tid': 7, 'name': 'thread_name', 'args': {'name': 'Stream #13(Compute)'}},
+      {'ph': 'M', 'pid': 2, 'tid': 8, 'name': 'thread_name', 'args': {'name': 'XLA Ops'}},
+  ]
+  kernels = [('nvjet_hsh_256x128_gemm', 3000.0), ('cudnn_generated_fort_native_sdpa', 1000.0),
+             ('loop_add_fusion', 500.0), ('nvjet_hsh_256x128_gemm', 1000.0)]
+  events = meta + [{'ph': 'X', 'pid': 2, 'tid': 7, 'ts': 0, 'dur': d, 'name': n}
+                   for n, d in kernels]
+  events += [{'ph': 'X', 'pid': 2, 'tid': 8, 'ts': 0, 'dur': 9e9, 'name': 'fusion.1'},
+             {'ph': 'X', 'pid': 1, 'tid': 3, 'ts': 0, 'dur': 9e9, 'name': 'gemm on host'}]
+  path = tmp_path / 'perfetto_trace.json.gz'
+  with gzip.open(path, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  summary = bench.summarize_trace(path, steps=2)
+  assert summary['device_ms_per_step'] == 2.75
+  assert summary['device_ms_by_family'] == {'matmul': 2.0, 'attention': 0.5, 'fusion': 0.25}
+  assert summary['top_kernels_ms'][0] == ['nvjet_hsh_256x128_gemm', 2.0]
+
+
+def test_train_profile_on_cpu(tmp_path):
+  result = bench.bench_train(get_config(), num_classes=4, profile_dir=str(tmp_path), **TIMING)
+  assert result['profile']['traced_wall_ms_per_step'] > 0
+  assert list(tmp_path.glob('plugins/profile/*/perfetto_trace.json.gz'))
 
 
 def test_data_mode_from_generated_jpegs(tmp_path):

@@ -1,11 +1,14 @@
 """The two-stage model: faithfulness, token gather, gradient routing, stage-1 maths, interventions."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from ifam_jax import losses
 from ifam_jax.models import ifam, vit
 
 IMAGE = 56  # 4x4 patch grid
@@ -18,9 +21,10 @@ def tiny_vit(dtype=jnp.float32, **kw):
                         dtype=dtype, **kw)
 
 
-def tiny_ifam(dtype=jnp.float32, num_parts=2, seed=0, **kw):
-  return ifam.IFAM(num_classes=NUM_CLASSES, num_parts=num_parts, stage1=tiny_vit(dtype),
-                   stage2=tiny_vit(dtype), rngs=nnx.Rngs(seed), **kw)
+def tiny_ifam(dtype=jnp.float32, num_parts=2, seed=0, attention='xla', **kw):
+  cfg = tiny_vit(dtype, attention=attention)
+  return ifam.IFAM(num_classes=NUM_CLASSES, num_parts=num_parts, stage1=cfg, stage2=cfg,
+                   rngs=nnx.Rngs(seed), **kw)
 
 
 def images(seed=1, batch=3):
@@ -81,6 +85,41 @@ def test_swiglu_mlp_matches_numpy():
   np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['fp32', 'bf16'])
+def test_lean_layer_norm_and_gelu_match_autodiff(dtype):
+  """Same values as nnx.LayerNorm / jax.nn.gelu; gradients equal autodiff's (fp32: to rounding)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(3 * rng.normal(size=(3, 5, 16)), dtype)
+  g = jnp.asarray(rng.normal(size=x.shape), dtype)
+  lean = vit.LayerNorm(16, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  lean.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  lean.bias[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  plain = nnx.LayerNorm(16, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+  nnx.update(plain, nnx.state(lean))
+
+  def loss(norm, x):
+    return jnp.sum(norm(x).astype(jnp.float32) * g.astype(jnp.float32))
+
+  np.testing.assert_array_equal(lean(x), plain(x))
+  x64 = np.asarray(x, np.float64)
+  erf = np.vectorize(math.erf)
+  expected = (x64 * 0.5 * (1 + erf(x64 / math.sqrt(2)))).astype(np.float32)
+  one_ulp = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2**-7, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(vit.gelu(x), np.float32), expected, **one_ulp)
+  (d_lean, dx_lean), (d_plain, dx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x)
+                                            for m in (lean, plain))
+  dgelu = [jax.grad(lambda a, f=f: jnp.sum(f(a).astype(jnp.float32) * g.astype(jnp.float32)))(x)
+           for f in (vit.gelu, lambda a: jax.nn.gelu(a, approximate=False))]
+  # bf16: autodiff rounds every intermediate to bf16, the lean backward computes in fp32.
+  tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=0.1, rtol=0.02)
+  np.testing.assert_allclose(np.asarray(dx_lean, np.float32), np.asarray(dx_plain, np.float32),
+                             **tol)
+  np.testing.assert_allclose(np.asarray(dgelu[0], np.float32), np.asarray(dgelu[1], np.float32),
+                             **tol)
+  for name in ('scale', 'bias'):
+    np.testing.assert_allclose(getattr(d_lean, name)[...], getattr(d_plain, name)[...], **tol)
+
+
 def test_resample_pos_embed_identity_and_shape():
   pe = jax.random.normal(jax.random.key(0), (1, 25, 8))
   assert vit.resample_pos_embed(pe, (5, 5)) is pe
@@ -96,9 +135,10 @@ def test_resample_pos_embed_identity_and_shape():
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['fp32', 'bf16'])
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 @pytest.mark.parametrize('gather', [False, True], ids=['dense', 'gather'])
-@pytest.mark.parametrize('mask_gradient', ['none', 'straight_through'])
-def test_masked_patches_cannot_change_stage2(dtype, train, gather, mask_gradient):
-  model = tiny_ifam(dtype, mask_gradient=mask_gradient)
+@pytest.mark.parametrize('mask_gradient,attention', [('none', 'xla'), ('none', 'flash'),
+                                                     ('straight_through', 'xla')])
+def test_masked_patches_cannot_change_stage2(dtype, train, gather, mask_gradient, attention):
+  model = tiny_ifam(dtype, mask_gradient=mask_gradient, attention=attention)
   x = images()
   out = model(x, train=train, rng=jax.random.key(7))
   mask = np.asarray(out.fg_mask).reshape(x.shape[0], -1)
@@ -148,6 +188,89 @@ def test_token_gather_equals_masked_attention():
     np.testing.assert_allclose(gathered, dense, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('multiple', [1, 2, 64])
+def test_flash_layout_matches_exact_path_forward_and_gradients(monkeypatch, multiple):
+  """'flash' (visible first, lengths, trailing pad tokens up to the kernel's multiple: cuDNN's
+  is 2) against 'xla' (dense -inf bias) with the same weights."""
+  monkeypatch.setattr(vit, 'sequence_multiple', lambda dtype: multiple)
+  exact = tiny_ifam()
+  flash = tiny_ifam(attention='flash')
+  nnx.update(flash, nnx.state(exact))
+  x, labels, rng = images(), jnp.array([0, 1, 2]), jax.random.key(3)
+  valid = jnp.ones(3)
+  out_exact, out_flash = exact(x, train=True, rng=rng), flash(x, train=True, rng=rng)
+  mask = np.asarray(out_exact.fg_mask).reshape(3, -1)
+  assert 0 < mask.sum() < mask.size  # something to hide and something to show
+  np.testing.assert_array_equal(out_flash.fg_mask, out_exact.fg_mask)
+  np.testing.assert_allclose(out_flash.logits, out_exact.logits, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(out_flash.part_maps, out_exact.part_maps, atol=2e-5, rtol=1e-5)
+  # Visible patch outputs come back in raster order; masked ones are unspecified.
+  m = jnp.asarray(mixed_mask())
+  patches = [model.stage2.backbone(x, m)['patches'] for model in (exact, flash)]
+  np.testing.assert_allclose(np.asarray(patches[1])[np.asarray(m) > 0],
+                             np.asarray(patches[0])[np.asarray(m) > 0], atol=2e-5, rtol=1e-5)
+
+  def loss(model):
+    out = model(x, train=True, rng=rng)
+    return (losses.cross_entropy(out.logits, labels, valid)
+            + losses.cross_entropy(out.stage1_logits, labels, valid)
+            + jnp.mean(out.part_maps[..., 0]**2))
+
+  grads = [nnx.grad(loss)(model) for model in (exact, flash)]
+  flat = [dict(nnx.to_flat_state(g)) for g in grads]
+  assert flat[0].keys() == flat[1].keys()
+  for key, value in flat[0].items():
+    np.testing.assert_allclose(flat[1][key][...], value[...], atol=1e-5, rtol=1e-4,
+                               err_msg=str(key))
+
+
+def test_flash_attention_padding_and_lengths():
+  """Padding to a multiple of 64 (what cuDNN's backward needs) changes nothing visible."""
+  rng = np.random.default_rng(0)
+  q, k, v, g = (jnp.asarray(rng.normal(size=(2, 21, 2, 8)), jnp.float32) for _ in range(4))
+  lengths = jnp.array([21, 9])
+  keep = np.arange(21)[None, :] < np.asarray(lengths)[:, None]
+  bias = vit.key_bias_from_mask(jnp.asarray(keep))
+
+  def run(attend):
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(g * jnp.asarray(keep)[:, :, None, None])
+
+  exact, exact_grads = run(lambda *a: vit._dot_product_attention(*a, bias))
+  for pad in (1, 64):
+    out, grads = run(lambda *a, pad=pad: vit.flash_attention(*a, lengths, kernel='xla',
+                                                            pad_multiple=pad))
+    assert out.shape == exact.shape
+    np.testing.assert_allclose(np.asarray(out)[keep], np.asarray(exact)[keep], atol=1e-6)
+    for got, want in zip(grads, exact_grads):
+      np.testing.assert_allclose(got, want, atol=1e-5)
+  full = vit.flash_attention(q, k, v, None, kernel='xla', pad_multiple=64)
+  np.testing.assert_allclose(full, vit._dot_product_attention(q, k, v, None), atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cudnn_flash_attention_matches_xla_on_gpu():
+  """cuDNN's fused kernel (bf16, padded 261 -> 320) against XLA's, values and gradients."""
+  if jax.default_backend() != 'gpu':
+    pytest.skip('needs a GPU')
+  rng = np.random.default_rng(0)
+  shape = (8, 261, 12, 64)
+  q, k, v, g = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for _ in range(4))
+  lengths = jnp.asarray(rng.integers(5, 262, size=8), jnp.int32)
+  keep = jnp.arange(261)[None, :] < lengths[:, None]
+  g = g * keep[:, :, None, None].astype(g.dtype)
+  results = {}
+  for kernel in ('cudnn', 'xla'):
+    out, vjp = jax.vjp(lambda *a, kernel=kernel: vit.flash_attention(*a, lengths, kernel=kernel),
+                       q, k, v)
+    results[kernel] = [np.asarray(x, np.float32) for x in (out, *vjp(g))]
+  valid = np.asarray(keep)
+  for got, want in zip(results['cudnn'], results['xla']):
+    got, want = got[valid], want[valid]
+    # bf16 inputs and outputs: a few bf16 ulps of the largest values.
+    np.testing.assert_allclose(got, want, atol=0.03 * np.abs(want).max())
+
+
 def test_gather_patches_order():
   mask = jnp.asarray([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 1]], jnp.float32)
   np.testing.assert_array_equal(vit.gather_patches(mask, 3), [[1, 3, 4], [0, 5, 1]])
@@ -190,6 +313,7 @@ def test_mask_gradient_none_sends_nothing_to_stage1():
 def test_straight_through_reaches_prototypes_and_masked_tokens():
   model = tiny_ifam(mask_gradient='straight_through')
   x, labels, rng = images(), jnp.array([0, 1, 2]), jax.random.key(3)
+  valid = jnp.ones(3)
   grads = stage2_loss_grads(model, x, labels, rng)
   assert np.abs(np.asarray(grads['stage1']['prototypes'][...])).max() > 0
   # The part classifier is not on the stage-2 path: its gradient stays exactly zero.

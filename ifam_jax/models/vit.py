@@ -18,6 +18,7 @@ visible, which keeps every attention row finite even when no patch is selected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from flax import nnx
 
 LN_EPS = 1e-6
 MaskMode = Literal['hard', 'soft', 'straight_through']
+AttentionKind = Literal['xla', 'flash']
 
 # (width, depth, heads, mlp hidden, mlp kind) per DINOv2 size.
 _SIZES = {
@@ -39,7 +41,13 @@ _SIZES = {
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """Static shape and numerics of one ViT. `dtype` is the compute dtype; params stay fp32."""
+  """Static shape and numerics of one ViT. `dtype` is the compute dtype; params stay fp32.
+
+  `attention`: 'xla' is the exact path (a dense 0/-inf key bias, XLA's kernel, bit-faithful to
+  the reference). 'flash' puts the visible tokens first so that a key mask becomes a per-example
+  length (`flash_attention`), which lets GPUs run cuDNN's fused kernel; the same values up to
+  summation order. Soft and straight-through masks always take the exact path.
+  """
 
   width: int = 768
   depth: int = 12
@@ -51,9 +59,12 @@ class ViTConfig:
   num_registers: int = 4
   layerscale_init: float = 1e-5
   dtype: Any = jnp.float32
+  attention: AttentionKind = 'xla'
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))  # accept 'bfloat16' from configs
+    if self.attention not in ('xla', 'flash'):
+      raise ValueError(f"attention must be 'xla' or 'flash', got {self.attention!r}")
     if self.image_size % self.patch_size:
       raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '
                        f'{self.patch_size}')
@@ -117,6 +128,44 @@ def key_bias_from_mask(keep: jax.Array) -> jax.Array:
   return jnp.where(keep, 0.0, -jnp.inf).astype(jnp.float32)
 
 
+def flash_kernel(dtype: Any) -> Literal['cudnn', 'xla']:
+  """cuDNN's fused flash attention on GPUs for bf16/fp16, XLA's kernel otherwise."""
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
+
+
+def sequence_multiple(dtype: Any) -> int:
+  """What the flash kernel needs the token count divisible by: cuDNN's backward fails on odd
+  lengths (261 = 1 + 4 + 16^2 at 224 px), XLA takes any."""
+  return 2 if flash_kernel(dtype) == 'cudnn' else 1
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None,
+                    *, kernel: Literal['cudnn', 'xla'] | None = None,
+                    pad_multiple: int | None = None) -> jax.Array:
+  """Attention among the first `lengths[b]` tokens of each example ([B, T, heads, head_dim]).
+
+  Keys at or beyond the length are invisible to every query; query rows beyond it are left
+  unspecified (nothing that reads only visible tokens depends on them). `kernel` defaults to
+  `flash_kernel(q.dtype)`. Inputs are zero-padded to a multiple of `pad_multiple` (default
+  `sequence_multiple`), the padding masked by the lengths; `VisionTransformer` already hands
+  over an even-length sequence, so that copy happens only for direct callers.
+  """
+  kernel = kernel or flash_kernel(q.dtype)
+  pad_multiple = pad_multiple or (2 if kernel == 'cudnn' else 1)
+  b, t = q.shape[:2]
+  padded = -(-t // pad_multiple) * pad_multiple
+  if lengths is None and padded != t:
+    lengths = jnp.full((b,), t, jnp.int32)
+  if padded != t:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))) for x in (q, k, v))
+  if lengths is not None:
+    lengths = lengths.astype(jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation=kernel)
+  return out[:, :t]
+
+
 def _dot_product_attention(q, k, v, key_bias):
   bias = None if key_bias is None else key_bias[:, None, None, :].astype(q.dtype)
   return jax.nn.dot_product_attention(q, k, v, bias=bias)
@@ -165,6 +214,83 @@ def _attention_mask_bwd(res, g):
 attention_with_mask_gradient.defvjp(_attention_mask_fwd, _attention_mask_bwd)
 
 
+# ----------------------------------------------------------------------------
+# Activation-lean GELU and LayerNorm
+# ----------------------------------------------------------------------------
+# Autodiff of the erf GELU and of a LayerNorm keeps several activation-sized intermediates for
+# the backward pass; writing and re-reading them was the largest elementwise cost of a training
+# step. These keep only their input (and the LayerNorm statistics) and recompute the rest.
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU computed in fp32 and rounded to x's dtype, as torch does for bf16.
+
+  (`jax.nn.gelu(approximate=False)` evaluates erfc in the input dtype, which XLA splits into
+  two activation-sized passes.)
+  """
+  x32 = x.astype(jnp.float32)
+  return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
+  pdf = jnp.exp(-0.5 * jnp.square(x32)) * (1.0 / math.sqrt(2.0 * math.pi))
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def _layer_norm_stats(x, eps):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean))
+  return x32, mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+               dtype: Any) -> jax.Array:
+  """LayerNorm over the last axis, statistics in fp32, output in `dtype` (flax's arithmetic)."""
+  x, scale, bias = x.astype(dtype), scale.astype(dtype), bias.astype(dtype)
+  x32, mean, rstd = _layer_norm_stats(x, eps)
+  return ((x32 - mean) * (rstd * scale) + bias).astype(dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
+  _, mean, rstd = _layer_norm_stats(x.astype(dtype), eps)
+  return layer_norm(x, scale, bias, eps, dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, dtype, res, g):
+  del eps
+  x, mean, rstd, scale, bias = res
+  xhat = (x.astype(dtype).astype(jnp.float32) - mean) * rstd
+  g32 = g.astype(jnp.float32)
+  gs = g32 * scale.astype(dtype).astype(jnp.float32)
+  dx = rstd * (gs - jnp.mean(gs, axis=-1, keepdims=True)
+               - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
+  batch_axes = tuple(range(g.ndim - 1))
+  dscale = jnp.sum(g32 * xhat, axis=batch_axes).astype(scale.dtype)
+  dbias = jnp.sum(g32, axis=batch_axes).astype(bias.dtype)
+  return dx.astype(x.dtype), dscale, dbias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.LayerNorm):
+  """`nnx.LayerNorm` (same parameters and values) with the lean `layer_norm` backward."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or jnp.result_type(x, self.scale[...], self.bias[...])
+    return layer_norm(x, self.scale[...], self.bias[...], self.epsilon, dtype)
+
+
 def _linear(din: int, dout: int, cfg: ViTConfig, rngs: nnx.Rngs, use_bias: bool = True):
   return nnx.Linear(din, dout, use_bias=use_bias, dtype=cfg.dtype, param_dtype=jnp.float32,
                     kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
@@ -180,16 +306,21 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.num_heads = cfg.num_heads
+    self.flash = cfg.attention == 'flash'
     self.qkv = _linear(cfg.width, 3 * cfg.width, cfg, rngs)
     self.proj = _linear(cfg.width, cfg.width, cfg, rngs)
 
   def __call__(self, x: jax.Array, key_bias: jax.Array | None = None,
-               key_weight: jax.Array | None = None) -> jax.Array:
+               key_weight: jax.Array | None = None,
+               lengths: jax.Array | None = None) -> jax.Array:
+    """At most one of `key_bias` [B, T], `key_weight` [B, T] and `lengths` [B] (flash only)."""
     b, t, d = x.shape
     qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if key_weight is not None:
       o = attention_with_mask_gradient(q, k, v, key_weight)
+    elif self.flash and key_bias is None:
+      o = flash_attention(q, k, v, lengths)
     else:
       o = _dot_product_attention(q, k, v, key_bias)
     return self.proj(o.reshape(b, t, d))
@@ -210,7 +341,7 @@ class Mlp(nnx.Module):
       gate, value = jnp.split(h, 2, axis=-1)
       h = jax.nn.silu(gate) * value
     else:
-      h = jax.nn.gelu(h, approximate=False)
+      h = gelu(h)
     return self.fc2(h)
 
 
@@ -234,8 +365,8 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, rngs=rngs)
     self.ls2 = LayerScale(cfg)
 
-  def __call__(self, x, key_bias=None, key_weight=None):
-    x = x + self.ls1(self.attn(self.norm1(x), key_bias, key_weight))
+  def __call__(self, x, key_bias=None, key_weight=None, lengths=None):
+    x = x + self.ls1(self.attn(self.norm1(x), key_bias, key_weight, lengths))
     return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -275,10 +406,15 @@ class VisionTransformer(nnx.Module):
     p = self.cfg.patch_size
     if hh % p or ww % p:
       raise ValueError(f'image size {hh}x{ww} is not divisible by the patch size {p}')
-    x = self.patch_embed(images.astype(self.cfg.dtype))
     grid = (hh // p, ww // p)
+    # The stride-p convolution as one matmul over flattened (row, col, channel) patches: the same
+    # sums, and much faster on GPUs than a convolution with a 14x14 stride-14 kernel.
+    x = images.astype(self.cfg.dtype).reshape(b, grid[0], p, grid[1], p, 3)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, grid[0] * grid[1], p * p * 3)
+    kernel = self.patch_embed.kernel[...].reshape(p * p * 3, -1).astype(self.cfg.dtype)
+    x = x @ kernel + self.patch_embed.bias[...].astype(self.cfg.dtype)
     pos = resample_pos_embed(self.pos_embed[...], grid, (self.cfg.grid, self.cfg.grid))
-    return x.reshape(b, grid[0] * grid[1], -1) + pos.astype(x.dtype)
+    return x + pos.astype(x.dtype)
 
   def prefix_tokens(self, batch: int) -> jax.Array:
     tokens = [self.cls_token[...]]
@@ -300,17 +436,40 @@ class VisionTransformer(nnx.Module):
         from `attention_with_mask_gradient`. 'soft': probabilities, bias log(m + 1e-10).
       keep_index: optional [B, M] patch indices (see `gather_patches`); only those patch tokens
         enter the blocks, and 'patches' holds just them. Inference only.
+
+    With `cfg.attention == 'flash'` and a hard mask, the visible patches go first (a permutation
+    when no `keep_index` is given, undone on 'patches'), so that the mask becomes a length;
+    'patches' at masked positions is then unspecified: it never reaches a visible token.
     """
     b = images.shape[0]
     patches = self.embed_patches(images)
+    lengths_layout = (self.cfg.attention == 'flash' and patch_mask is not None
+                      and mask_mode == 'hard')
+    permutation = None
+    if lengths_layout and keep_index is None:
+      keep_index = permutation = gather_patches(jax.lax.stop_gradient(patch_mask),
+                                                patches.shape[1])
     if keep_index is not None:
       patches = jnp.take_along_axis(patches, keep_index[..., None], axis=1)
       if patch_mask is not None:
         patch_mask = jnp.take_along_axis(patch_mask, keep_index, axis=1)
     x = jnp.concatenate([self.prefix_tokens(b), patches], axis=1)
 
-    key_bias = key_weight = None
-    if patch_mask is not None:
+    key_bias = key_weight = lengths = None
+    num_tokens = x.shape[1]
+    if lengths_layout:
+      visible = jnp.sum(jax.lax.stop_gradient(patch_mask) > 0, axis=1)
+      lengths = self.cfg.num_prefix + visible.astype(jnp.int32)
+    if self.cfg.attention == 'flash' and (lengths_layout or patch_mask is None):
+      # Trailing zero tokens up to the kernel's multiple, hidden by the lengths: cheaper than
+      # padding q, k and v inside every attention call.
+      multiple = sequence_multiple(self.cfg.dtype)
+      extra = -num_tokens % multiple
+      if extra:
+        x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
+        if lengths is None:
+          lengths = jnp.full((b,), num_tokens, jnp.int32)
+    elif patch_mask is not None:
       prefix_visible = jnp.ones((b, self.cfg.num_prefix), jnp.float32)
       if mask_mode == 'hard':
         keep = jax.lax.stop_gradient(patch_mask) > 0
@@ -324,10 +483,13 @@ class VisionTransformer(nnx.Module):
         raise ValueError(f'unknown mask_mode {mask_mode!r}')
 
     for block in self.blocks:
-      x = block(x, key_bias, key_weight)
-    x = self.norm(x)
+      x = block(x, key_bias, key_weight, lengths)
+    x = self.norm(x[:, :num_tokens])
     r = self.cfg.num_prefix
-    return {'cls': x[:, 0], 'registers': x[:, 1:r], 'patches': x[:, r:]}
+    patches = x[:, r:]
+    if permutation is not None:
+      patches = jnp.take_along_axis(patches, jnp.argsort(permutation, axis=-1)[..., None], axis=1)
+    return {'cls': x[:, 0], 'registers': x[:, 1:r], 'patches': patches}
 
 
 class ViTClassifier(nnx.Module):
@@ -338,7 +500,7 @@ class ViTClassifier(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, num_classes: int, rngs: nnx.Rngs):
     self.backbone = VisionTransformer(cfg, rngs=rngs)
-    self.fc_norm = nnx.LayerNorm(cfg.width, epsilon=1e-5, param_dtype=jnp.float32, rngs=rngs)
+    self.fc_norm = LayerNorm(cfg.width, epsilon=1e-5, param_dtype=jnp.float32, rngs=rngs)
     self.head = nnx.Linear(cfg.width, num_classes, use_bias=False, param_dtype=jnp.float32,
                            kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
 
