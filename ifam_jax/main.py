@@ -2,8 +2,7 @@
 
 The resolved config is written to <workdir>/config.json. Running the same command again resumes
 from the workdir's latest checkpoint. On a multi-host slice set IFAM_MULTIHOST=1 on every host
-(launch/ does) so that `jax.distributed.initialize()` runs; it is the only environment variable
-the project reads.
+(launch/ does) so that `jax.distributed.initialize()` runs (see `initialize_multihost`).
 """
 
 from __future__ import annotations
@@ -39,13 +38,27 @@ _SPLIT = flags.DEFINE_string('split', '', 'Eval split to draw pictures from (def
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def initialize_multihost() -> None:
+  """`jax.distributed.initialize` when IFAM_MULTIHOST=1, and never otherwise.
+
+  On Cloud TPU and under SLURM, JAX finds the coordinator, process count and id itself. Elsewhere
+  (ssh fan-out, localhost tests) JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID name them; launch/ sets them.
+  """
+  if os.environ.get('IFAM_MULTIHOST') != '1':
+    return
+  count, index = os.environ.get('JAX_NUM_PROCESSES'), os.environ.get('JAX_PROCESS_ID')
+  jax.distributed.initialize(
+      coordinator_address=os.environ.get('JAX_COORDINATOR_ADDRESS') or None,
+      num_processes=int(count) if count else None, process_id=int(index) if index else None)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter off; progress is printed
-  if os.environ.get('IFAM_MULTIHOST') == '1':
-    jax.distributed.initialize()
+  initialize_multihost()
   config = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
