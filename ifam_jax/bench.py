@@ -1,8 +1,10 @@
-"""Speed: `python -m ifam_jax.bench --config configs/<recipe>.py[:args] --mode train|infer|data`.
+"""Speed and scale: `python -m ifam_jax.bench --config configs/<recipe>.py[:args] --mode MODE`.
 
 Prints one JSON line per measurement. `train` and `infer` run on synthetic device-resident
 batches (no data loading), so they measure the model, the optimizer and XLA only; `data` measures
-the grain pipeline alone. Parameters are always randomly initialised (`model.init_weights` is
+the grain pipeline alone; `memory` sizes the training state per device for ViT variants and
+meshes without touching a device; `losses` records the first train losses on fixed random
+batches, to compare device counts. Parameters are always randomly initialised (`model.init_weights` is
 ignored: speed does not depend on the values), so a recipe's weights argument may name anything.
 
   python -m ifam_jax.bench --config configs/imagenet.py:root=none,weights=none \\
@@ -57,10 +59,12 @@ PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
                                           lock_config=True)
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'data'], 'What to measure.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'data', 'memory', 'losses'],
+                          'What to measure.')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'train/infer: untimed steps after compilation.')
 _WINDOWS = flags.DEFINE_integer('windows', 5, 'train/infer: timed windows; the median is reported.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'train/infer: steps per window (data: batches).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'train/infer: steps per window (data: batches; '
+                              'losses: train steps).')
 _BATCH = flags.DEFINE_integer('batch', 0, 'infer/data batch (default: data.eval_batch_size for '
                               'infer, global_batch_size for data).')
 _FG = flags.DEFINE_list('fg_fraction', ['1.0', '0.25'], 'infer: foreground fractions of the '
@@ -72,6 +76,8 @@ _DATA_DIR = flags.DEFINE_string('data_dir', '', 'data: a folder of class folders
                                 '(default: 256 random 500x375 JPEGs in a temp dir).')
 _PROFILE = flags.DEFINE_string('profile_dir', '', 'train/infer: also trace `steps` steps into '
                                'this folder (TensorBoard/Perfetto) and add a device-time summary.')
+_VARIANTS = flags.DEFINE_list('variants', ['B/14', 'L/14', 'g/14'], 'memory: ViT variants.')
+_DEVICES = flags.DEFINE_integer('devices', 8, 'memory: N, for the meshes (N, 1) and (1, N).')
 _WORKERS = flags.DEFINE_list('num_workers', ['0', '4', '8'], 'data: grain worker counts.')
 
 
@@ -286,6 +292,28 @@ def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, w
                  **profile)
 
 
+def train_losses(config: ml_collections.ConfigDict, *, steps: int = 20,
+                 num_classes: int = 1000) -> dict[str, Any]:
+  """The losses of `steps` real train steps on fixed random batches (step i's batch depends on
+  i only), so runs on different device counts with the same global batch can be compared."""
+  config = random_init(config)
+  batch_size = config.global_batch_size
+  mesh = sharding.make_mesh(config.mesh)
+  t = train.build_training(config, num_classes, steps_per_epoch=1000, mesh=mesh)
+  state, losses = t.state, []
+  with jax.set_mesh(mesh):
+    for i in range(steps):
+      rng = np.random.default_rng(i)
+      batch = jax.device_put({
+          'image': _random_images(rng, batch_size, config.model.image_size),
+          'label': rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
+          'valid': np.ones((batch_size,), np.int32)}, t.batch_sharding)
+      state, metrics = t.train_step(state, t.frozen, batch)
+      losses.append(float(metrics['loss']))
+  return {**device_info(), 'mode': 'losses', 'image_size': config.model.image_size,
+          'num_parts': config.model.num_parts, 'batch': batch_size, 'losses': losses}
+
+
 def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State,
                     keep_count: int | None) -> Callable:
   """(params, frozen, images, patch_mask) -> (stage-2 logits, stage-1 logits).
@@ -397,6 +425,36 @@ def bench_data(config: ml_collections.ConfigDict, *, data_dir: str = '',
   return results
 
 
+def state_memory(config: ml_collections.ConfigDict, *, variants: Sequence[str],
+                 devices: int, num_classes: int = 1000) -> list[dict[str, Any]]:
+  """Per-device GiB of the training state (trainable params, Adam moments, EMA, frozen params)
+  per ViT variant under the meshes (N, 1) and (1, N) with the config's sharding rules.
+
+  Abstract shapes only: no device memory is used, so a laptop can size a TPU pod. Activations
+  are not included (they depend on batch and remat; `--mode train` measures the peak).
+  """
+  results = []
+  for variant in variants:
+    c = random_init(config)
+    c.model.variant = variant
+    model = nnx.eval_shape(lambda c=c: train.build_model(c.model, num_classes, nnx.Rngs(0)))
+    _, params, frozen, _ = optim.split_frozen(model, c.optim.group_rules, c.optim.groups)
+    labels = optim.label_params(params, c.optim.group_rules)
+    tx = optim.build_optimizer(c.optim, labels, 1000, c.total_epochs)
+    parts = {'params': params, 'opt_state': jax.eval_shape(tx.init, params), 'frozen': frozen}
+    if c.optim.ema_decay:
+      parts['ema'] = params
+    for mesh in ((devices, 1), (1, devices)):
+      gib = {name: sharding.bytes_per_device(tree, c.sharding_rules, mesh[1], c.fsdp_min_size)
+             / 2**30 for name, tree in parts.items()}
+      results.append({'mode': 'memory', 'variant': variant, 'mesh': {'data': mesh[0],
+                                                                    'fsdp': mesh[1]},
+                      'sharding_rules': [list(r) for r in c.sharding_rules],
+                      **{f'{name}_gib': v for name, v in gib.items()},
+                      'total_gib': sum(gib.values())})
+  return results
+
+
 # ----------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------
@@ -414,6 +472,11 @@ def main(argv: list[str]) -> None:
     results = bench_infer(config, fg_fractions=[float(f) for f in _FG.value], batch=_BATCH.value,
                           num_classes=_NUM_CLASSES.value, peak=_PEAK.value,
                           profile_dir=_PROFILE.value, **timing)
+  elif mode == 'losses':
+    results = [train_losses(config, steps=_STEPS.value, num_classes=_NUM_CLASSES.value)]
+  elif mode == 'memory':
+    results = state_memory(config, variants=_VARIANTS.value, devices=_DEVICES.value,
+                           num_classes=_NUM_CLASSES.value)
   else:
     results = bench_data(config, data_dir=_DATA_DIR.value, batch=_BATCH.value,
                          num_workers=[int(w) for w in _WORKERS.value], batches=_STEPS.value)

@@ -99,9 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Optimisation: AdamW with the reference's parameter groups (ifam_jax/optim.py).
   c.optim = optim.default_config()
 
-  # Devices: mesh axes and regex parameter-sharding rules (first match wins).
-  c.mesh = [('data', -1), ('fsdp', 1)]
-  c.sharding_rules = [('.*', 'replicate')]
+  # Devices: mesh axes and regex parameter-sharding rules (first match wins). Tuples, so the
+  # command line can set them: --config.mesh="(('data', -1), ('fsdp', 8))"
+  # --config.sharding_rules="(('.*kernel', 'fsdp'), ('.*', 'replicate'))"
+  c.mesh = (('data', -1), ('fsdp', 1))
+  c.sharding_rules = (('.*', 'replicate'),)
   c.fsdp_min_size = 2**18  # 'fsdp' rules leave tensors with fewer elements replicated
 
   # Evaluation entry points (ifam_jax/evaluate.py: eval, calibrate, leave-one-out, audit).

@@ -82,6 +82,21 @@ def map_named(fn: Callable[[str, Any], Any], tree: Any) -> Any:
       tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _compile_rules(rules: Sequence[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
+  for _, tactic in rules:
+    if tactic not in ('replicate', 'fsdp'):
+      raise ValueError(f"unknown sharding tactic {tactic!r}; use 'replicate' or 'fsdp'")
+  return [(re.compile(pattern), tactic) for pattern, tactic in rules]
+
+
+def _leaf_spec(name: str, shape: tuple[int, ...], rules: list[tuple[re.Pattern, str]],
+               fsdp_size: int, fsdp_min_size: int) -> P:
+  for pattern, tactic in rules:
+    if pattern.fullmatch(name):
+      return _fsdp_spec(shape, fsdp_size, fsdp_min_size) if tactic == 'fsdp' else P()
+  return P()
+
+
 def infer_sharding(tree: Any, rules: Sequence[tuple[str, str]], mesh: Mesh,
                    fsdp_min_size: int = 2**18) -> Any:
   """NamedSharding per leaf: the first rule whose regex matches the leaf's path decides.
@@ -90,19 +105,22 @@ def infer_sharding(tree: Any, rules: Sequence[tuple[str, str]], mesh: Mesh,
   of at least `fsdp_min_size` elements; smaller ones stay replicated). Leaves no rule matches
   are replicated.
   """
-  compiled = [(re.compile(pattern), tactic) for pattern, tactic in rules]
-  for _, tactic in rules:
-    if tactic not in ('replicate', 'fsdp'):
-      raise ValueError(f"unknown sharding tactic {tactic!r}; use 'replicate' or 'fsdp'")
+  compiled = _compile_rules(rules)
   fsdp_size = mesh.shape['fsdp']
+  return map_named(lambda name, leaf: NamedSharding(
+      mesh, _leaf_spec(name, tuple(np.shape(leaf)), compiled, fsdp_size, fsdp_min_size)), tree)
 
-  def leaf_sharding(name, leaf):
+
+def bytes_per_device(tree: Any, rules: Sequence[tuple[str, str]], fsdp_size: int,
+                     fsdp_min_size: int = 2**18) -> int:
+  """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under the rules, for an
+  `fsdp` axis of `fsdp_size` devices; needs no devices, so any mesh can be sized on a laptop."""
+  compiled = _compile_rules(rules)
+
+  def leaf_bytes(name, leaf):
     shape = tuple(np.shape(leaf))
-    for pattern, tactic in compiled:
-      if pattern.fullmatch(name):
-        if tactic == 'fsdp':
-          return NamedSharding(mesh, _fsdp_spec(shape, fsdp_size, fsdp_min_size))
-        break
-    return NamedSharding(mesh, P())
+    spec = _leaf_spec(name, shape, compiled, fsdp_size, fsdp_min_size)
+    shards = fsdp_size if 'fsdp' in tuple(spec) else 1
+    return math.prod(shape) * np.dtype(leaf.dtype).itemsize // shards
 
-  return map_named(leaf_sharding, tree)
+  return sum(jax.tree.leaves(map_named(leaf_bytes, tree)))

@@ -7,10 +7,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from ifam_jax import bench, train
+from ifam_jax import bench, sharding, train
 from test_train import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -107,3 +109,35 @@ def test_command_line_prints_json_lines():
   assert [r['gather'] for r in lines] == [False, True]
   assert all(KEYS <= r.keys() and r['peak_flops_source'] == 'flag' and r['mfu'] > 0
              for r in lines)
+
+
+def test_bytes_per_device_follows_the_rules():
+  tree = {'a': {'kernel': jax.ShapeDtypeStruct((64, 48), jnp.float32),
+                'bias': jax.ShapeDtypeStruct((48,), jnp.float32)},
+          'b': {'kernel': jax.ShapeDtypeStruct((6, 5), jnp.bfloat16)}}
+  rules = (('.*kernel', 'fsdp'), ('.*', 'replicate'))
+  # a/kernel: 64 x 48 fp32 split 8 ways along its largest divisible dim; b/kernel: 6 x 5 has no
+  # dimension divisible by 8, so it stays whole, as does the bias (no fsdp rule).
+  assert sharding.bytes_per_device(tree, rules, 8, fsdp_min_size=1) == (
+      64 * 48 * 4 // 8 + 48 * 4 + 6 * 5 * 2)
+  assert sharding.bytes_per_device(tree, rules, 1, fsdp_min_size=1) == (
+      64 * 48 * 4 + 48 * 4 + 6 * 5 * 2)
+  assert sharding.bytes_per_device(tree, rules, 8, fsdp_min_size=10**6) == (
+      64 * 48 * 4 + 48 * 4 + 6 * 5 * 2)
+
+
+def test_memory_mode_sizes_the_state_per_mesh():
+  config = get_config()
+  config.optim.ema_decay = 0.9
+  replicated, sharded = bench.state_memory(config, variants=['S/14'], devices=2, num_classes=4)
+  assert (replicated['mesh'], sharded['mesh']) == ({'data': 2, 'fsdp': 1}, {'data': 1, 'fsdp': 2})
+  # Adam keeps two moments per trainable parameter; the EMA one copy.
+  assert replicated['opt_state_gib'] == pytest.approx(2 * replicated['params_gib'], rel=1e-3)
+  assert replicated['ema_gib'] == replicated['params_gib']
+  assert sharded['total_gib'] < replicated['total_gib']
+
+
+def test_losses_mode_is_reproducible_and_trains():
+  first, again = (bench.train_losses(get_config(), steps=3, num_classes=4) for _ in range(2))
+  assert first['losses'] == again['losses'] and len(first['losses']) == 3
+  assert len(set(first['losses'])) == 3  # the batches and the model change from step to step

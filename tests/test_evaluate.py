@@ -511,8 +511,8 @@ def _eight_device_worker(workdir: str) -> None:
   """run_eval and run_audit on 8 CPU devices, data=4 x fsdp=2 with sharded kernels."""
   config = with_eval(tiny_config(), splits=('val',))
   config.data.eval_batch_size = 8
-  config.mesh = [('data', 4), ('fsdp', 2)]
-  config.sharding_rules = [('.*kernel', 'fsdp'), ('.*', 'replicate')]
+  config.mesh = (('data', 4), ('fsdp', 2))
+  config.sharding_rules = (('.*kernel', 'fsdp'), ('.*', 'replicate'))
   config.fsdp_min_size = 1
   result = {'evals': ev.run_eval(config, workdir)['evals'],
             'audit': ev.run_audit(config, workdir, num_images=8)['passed']}
