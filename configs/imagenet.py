@@ -9,8 +9,9 @@
 
 Data: `root/train/<wnid>/*.JPEG` and `root/val/<wnid>/*.JPEG` (torchvision ImageFolder, sorted
 wnids = the standard label indices), or with `data=tfds` the TFDS `imagenet2012` data set
-prepared as ArrayRecord in `tfds_dir` (default: TFDS's own data dir), e.g. `tfds build
-imagenet2012 --file_format=array_record` after placing the manual download. Arguments:
+prepared as ArrayRecord in `tfds_dir` (default: TFDS's own data dir) without TensorFlow by
+`python -m ifam_jax.data.prepare_imagenet --source <folder or official tars> --data_dir <dir>`.
+Arguments:
 `num_parts=K` (default 1, the paper's), `baseline` (the ERM row), `runlocal` (a few steps of a
 random tiny ViT on a laptop CPU).
 
