@@ -8,10 +8,10 @@ then prints average and worst-group accuracy of both and saves a picture of iFAM
 from __future__ import annotations
 
 import copy
-import pathlib
 
 import jax
 import ml_collections
+from etils import epath
 
 from ifam_jax import config_lib, train, visualize
 
@@ -23,7 +23,7 @@ def _row(name: str, metrics: dict) -> str:
           f'{100 * metrics["worst_group_accuracy"]:>14.1f} |')
 
 
-def train_and_compare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def train_and_compare(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   """Trains both models in workdir/{ifam,baseline} and prints the comparison table."""
   test_split = config.demo_test_split
   results = {'iFAM': train.train_and_evaluate(config, workdir / 'ifam')}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -266,10 +268,10 @@ def evaluate_source(eval_step: Callable, params: Any, frozen: Any, source: Any, 
 # ----------------------------------------------------------------------------
 # ImageNet-9: class mapping and the adversarial-background challenge
 # ----------------------------------------------------------------------------
-def _read_json_object(path: str | pathlib.Path, what: str, expected: str) -> dict[str, Any]:
-  """A user-supplied JSON object, with errors that name the file and what was expected."""
+def _read_json_object(path: str | os.PathLike, what: str, expected: str) -> dict[str, Any]:
+  """A user-supplied JSON object (local or gs://); errors name the file and what was expected."""
   try:
-    raw = json.loads(pathlib.Path(path).read_text())
+    raw = json.loads(epath.Path(path).read_text())
   except (OSError, ValueError) as e:
     raise ValueError(f'cannot read {what} {path}: {e}') from None
   if not isinstance(raw, dict):
@@ -277,7 +279,7 @@ def _read_json_object(path: str | pathlib.Path, what: str, expected: str) -> dic
   return raw
 
 
-def load_in9_mapping(path: str | pathlib.Path, num_classes: int) -> np.ndarray:
+def load_in9_mapping(path: str | os.PathLike, num_classes: int) -> np.ndarray:
   """in_to_in9.json ({"<model class>": IN-9 class 0..8 or -1}) as an int array over all classes."""
   raw = _read_json_object(path, 'the IN-9 mapping', '{"<class>": <IN-9 class>}')
   table = np.full(num_classes, -2, np.int64)
@@ -446,7 +448,7 @@ def calibrate(batches: Iterable[Mapping[str, np.ndarray]], num_parts: int,
   return thresholds, [s.seen for s in samples]
 
 
-def load_thresholds(path: str | pathlib.Path, num_parts: int,
+def load_thresholds(path: str | os.PathLike, num_parts: int,
                     rule: str = '') -> tuple[tuple[float, ...], str]:
   """(thresholds, rule) of a threshold file, checked against the model.
 
@@ -626,11 +628,11 @@ class _Split:
 class _Session:
   """The saved parameters of one workdir on the configured mesh, and the evals of its config."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, which: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str):
     from ifam_jax import train  # pylint: disable=import-outside-toplevel  # train imports us
 
     self.config, self.which = config, which
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = epath.Path(workdir)
     self.make_source = train.make_source
     model = train.load_model(config, self.workdir, which)
     self.info = train.read_params_info(self.workdir, which)
@@ -736,7 +738,7 @@ class _Session:
     return bg_challenge(step, self.params, self.frozen, challenge_foregrounds(root, transform),
                         backgrounds, self.batch_sharding, self.config.seed, class_map)
 
-  def write(self, relative: str, report: Mapping[str, Any]) -> pathlib.Path:
+  def write(self, relative: str, report: Mapping[str, Any]) -> epath.Path:
     path = self.workdir / relative
     if jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -744,7 +746,7 @@ class _Session:
     return path
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
              which: str = 'final') -> dict[str, Any]:
   """Evaluates <workdir>/params/<which> on every selected eval set.
 
@@ -788,9 +790,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   return report
 
 
-def run_calibrate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def run_calibrate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                   which: str = 'final',
-                  percentiles: Sequence[float] = (97, 99)) -> list[pathlib.Path]:
+                  percentiles: Sequence[float] = (97, 99)) -> list[epath.Path]:
   """Part thresholds of <workdir>/params/<which> from the training split (eval transform).
 
   Writes <workdir>/thresholds/<which>/<rule>_q<q>.json for both rules and every percentile q:
@@ -829,7 +831,7 @@ def leave_one_out_sets(num_parts: int, fixed: tuple[int, ...]) -> list[tuple[int
           *(tuple(sorted(fixed + (i,))) for i in range(num_parts) if i not in fixed)]
 
 
-def run_leave_one_out(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def run_leave_one_out(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                       which: str = 'final', fixed_parts: Sequence[int] = ()) -> dict[str, Any]:
   """Evaluates with each part removed (its tokens go to background), after `fixed_parts`.
 
@@ -859,7 +861,7 @@ def run_leave_one_out(config: ml_collections.ConfigDict, workdir: str | pathlib.
   return report
 
 
-def run_audit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def run_audit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
               which: str = 'final', num_images: int = 64) -> dict[str, Any]:
   """Checks on `num_images` images per eval set that masked-out pixels cannot reach stage 2.
 

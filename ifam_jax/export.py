@@ -30,7 +30,7 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx, traverse_util
 
 from ifam_jax import checkpoints, optim, train
@@ -132,8 +133,19 @@ def from_reference(state_dict: Mapping[str, np.ndarray], model: nnx.Module) -> d
 # ----------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------
+def _write_state_dict(path: epath.Path, state_dict: Mapping[str, Any]) -> None:
+  """`checkpoints.write_state_dict`, which writes local files, to a local or gs:// path."""
+  if train.is_local(path):
+    checkpoints.write_state_dict(path, state_dict)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = epath.Path(tmp) / path.name
+    checkpoints.write_state_dict(local, state_dict)
+    local.copy(path, overwrite=True)
+
+
 def export(config: ml_collections.ConfigDict, workdir: PathLike, which: str = 'final',
-           formats: Sequence[str] = FORMATS) -> dict[str, pathlib.Path]:
+           formats: Sequence[str] = FORMATS) -> dict[str, epath.Path]:
   """Writes <workdir>/params/<which> in `formats` to <workdir>/export/<which>/.
 
   Returns the written paths by format, plus 'model_json' (always written). Runs in one process:
@@ -144,7 +156,7 @@ def export(config: ml_collections.ConfigDict, workdir: PathLike, which: str = 'f
     raise ValueError(f'unknown export formats {unknown}; known: {list(FORMATS)}')
   if jax.process_count() > 1:
     raise RuntimeError('export runs in a single process; start it without IFAM_MULTIHOST')
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   model = train.load_model(config, workdir, which)
   info = train.read_params_info(workdir, which)
   out = workdir / 'export' / which
@@ -153,20 +165,20 @@ def export(config: ml_collections.ConfigDict, workdir: PathLike, which: str = 'f
 
   paths = {'model_json': out / 'model.json'}
   description = {'model': config.model.to_dict(), 'num_classes': info['num_classes'],
-                 'source': {'workdir': str(workdir.absolute()), 'which': which,
+                 'source': {'workdir': str(train.absolute(workdir)), 'which': which,
                             'step': info.get('step')}}
   paths['model_json'].write_text(json.dumps(description, indent=2) + '\n')
   if 'orbax' in formats:
     paths['orbax'] = out / 'params'
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(paths['orbax'].absolute(), params, force=True)
+      checkpointer.save(train.absolute(paths['orbax']), params, force=True)
   if 'safetensors' in formats:
     paths['safetensors'] = out / 'model.safetensors'
     named = {path_name(p): v for p, v in traverse_util.flatten_dict(params).items()}
-    checkpoints.write_state_dict(paths['safetensors'], named)
+    _write_state_dict(paths['safetensors'], named)
   if 'reference' in formats:
     paths['reference'] = out / REFERENCE_FILE
-    checkpoints.write_state_dict(paths['reference'], jax.device_get(to_reference(model)))
+    _write_state_dict(paths['reference'], jax.device_get(to_reference(model)))
   return paths
 
 
@@ -178,7 +190,7 @@ def read_reference(source: PathLike | Mapping[str, Any]) -> dict[str, np.ndarray
   bare state dict, from a .pth/.pt file (read without torch), a .safetensors file or a mapping."""
   if isinstance(source, Mapping):
     obj = source
-  elif pathlib.Path(source).suffix in _TORCH_SUFFIXES:
+  elif epath.Path(source).suffix in _TORCH_SUFFIXES:
     obj = checkpoints.read_torch_checkpoint(source)
   else:
     obj = checkpoints.read_state_dict(source)
@@ -252,7 +264,7 @@ def load_exported(path: PathLike, config: ml_collections.ConfigDict | None = Non
   The model.json beside it describes the saved model; `config` (if given) builds the returned
   one instead, e.g. to evaluate in another compute dtype, and must have the same parameters.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   description = json.loads((path.parent / 'model.json').read_text())
   num_classes = description['num_classes']
   saved = train.abstract_model(ml_collections.ConfigDict(description['model']), num_classes)
@@ -261,7 +273,7 @@ def load_exported(path: PathLike, config: ml_collections.ConfigDict | None = Non
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.to_pure_dict(nnx.state(saved, nnx.Param)))
     with ocp.StandardCheckpointer() as checkpointer:
-      params = checkpointer.restore(path.absolute(), target)
+      params = checkpointer.restore(train.absolute(path), target)
   elif path.suffix == '.safetensors':
     paths = {path_name(p): p for p, _ in nnx.to_flat_state(nnx.state(saved, nnx.Param))}
     named = checkpoints.read_state_dict(path)
@@ -274,20 +286,20 @@ def load_exported(path: PathLike, config: ml_collections.ConfigDict | None = Non
 
 
 def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workdir: PathLike,
-                      which: str = 'imported') -> pathlib.Path:
+                      which: str = 'imported') -> epath.Path:
   """Imports weights into <workdir>/params/<which>, for `train.load_model(config, workdir, which)`.
 
   `source` is a reference checkpoint (.pth/.pt) or our export (Orbax `params` directory or
   `model.safetensors`). Returns the parameters' directory.
   """
-  source = pathlib.Path(source)
+  source = epath.Path(source)
   if source.suffix in _TORCH_SUFFIXES:
     model = import_reference(source, config)
   else:
     model = load_exported(source, config)
   _, params, frozen, _ = optim.split_frozen(model, config.optim.group_rules, config.optim.groups)
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   train.save_params(workdir, which, params, frozen,
                     {'num_classes': _classifier(model).head.out_features,
-                     'imported_from': str(source.absolute())})
+                     'imported_from': str(train.absolute(source))})
   return workdir / 'params' / which

@@ -8,17 +8,18 @@ from the workdir's latest checkpoint. On a multi-host slice set IFAM_MULTIHOST=1
 from __future__ import annotations
 
 import os
-import pathlib
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from ifam_jax import demo, evaluate, export, train, visualize
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config: '
+                                'a local directory or gs://bucket/path.')
 _MODE = flags.DEFINE_enum(
     'mode', 'train',
     ['train', 'eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export', 'import'],
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter off; progress is printed
   initialize_multihost()
   config = _CONFIG.value
-  workdir = pathlib.Path(_WORKDIR.value)
+  workdir = epath.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   mode = _MODE.value
   if jax.process_index() == 0:

@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import os
-import pathlib
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -272,8 +272,10 @@ def build_training(config: ml_collections.ConfigDict, num_classes: int, steps_pe
   frozen_sharding = sharding.infer_sharding(frozen, config.sharding_rules, mesh,
                                             config.fsdp_min_size)
   repl = sharding.replicated(mesh)
-  params = jax.device_put(params, state_sharding['params'])
-  frozen = jax.device_put(frozen, frozen_sharding)
+  # Through host memory: every process built the same values, and placing host arrays is what
+  # jax defines for a sharding that spans other processes' devices.
+  params = jax.device_put(jax.device_get(params), state_sharding['params'])
+  frozen = jax.device_put(jax.device_get(frozen), frozen_sharding)
   state = jax.jit(init_state, out_shardings=state_sharding)(params)
   del params
 
@@ -290,41 +292,83 @@ def build_training(config: ml_collections.ConfigDict, num_classes: int, steps_pe
 
 
 # ----------------------------------------------------------------------------
-# Logging
+# Workdir paths: local, or gs://bucket/... (multi-host Cloud TPU)
 # ----------------------------------------------------------------------------
-def _replace_text(path: pathlib.Path, text: str) -> None:
-  """Writes `path` atomically, so a kill never leaves it half-written."""
+# Workdirs are `epath.Path`s (pathlib would turn gs://b/x into gs:/b/x). epath reaches gs://
+# through TensorFlow's gfile where TensorFlow is installed, and otherwise through fsspec, which
+# needs gcsfs (the `gcs` extra).
+def is_local(path: str | os.PathLike) -> bool:
+  """False for gs:// and other object stores: no appends, no atomic renames, no directories."""
+  return '://' not in os.fspath(path)
+
+
+def absolute(path: epath.Path) -> epath.Path:
+  """`path` for Orbax, which needs absolute paths. A gs:// path is one already; its
+  `.absolute()` would be '<cwd>/gs:/bucket/...'."""
+  return path.absolute() if is_local(path) else path
+
+
+def _replace_text(path: epath.Path, text: str) -> None:
+  """Writes `path` atomically, so a kill never leaves it half-written: locally through a
+  temporary file; an object in a bucket appears only once completely written anyway."""
+  if not is_local(path):
+    path.write_text(text)
+    return
   tmp = path.with_name(path.name + '.tmp')
   tmp.write_text(text)
   os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------
 class MetricWriter:
   """JSON lines in <workdir>/metrics.jsonl (process 0 only).
 
   A run resumed from step `start_step` first drops the lines of later steps (and a line cut short
   by the kill): it replays those steps exactly and logs them again, so the file reads as one
   uninterrupted run.
+
+  A local file is appended to line by line. An object in a bucket cannot be appended to (gcsfs
+  silently overwrites it instead), so there the lines are kept and the whole object is rewritten
+  at most every `flush_seconds` and on `flush()`. The loop flushes before each checkpoint, so
+  every line a resume keeps is saved before the checkpoint it resumes from.
   """
 
-  def __init__(self, workdir: pathlib.Path, start_step: int):
-    self.path = workdir / 'metrics.jsonl'
+  def __init__(self, workdir: str | os.PathLike, start_step: int, flush_seconds: float = 60):
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
     self.active = jax.process_index() == 0
+    self.append = is_local(self.path)
+    self.flush_seconds = flush_seconds
+    self.lines: list[str] = []
     if self.active and self.path.exists():
-      kept = []
       for line in self.path.read_text().splitlines():
         try:
           if json.loads(line)['step'] <= start_step:
-            kept.append(line + '\n')
+            self.lines.append(line + '\n')
         except json.JSONDecodeError:
           pass
-      _replace_text(self.path, ''.join(kept))
+      _replace_text(self.path, ''.join(self.lines))
+    self.flushed, self.pending = time.monotonic(), False
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     if not self.active:
       return
-    with self.path.open('a') as f:
-      f.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+    line = json.dumps({'step': step, 'split': split, **metrics}) + '\n'
+    if self.append:
+      with self.path.open('a') as f:
+        f.write(line)
+      return
+    self.lines.append(line)
+    self.pending = True
+    if time.monotonic() - self.flushed >= self.flush_seconds:
+      self.flush()
+
+  def flush(self) -> None:
+    """Rewrites a bucket's metrics.jsonl if lines were written since; local files are current."""
+    if self.pending:
+      _replace_text(self.path, ''.join(self.lines))
+      self.flushed, self.pending = time.monotonic(), False
 
 
 def announce(message: str, *args: Any) -> None:
@@ -347,13 +391,13 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------
 # Parameters for evaluation: <workdir>/params/{final,best}, or a train checkpoint (step_<N>)
 # ----------------------------------------------------------------------------
-def train_checkpoint(workdir: pathlib.Path, which: str) -> pathlib.Path | None:
+def train_checkpoint(workdir: str | os.PathLike, which: str) -> epath.Path | None:
   """<workdir>/checkpoints/<N>/state for which='step_<N>' (raises if no such step), else None."""
   match = re.fullmatch(r'step_(\d+)', which)
   if match is None:
     return None
-  root = workdir / 'checkpoints'
-  path = (root / str(int(match[1])) / 'state').absolute()
+  root = epath.Path(workdir) / 'checkpoints'
+  path = absolute(root / str(int(match[1])) / 'state')
   if not path.is_dir():
     steps = sorted(int(p.name) for p in root.glob('*') if p.name.isdigit())
     raise FileNotFoundError(f'no train checkpoint of step {int(match[1])} in {root}; '
@@ -361,7 +405,7 @@ def train_checkpoint(workdir: pathlib.Path, which: str) -> pathlib.Path | None:
   return path
 
 
-def read_params_info(workdir: pathlib.Path, which: str) -> dict[str, Any] | None:
+def read_params_info(workdir: str | os.PathLike, which: str) -> dict[str, Any] | None:
   """The JSON of <workdir>/params/<which>, or None: it exists only once the parameters do.
 
   For which='step_<N>': {'step', 'num_classes', 'ema'} of train checkpoint N, from its metadata.
@@ -377,22 +421,23 @@ def read_params_info(workdir: pathlib.Path, which: str) -> dict[str, Any] | None
       raise ValueError(f'{state} has no classifier head/kernel')
     return {'step': int(state.parent.name), 'num_classes': widths[0],
             'ema': 'ema' in tree['train']}
-  path = workdir / 'params' / f'{which}.json'
+  path = epath.Path(workdir) / 'params' / f'{which}.json'
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def save_params(workdir: pathlib.Path, which: str, params: Any, frozen: Any,
+def save_params(workdir: str | os.PathLike, which: str, params: Any, frozen: Any,
                 info: Mapping[str, Any]) -> None:
   """Writes trainable + frozen parameters (EMA where enabled) and a JSON of what they are.
 
   Collective: every process calls it. The JSON is removed first and written last, so it marks
   complete parameters even if a kill interrupts the save.
   """
+  workdir = epath.Path(workdir)
   info_path = workdir / 'params' / f'{which}.json'
   if jax.process_index() == 0:
     info_path.unlink(missing_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save((workdir / 'params' / which).absolute(),
+    checkpointer.save(absolute(workdir / 'params' / which),
                       {'params': params, 'frozen': frozen}, force=True)
   if jax.process_index() == 0:
     _replace_text(info_path, json.dumps(dict(info), indent=2) + '\n')
@@ -406,14 +451,14 @@ def abstract_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nn
   return nnx.eval_shape(lambda: build_model(model_cfg, num_classes, nnx.Rngs(0)))
 
 
-def load_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                which: str = 'final') -> nnx.Module:
   """The model of `config` with the parameters saved under <workdir>/params/<which>.
 
   which='step_<N>' reads train checkpoint N instead: its EMA where the run had one, else its
   params, plus frozen; a partial restore that reads no optimizer state.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   info = read_params_info(workdir, which)
   if info is None:
     raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which}; train first')
@@ -424,7 +469,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         {'params': params, 'frozen': frozen})
   if (state := train_checkpoint(workdir, which)) is None:
-    restored = ocp.StandardCheckpointer().restore((workdir / 'params' / which).absolute(), target)
+    restored = ocp.StandardCheckpointer().restore(absolute(workdir / 'params' / which), target)
   else:
     key = 'ema' if info['ema'] else 'params'
     item = {'train': {key: target['params']}, 'frozen': target['frozen']}
@@ -438,13 +483,14 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns {'step', 'evals', 'train'}: the last step, its eval metrics per split and its train
   metrics. A workdir that already holds the final parameters returns what it recorded then.
   """
-  workdir_path = pathlib.Path(workdir)
+  workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
 
   # --- Data (validated before any device work) ---------------------------------------------
@@ -491,7 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # A save interrupted by a kill stays in a '<step>.orbax-checkpoint-tmp' directory, which
   # latest_step() ignores and the manager deletes; a step directory exists only once complete.
   manager = ocp.CheckpointManager(
-      (workdir_path / 'checkpoints').absolute(), item_names=('state', 'data'),
+      absolute(workdir_path / 'checkpoints'), item_names=('state', 'data'),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            cleanup_tmp_directories=True,
                                            enable_async_checkpointing=True))
@@ -510,6 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(workdir_path, start_step)
 
   def save(step: int) -> None:
+    writer.flush()  # the metrics up to `step` are saved before its checkpoint
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave({'train': state, 'frozen': frozen}),
         data=grain.checkpoint.CheckpointSave(train_iter)))
@@ -568,6 +615,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       scalars = _scalars(jax.device_get(metrics))
       diverged = {k: scalars[k] for k in FINITE_METRICS if not math.isfinite(scalars[k])}
       if diverged:
+        writer.flush()
         manager.wait_until_finished()
         last_good = manager.latest_step()
         raise FloatingPointError(
@@ -603,6 +651,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results = run_evals(total_steps)
   summary = {'step': total_steps, 'evals': results,
              'train': {} if metrics is None else _scalars(jax.device_get(metrics))}
+  writer.flush()
   save_params(workdir_path, 'final', eval_params(), frozen, {'num_classes': num_classes,
                                                              **summary})
   return summary

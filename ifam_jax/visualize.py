@@ -9,12 +9,13 @@ report exists, its bar chart.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
 from ifam_jax import train
@@ -55,8 +56,17 @@ def mask_overlay(image: np.ndarray, fg_mask: np.ndarray) -> np.ndarray:
   return np.where(keep[..., None], image, 0).astype(np.uint8)
 
 
-def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | pathlib.Path,
-              captions: Sequence[str] | None = None, scale: int = 2) -> pathlib.Path:
+def _save_png(canvas: Image.Image, path: str | os.PathLike) -> epath.Path:
+  """Writes `canvas` through a file object, which also reaches a gs:// workdir."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    canvas.save(f, format='PNG')
+  return path
+
+
+def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike,
+              captions: Sequence[str] | None = None, scale: int = 2) -> epath.Path:
   """Writes a PNG of equally sized uint8 images, one list per row, with an optional caption each."""
   h, w = rows[0][0].shape[:2]
   h, w = h * scale, w * scale
@@ -72,14 +82,11 @@ def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | pathlib.Path,
     for j, tile in enumerate(row):
       picture = Image.fromarray(tile).resize((w, h), Image.NEAREST)
       canvas.paste(picture, (4 + j * (w + 4), top + caption_h))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  canvas.save(path)
-  return path
+  return _save_png(canvas, path)
 
 
-def save_bar_chart(values: Mapping[str, float], path: str | pathlib.Path, title: str,
-                   width: int = 480, bar_height: int = 18) -> pathlib.Path:
+def save_bar_chart(values: Mapping[str, float], path: str | os.PathLike, title: str,
+                   width: int = 480, bar_height: int = 18) -> epath.Path:
   """Horizontal bars in [0, 1] (accuracies), one per label, with the value written beside it."""
   label_w = 8 * max(len(k) for k in values) + 8
   height = 24 + len(values) * (bar_height + 6)
@@ -93,10 +100,7 @@ def save_bar_chart(values: Mapping[str, float], path: str | pathlib.Path, title:
     draw.rectangle((label_w, top, label_w + length, top + bar_height),
                    fill=tuple(int(c) for c in PART_COLOURS[3]))
     draw.text((label_w + length + 4, top + 3), f'{100 * value:.1f}', fill=(0, 0, 0))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  canvas.save(path)
-  return path
+  return _save_png(canvas, path)
 
 
 # ----------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def _predict(model, config: ml_collections.ConfigDict, source, indices: Sequence
 
 
 def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequence[int],
-                 path: str | pathlib.Path) -> pathlib.Path:
+                 path: str | os.PathLike) -> epath.Path:
   """One row per image: image | part assignment | stage-2 view, captioned with predictions."""
   images, out = _predict(model, config, source, indices)
   names = source.class_names
@@ -160,7 +164,7 @@ def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequ
 
 
 def part_galleries(model, config: ml_collections.ConfigDict, source, pool: int, size: int,
-                   out_dir: pathlib.Path) -> list[pathlib.Path]:
+                   out_dir: epath.Path) -> list[epath.Path]:
   """For each part, the `size` images (of the first `pool`) where it covers the most patches."""
   indices = list(range(min(pool, len(source))))
   images, out = _predict(model, config, source, indices)
@@ -179,11 +183,11 @@ def part_galleries(model, config: ml_collections.ConfigDict, source, pool: int, 
   return paths
 
 
-def run_visualize(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def run_visualize(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                   which: str = 'final', split: str = '', num_images: int = 8,
-                  gallery_pool: int = 256, gallery_size: int = 6) -> list[pathlib.Path]:
+                  gallery_pool: int = 256, gallery_size: int = 6) -> list[epath.Path]:
   """Writes the pictures of <workdir>/params/<which> under <workdir>/pictures/<which>/."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   split = split or config.data.val_split or next(iter(config.data.evals), '')
   if split not in config.data.evals:
     raise ValueError(f'no eval split {split!r} to draw from; configured: '

@@ -38,8 +38,8 @@ TIMING = ('img_per_sec', 'step_time')  # the only train metrics allowed to diffe
 
 
 def get_config(arg=None):
-  """configs/demo.py, iFAM only, shrunk; `fsdp` asks for the data=4, fsdp=2 mesh."""
-  arg = config_lib.parse_arg(arg, steps=STEPS, fsdp=False)
+  """configs/demo.py, iFAM only, shrunk; `mesh=DxF` asks for the data=D, fsdp=F mesh."""
+  arg = config_lib.parse_arg(arg, steps=STEPS, mesh='')
   spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
@@ -61,10 +61,11 @@ def get_config(arg=None):
   c.optim.lr_schedule_unit = 'step'
   c.optim.warmup_epochs = 1.0  # from warmup_lr 0: the first update is zero (see divergence test)
   c.optim.warmup_lr = 0.0
-  c.sharding_rules = [('.*kernel', 'fsdp'), ('.*', 'replicate')]
+  c.sharding_rules = (('.*kernel', 'fsdp'), ('.*', 'replicate'))
   c.fsdp_min_size = 1  # so that even these tiny kernels shard
-  if arg.fsdp:
-    c.mesh = [('data', 4), ('fsdp', 2)]
+  if arg.mesh:
+    data, fsdp = (int(n) for n in arg.mesh.split('x'))
+    c.mesh = (('data', data), ('fsdp', fsdp))
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
   c.keep_checkpoints = STEPS
@@ -223,25 +224,58 @@ def test_data_checkpoint_restores_a_worker_iterator(tmp_path):
 # ----------------------------------------------------------------------------
 # Devices
 # ----------------------------------------------------------------------------
-def test_eight_devices_with_fsdp_match_one_device(env, reference, tmp_path):
+# Loss tolerance against one device: the same maths, sharded reductions summed in another order.
+MESH_RTOL = 1e-5
+
+
+def assert_sharded_as_configured(workdir, step, fsdp):
+  """Kernels and their Adam moments sharded over 'fsdp' (when it has > 1 device); the rest
+  replicated."""
+  specs = {path: meta.sharding.partition_spec
+           for path, meta in state_metadata(workdir, step).items()}
+  kernels = ['train/params/stage2/backbone/blocks/0/attn/qkv/kernel',
+             'frozen/stage1/backbone/blocks/0/attn/qkv/kernel']
+  moments = [spec for path, spec in specs.items()
+             if path.startswith('train/opt_state') and path.endswith('qkv/kernel')]
+  assert moments
+  for spec in [specs[k] for k in kernels] + moments:
+    assert ('fsdp' in spec) == (fsdp > 1), spec
+  assert not any('fsdp' in spec for path, spec in specs.items() if not path.endswith('kernel'))
+
+
+def assert_params_match(workdir, ref_dir, step):
+  """Parameters to 1e-5: Adam normalises each update, so the new layers (1e4 lr factor, steps of
+  ~0.1) move by amounts whose last bits follow the reduction order of their gradients."""
+  got, want = (flat(restore(w / 'checkpoints' / str(step) / 'state')['train']['params'])
+               for w in (workdir, ref_dir))
+  assert got.keys() == want.keys()
+  for path, value in want.items():
+    np.testing.assert_allclose(got[path], value, rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+@pytest.mark.parametrize('mesh', ['8x1', '4x2'])
+def test_eight_devices_match_one_device(env, reference, tmp_path, mesh):
+  """Data parallel (8, 1) and data x FSDP (4, 2): losses and parameters of the first steps."""
   ref_dir, _ = reference
   steps = 4
-  run_main(env, tmp_path, f'fsdp,steps={steps}', devices=8)
+  run_main(env, tmp_path, f'mesh={mesh},steps={steps}', devices=8)
   losses = [m['loss'] for m in read_metrics(tmp_path, 'train')]
   ref_losses = [m['loss'] for m in read_metrics(ref_dir, 'train')[:steps]]
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(losses, ref_losses, rtol=MESH_RTOL)
   assert len(set(ref_losses)) == steps  # the steps did change the model
-
-  # Kernels and their Adam moments were sharded over 'fsdp'; other tensors replicated.
-  specs = {path: meta.sharding.partition_spec
-           for path, meta in state_metadata(tmp_path, steps).items()}
-  assert 'fsdp' in specs['train/params/stage2/backbone/blocks/0/attn/qkv/kernel']
-  assert 'fsdp' in specs['frozen/stage1/backbone/blocks/0/attn/qkv/kernel']
-  assert any('fsdp' in spec for path, spec in specs.items()
-             if path.startswith('train/opt_state') and path.endswith('qkv/kernel'))
-  assert not any('fsdp' in spec for path, spec in specs.items() if not path.endswith('kernel'))
+  assert_params_match(tmp_path, ref_dir, steps)
+  assert_sharded_as_configured(tmp_path, steps, int(mesh.split('x')[1]))
   for split in ('val', 'test'):  # every example counted once with 1 example per device
     assert read_metrics(tmp_path, split)[-1]['num_examples'] == 16
+
+  if mesh == '4x2':  # a checkpoint saved on (4, 2) resumes on (1, 8): pure FSDP
+    run_main(env, tmp_path, f'mesh=1x8,steps={2 * steps}', devices=8)
+    losses = [m['loss'] for m in read_metrics(tmp_path, 'train')]
+    assert [m['step'] for m in read_metrics(tmp_path, 'train')] == list(range(1, 2 * steps + 1))
+    ref_losses = [m['loss'] for m in read_metrics(ref_dir, 'train')[:2 * steps]]
+    np.testing.assert_allclose(losses, ref_losses, rtol=MESH_RTOL)
+    assert_params_match(tmp_path, ref_dir, 2 * steps)
+    assert_sharded_as_configured(tmp_path, 2 * steps, 8)
 
 
 def eval_alignment(devices):
@@ -406,3 +440,60 @@ def test_frozen_parameters_stay_put_and_have_no_optimizer_state(reference):
              for path in saved)
   # Plain arrays only: no typed PRNG keys (or anything else) in the saved state.
   assert {str(meta.dtype) for meta in saved.values()} <= {'float32', 'int32'}
+
+
+# ----------------------------------------------------------------------------
+# Two processes (multi-host on localhost)
+# ----------------------------------------------------------------------------
+def start_two_processes(env, workdir, steps):
+  """`python -m ifam_jax.main` as processes 0 and 1 of a two-host job (one CPU device each)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  return [subprocess.Popen(
+      command(workdir, f'steps={steps}'), cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, start_new_session=True,
+      env=dict(env, IFAM_MULTIHOST='1', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
+          for i in range(2)]
+
+
+def finish(procs):
+  for proc in procs:
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+
+
+def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(env, tmp_path):
+  """Per-process data shards and iterator states, a collective checkpoint, a kill of both hosts
+  mid-run: the resumed job ends with the same parameters and logs as an uninterrupted one."""
+  steps = 8
+  finish(start_two_processes(env, tmp_path / 'uninterrupted', steps))
+
+  workdir = tmp_path / 'killed'
+  procs = start_two_processes(env, workdir, steps)
+  try:
+    deadline = time.monotonic() + 240
+    while not ((workdir / 'checkpoints').exists() and checkpoint_steps(workdir)
+               and checkpoint_steps(workdir)[-1] >= steps // 2):
+      assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+      time.sleep(0.01)
+  finally:
+    for proc in procs:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+  killed_at = checkpoint_steps(workdir)[-1]
+  assert killed_at < steps and not (workdir / 'params' / 'final.json').exists()
+  grain_states = sorted(p.name for p in (workdir / 'checkpoints' / str(killed_at) / 'data').glob(
+      'process_*'))
+  assert grain_states == ['process_0-of-2.json', 'process_1-of-2.json']  # one per process
+
+  finish(start_two_processes(env, workdir, steps))
+  want = flat(restore(tmp_path / 'uninterrupted' / 'params' / 'final'))
+  got = flat(restore(workdir / 'params' / 'final'))
+  assert want.keys() == got.keys()
+  for path, value in want.items():
+    assert np.array_equal(value, got[path]), path
+  assert without_timing(read_metrics(workdir)) == without_timing(
+      read_metrics(tmp_path / 'uninterrupted'))
+  assert [m['step'] for m in read_metrics(workdir, 'train')] == list(range(1, steps + 1))

@@ -1,0 +1,156 @@
+"""gs:// workdirs: paths keep their scheme, and the workdir's files work on an object store.
+
+The object store is an in-memory fake of gcsfs: bucket-relative names, no directories, and an
+append that overwrites the object (gcsfs warns and does so). epath's fsspec backend, the one it
+uses for gs:// without TensorFlow, is pointed at it, so epath's own gs:// code runs.
+"""
+
+import io
+import json
+import os
+import types
+import warnings
+
+import ml_collections
+import numpy as np
+import pytest
+from etils import epath
+from etils.epath import backend, gpath
+from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
+
+from ifam_jax import checkpoints, evaluate, export, main, train, visualize
+
+WORKDIR = 'gs://bucket/run'
+
+
+class FakeGcs(MemoryFileSystem):
+  """gcsfs's semantics that matter to a workdir, in memory."""
+
+  protocol = ('gs', 'gcs')
+  root_marker = ''
+  cachable = False
+
+  def __init__(self):
+    super().__init__()
+    self.store, self.pseudo_dirs = {}, ['']  # this instance's, not the class-wide ones
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    return str(path).removeprefix('gs://').strip('/')
+
+  def makedirs(self, path, exist_ok=False):
+    del path, exist_ok  # prefixes of objects are the only directories
+
+  def mkdir(self, path, create_parents=True, **kwargs):
+    del path, create_parents, kwargs
+
+  def _open(self, path, mode='rb', **kwargs):
+    if 'a' in mode:
+      warnings.warn("Append mode 'a' is not supported in GCS. Using overwrite mode instead.")
+      mode = mode.replace('a', 'w')
+    return super()._open(path, mode, **kwargs)
+
+
+@pytest.fixture
+def gcs(monkeypatch, tmp_path):
+  """The fake bucket behind every gs:// path; the test runs in tmp_path, where a mangled
+  'gs:/...' path would land."""
+  fake = FakeGcs()
+  real_fs = backend._FileSystemSpecBackend.fs
+  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)  # fsspec, as without TF
+  monkeypatch.setattr(backend._FileSystemSpecBackend, 'fs', lambda self, path: (
+      fake if os.fspath(path).startswith('gs://') else real_fs(self, path)))
+  monkeypatch.chdir(tmp_path)
+  return fake
+
+
+def metric_steps(gcs):
+  return [(m['step'], m['split']) for m in map(
+      json.loads, gcs.cat_file('bucket/run/metrics.jsonl').decode().splitlines())]
+
+
+# ----------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------
+def test_gs_paths_keep_their_scheme(monkeypatch, tmp_path):
+  workdir = epath.Path(WORKDIR)
+  assert str(workdir / 'params' / 'final') == 'gs://bucket/run/params/final'
+  assert not train.is_local(workdir) and train.is_local(tmp_path)
+  assert str(train.absolute(workdir / 'checkpoints')) == 'gs://bucket/run/checkpoints'
+  monkeypatch.chdir(tmp_path)
+  assert train.absolute(epath.Path('run') / 'checkpoints') == tmp_path / 'run' / 'checkpoints'
+
+
+def test_main_writes_to_a_gs_workdir(gcs, monkeypatch):
+  config = ml_collections.ConfigDict({'seed': 3})
+  for holder, value in [('_CONFIG', config), ('_WORKDIR', WORKDIR), ('_MODE', 'eval'),
+                        ('_WHICH', 'final')]:
+    monkeypatch.setattr(main, holder, types.SimpleNamespace(value=value))
+  monkeypatch.setattr(main.logging, 'set_verbosity', lambda level: None)
+  with pytest.raises(FileNotFoundError, match='no saved parameters at gs://bucket/run/params/'):
+    main.main(['main'])
+  assert json.loads(gcs.cat_file('bucket/run/config_eval.json')) == {'seed': 3}
+  assert not os.path.exists('gs:')
+
+
+# ----------------------------------------------------------------------------
+# Files of a workdir in a bucket
+# ----------------------------------------------------------------------------
+def test_metric_writer_rewrites_the_object(gcs):
+  writer = train.MetricWriter(WORKDIR, 0, flush_seconds=0)
+  for step in (1, 2, 3):
+    writer.write(step, 'train', {'loss': 1 / step})
+  assert metric_steps(gcs) == [(1, 'train'), (2, 'train'), (3, 'train')]
+
+  # Resumed from step 2: step 3 is dropped; new lines wait for flush() (or flush_seconds).
+  writer = train.MetricWriter(WORKDIR, 2, flush_seconds=3600)
+  assert metric_steps(gcs) == [(1, 'train'), (2, 'train')]
+  writer.write(3, 'train', {'loss': 0.3})
+  writer.write(3, 'val', {'accuracy': 0.5})
+  assert metric_steps(gcs) == [(1, 'train'), (2, 'train')]
+  writer.flush()
+  assert metric_steps(gcs) == [(1, 'train'), (2, 'train'), (3, 'train'), (3, 'val')]
+
+  # A line cut short is tolerated on resume, as in a local file.
+  logged = gcs.cat_file('bucket/run/metrics.jsonl')
+  gcs.pipe_file('bucket/run/metrics.jsonl', logged + b'{"step": 4, "split": "tr')
+  train.MetricWriter(WORKDIR, 3)
+  assert gcs.cat_file('bucket/run/metrics.jsonl') == logged
+  assert gcs.find('bucket') == ['bucket/run/metrics.jsonl']  # no temporary objects
+
+
+def test_params_info_and_train_checkpoints(gcs):
+  info = {'step': 7, 'num_classes': 2}
+  train._replace_text(epath.Path(WORKDIR) / 'params' / 'final.json', json.dumps(info))
+  assert train.read_params_info(WORKDIR, 'final') == info
+  assert train.read_params_info(WORKDIR, 'best') is None
+  assert gcs.find('bucket') == ['bucket/run/params/final.json']
+
+  for step in (4, 8):
+    gcs.pipe_file(f'bucket/run/checkpoints/{step}/state/_METADATA', b'{}')
+  assert str(train.train_checkpoint(WORKDIR, 'step_8')) == 'gs://bucket/run/checkpoints/8/state'
+  with pytest.raises(FileNotFoundError, match=r'step 5 in gs://bucket/run/checkpoints; '
+                     r'available steps: \[4, 8\]'):
+    train.train_checkpoint(WORKDIR, 'step_5')
+
+
+def test_thresholds_pictures_and_exports(gcs, tmp_path):
+  gcs.pipe_file('bucket/run/q99.json', json.dumps({'rule': 'distance',
+                                                   'thresholds': [0.5, 2]}).encode())
+  assert evaluate.load_thresholds(f'{WORKDIR}/q99.json', 2) == ((0.5, 2.0), 'distance')
+
+  tile = np.zeros((8, 8, 3), np.uint8)
+  path = visualize.save_grid([[tile, tile]], f'{WORKDIR}/pictures/g.png')
+  assert str(path) == 'gs://bucket/run/pictures/g.png'
+  picture = Image.open(io.BytesIO(gcs.cat_file('bucket/run/pictures/g.png')))
+  assert picture.format == 'PNG' and picture.size == (2 * (16 + 4) + 4, 16 + 4 + 4)
+
+  state_dict = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': np.ones(3, np.int64)}
+  for name in ('model.safetensors', 'reference_state_dict.pth'):
+    export._write_state_dict(epath.Path(WORKDIR) / 'export' / name, state_dict)
+    (tmp_path / name).write_bytes(gcs.cat_file(f'bucket/run/export/{name}'))
+    read = checkpoints.read_state_dict(tmp_path / name)
+    assert read.keys() == state_dict.keys()
+    for key, value in state_dict.items():
+      np.testing.assert_array_equal(read[key], value)
