@@ -8,10 +8,11 @@ uses for gs:// without TensorFlow, is pointed at it, so epath's own gs:// code r
 import io
 import json
 import os
-import types
+import pathlib
+import subprocess
+import sys
 import warnings
 
-import ml_collections
 import numpy as np
 import pytest
 from etils import epath
@@ -19,7 +20,7 @@ from etils.epath import backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from ifam_jax import checkpoints, evaluate, export, main, train, visualize
+from ifam_jax import checkpoints, evaluate, export, train, visualize
 
 WORKDIR = 'gs://bucket/run'
 
@@ -52,15 +53,21 @@ class FakeGcs(MemoryFileSystem):
     return super()._open(path, mode, **kwargs)
 
 
+def use_fake_gcs(setattr_fn=setattr) -> FakeGcs:
+  """Routes every gs:// path of epath's fsspec backend (its backend without TF) to a fake."""
+  fake = FakeGcs()
+  real_fs = backend._FileSystemSpecBackend.fs
+  setattr_fn(gpath, '_is_tf_installed', lambda: False)
+  setattr_fn(backend._FileSystemSpecBackend, 'fs', lambda self, path: (
+      fake if os.fspath(path).startswith('gs://') else real_fs(self, path)))
+  return fake
+
+
 @pytest.fixture
 def gcs(monkeypatch, tmp_path):
   """The fake bucket behind every gs:// path; the test runs in tmp_path, where a mangled
   'gs:/...' path would land."""
-  fake = FakeGcs()
-  real_fs = backend._FileSystemSpecBackend.fs
-  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)  # fsspec, as without TF
-  monkeypatch.setattr(backend._FileSystemSpecBackend, 'fs', lambda self, path: (
-      fake if os.fspath(path).startswith('gs://') else real_fs(self, path)))
+  fake = use_fake_gcs(monkeypatch.setattr)
   monkeypatch.chdir(tmp_path)
   return fake
 
@@ -82,16 +89,31 @@ def test_gs_paths_keep_their_scheme(monkeypatch, tmp_path):
   assert train.absolute(epath.Path('run') / 'checkpoints') == tmp_path / 'run' / 'checkpoints'
 
 
-def test_main_writes_to_a_gs_workdir(gcs, monkeypatch):
-  config = ml_collections.ConfigDict({'seed': 3})
-  for holder, value in [('_CONFIG', config), ('_WORKDIR', WORKDIR), ('_MODE', 'eval'),
-                        ('_WHICH', 'final')]:
-    monkeypatch.setattr(main, holder, types.SimpleNamespace(value=value))
-  monkeypatch.setattr(main.logging, 'set_verbosity', lambda level: None)
-  with pytest.raises(FileNotFoundError, match='no saved parameters at gs://bucket/run/params/'):
+def main_on_fake_bucket() -> None:
+  """`ifam_jax.main` with --workdir on the fake bucket (run in its own process: main's flags
+  would clash with ifam_jax.bench's in the test process)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ifam_jax import main  # pylint: disable=g-import-not-at-top
+  fake = use_fake_gcs()
+  flags.FLAGS(['main', '--config=configs/demo.py', f'--workdir={WORKDIR}', '--mode=eval'])
+  try:
     main.main(['main'])
-  assert json.loads(gcs.cat_file('bucket/run/config_eval.json')) == {'seed': 3}
+  except FileNotFoundError as e:
+    assert 'no saved parameters at gs://bucket/run/params/' in str(e), e
+  else:
+    raise AssertionError('evaluating an empty workdir must fail')
+  assert json.loads(fake.cat_file('bucket/run/config_eval.json'))['seed'] == 0
   assert not os.path.exists('gs:')
+
+
+def test_main_writes_to_a_gs_workdir(tmp_path):
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  (tmp_path / 'configs').symlink_to(repo / 'configs')
+  subprocess.run([sys.executable, '-c', 'import test_workdir_paths as t; t.main_on_fake_bucket()'],
+                 cwd=tmp_path, check=True, timeout=300,
+                 env=dict(os.environ, JAX_PLATFORMS='cpu',
+                          PYTHONPATH=os.pathsep.join([str(repo / 'tests'), str(repo)])))
+  assert not (tmp_path / 'gs:').exists()
 
 
 # ----------------------------------------------------------------------------

@@ -385,6 +385,26 @@ def gather_patches(patch_mask: jax.Array, num_keep: int) -> jax.Array:
   return jnp.argsort(order_key, axis=-1)[:, :num_keep]
 
 
+@jax.custom_vjp
+def permute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
+  """x[b, order[b, i]] for a permutation `order` [B, N] of x's tokens [B, N, D].
+
+  Its gradient is the inverse permutation, a gather too, where autodiff of a gather would
+  scatter-add (slower on GPUs, and exact here only because no index repeats)."""
+  return jnp.take_along_axis(x, order[..., None], axis=1)
+
+
+def _permute_tokens_fwd(x, order):
+  return permute_tokens(x, order), order
+
+
+def _permute_tokens_bwd(order, g):
+  return permute_tokens(g, jnp.argsort(order, axis=-1)), None
+
+
+permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
+
+
 class VisionTransformer(nnx.Module):
   """DINOv2 ViT: patch embed + pos embed, [CLS, registers, patches], blocks, final norm."""
 
@@ -449,8 +469,11 @@ class VisionTransformer(nnx.Module):
     if lengths_layout and keep_index is None:
       keep_index = permutation = gather_patches(jax.lax.stop_gradient(patch_mask),
                                                 patches.shape[1])
-    if keep_index is not None:
+    if permutation is not None:
+      patches = permute_tokens(patches, permutation)
+    elif keep_index is not None:
       patches = jnp.take_along_axis(patches, keep_index[..., None], axis=1)
+    if keep_index is not None:
       if patch_mask is not None:
         patch_mask = jnp.take_along_axis(patch_mask, keep_index, axis=1)
     x = jnp.concatenate([self.prefix_tokens(b), patches], axis=1)
@@ -488,7 +511,7 @@ class VisionTransformer(nnx.Module):
     r = self.cfg.num_prefix
     patches = x[:, r:]
     if permutation is not None:
-      patches = jnp.take_along_axis(patches, jnp.argsort(permutation, axis=-1)[..., None], axis=1)
+      patches = permute_tokens(patches, jnp.argsort(permutation, axis=-1))
     return {'cls': x[:, 0], 'registers': x[:, 1:r], 'patches': patches}
 
 
