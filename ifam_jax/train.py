@@ -208,11 +208,13 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state,
                  'skipped_images': state['skipped_images'] + jnp.sum(batch['valid'] == 0)}
     if ema_decay:
-      stepped = (step + 1) % accumulation == 0
       count = (step + 1) // accumulation
-      new_state['ema'] = jax.lax.cond(
-          stepped, lambda: optim.ema_update(state['ema'], params, count, ema_decay),
-          lambda: state['ema'])
+      update = lambda: optim.ema_update(state['ema'], params, count, ema_decay)
+      if accumulation == 1:  # every step updates: no conditional in the step
+        new_state['ema'] = update()
+      else:
+        new_state['ema'] = jax.lax.cond((step + 1) % accumulation == 0, update,
+                                        lambda: state['ema'])
     metrics = {'loss': total, **terms, **extras, 'grad_norm': optax.tree.norm(grads),
                'param_norm': optax.tree.norm(params), 'lr': schedule(step),
                'skipped_images': new_state['skipped_images']}

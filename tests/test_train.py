@@ -497,3 +497,33 @@ def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(env, tmp_pa
   assert without_timing(read_metrics(workdir)) == without_timing(
       read_metrics(tmp_path / 'uninterrupted'))
   assert [m['step'] for m in read_metrics(workdir, 'train')] == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize('accumulation', [1, 2])
+def test_train_step_ema_follows_the_optimizer_updates(accumulation):
+  """The EMA moves once per optimizer update (every `accumulation` micro-steps), by
+  `optim.ema_update` of the parameters after that update."""
+  config = get_config()
+  config.optim.ema_decay = 0.9
+  config.optim.accumulation_steps = accumulation
+  mesh = sharding.make_mesh(config.mesh)
+  t = train.build_training(config, 4, steps_per_epoch=8, mesh=mesh)
+  rng = np.random.default_rng(0)
+  state = t.state
+  initial = flat(jax.device_get(state['ema']))
+  with jax.set_mesh(mesh):
+    for step in range(1, 5):
+      batch = jax.device_put({
+          'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+          'label': rng.integers(0, 4, (8,), dtype=np.int32),
+          'valid': np.ones((8,), np.int32)}, t.batch_sharding)
+      previous = jax.device_get(state['ema'])  # the step donates the state
+      state, _ = t.train_step(state, t.frozen, batch)
+      if step % accumulation:
+        expected = previous
+      else:
+        expected = optim.ema_update(previous, state['params'], step // accumulation, 0.9)
+      for path, value in flat(expected).items():
+        np.testing.assert_allclose(flat(state['ema'])[path], value, rtol=1e-5, atol=1e-9,
+                                   err_msg=path)
+  assert any(not np.array_equal(flat(state['ema'])[p], v) for p, v in initial.items())
