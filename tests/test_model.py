@@ -313,7 +313,6 @@ def test_mask_gradient_none_sends_nothing_to_stage1():
 def test_straight_through_reaches_prototypes_and_masked_tokens():
   model = tiny_ifam(mask_gradient='straight_through')
   x, labels, rng = images(), jnp.array([0, 1, 2]), jax.random.key(3)
-  valid = jnp.ones(3)
   grads = stage2_loss_grads(model, x, labels, rng)
   assert np.abs(np.asarray(grads['stage1']['prototypes'][...])).max() > 0
   # The part classifier is not on the stage-2 path: its gradient stays exactly zero.
