@@ -134,10 +134,14 @@ def flash_kernel(dtype: Any) -> Literal['cudnn', 'xla']:
   return 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
 
 
+def _kernel_multiple(kernel: str) -> int:
+  return 2 if kernel == 'cudnn' else 1
+
+
 def sequence_multiple(dtype: Any) -> int:
   """What the flash kernel needs the token count divisible by: cuDNN's backward fails on odd
   lengths (261 = 1 + 4 + 16^2 at 224 px), XLA takes any."""
-  return 2 if flash_kernel(dtype) == 'cudnn' else 1
+  return _kernel_multiple(flash_kernel(dtype))
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None,
@@ -152,7 +156,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array
   over an even-length sequence, so that copy happens only for direct callers.
   """
   kernel = kernel or flash_kernel(q.dtype)
-  pad_multiple = pad_multiple or (2 if kernel == 'cudnn' else 1)
+  pad_multiple = pad_multiple or _kernel_multiple(kernel)
   b, t = q.shape[:2]
   padded = -(-t // pad_multiple) * pad_multiple
   if lengths is None and padded != t:
