@@ -257,6 +257,14 @@ def _random_images(rng: np.random.Generator, batch: int, size: int) -> np.ndarra
   return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
 
 
+def random_train_batch(seed: int, batch: int, size: int, num_classes: int) -> dict[str, Any]:
+  """A training batch of random uint8 images and labels, fixed by `seed`."""
+  rng = np.random.default_rng(seed)
+  return {'image': _random_images(rng, batch, size),
+          'label': rng.integers(0, num_classes, (batch,), dtype=np.int32),
+          'valid': np.ones((batch,), np.int32)}
+
+
 # ----------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------
@@ -268,11 +276,8 @@ def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, w
   batch_size = config.global_batch_size
   mesh = sharding.make_mesh(config.mesh)
   t = train.build_training(config, num_classes, steps_per_epoch=1000, mesh=mesh)
-  rng = np.random.default_rng(0)
-  batch = jax.device_put({
-      'image': _random_images(rng, batch_size, config.model.image_size),
-      'label': rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
-      'valid': np.ones((batch_size,), np.int32)}, t.batch_sharding)
+  batch = jax.device_put(random_train_batch(0, batch_size, config.model.image_size, num_classes),
+                         t.batch_sharding)
   trainable = jax.tree.leaves(sharding.map_named(lambda name, _: name, t.state['params']))
   with jax.set_mesh(mesh):
     start = time.perf_counter()
@@ -303,11 +308,9 @@ def train_losses(config: ml_collections.ConfigDict, *, steps: int = 20,
   state, losses = t.state, []
   with jax.set_mesh(mesh):
     for i in range(steps):
-      rng = np.random.default_rng(i)
-      batch = jax.device_put({
-          'image': _random_images(rng, batch_size, config.model.image_size),
-          'label': rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
-          'valid': np.ones((batch_size,), np.int32)}, t.batch_sharding)
+      batch = jax.device_put(
+          random_train_batch(i, batch_size, config.model.image_size, num_classes),
+          t.batch_sharding)
       state, metrics = t.train_step(state, t.frozen, batch)
       losses.append(float(metrics['loss']))
   return {**device_info(), 'mode': 'losses', 'image_size': config.model.image_size,

@@ -513,7 +513,7 @@ def test_train_step_ema_follows_the_optimizer_updates(accumulation):
   initial = flat(jax.device_get(state['ema']))
   with jax.set_mesh(mesh):
     for step in range(1, 5):
-      batch = jax.device_put({
+      batch = jax.device_put({  # not bench's batch helper: this file is also a bench config
           'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
           'label': rng.integers(0, 4, (8,), dtype=np.int32),
           'valid': np.ones((8,), np.int32)}, t.batch_sharding)

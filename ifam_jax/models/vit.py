@@ -232,7 +232,11 @@ def gelu(x: jax.Array) -> jax.Array:
   two activation-sized passes.)
   """
   x32 = x.astype(jnp.float32)
-  return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
+  return (x32 * 0.5 * _one_plus_erf(x32)).astype(x.dtype)
+
+
+def _one_plus_erf(x32):
+  return 1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0)))
 
 
 def _gelu_fwd(x):
@@ -241,7 +245,7 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, g):
   x32 = x.astype(jnp.float32)
-  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
+  cdf = 0.5 * _one_plus_erf(x32)
   pdf = jnp.exp(-0.5 * jnp.square(x32)) * (1.0 / math.sqrt(2.0 * math.pi))
   return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
 
