@@ -368,7 +368,8 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
                                                    axis=1)[:, :fg]] = 1.0
       mask = jax.device_put(mask, batch_sharding)
       for keep_count in (None, keep_count_for(fraction, n_p)):
-        fn = jax.jit(make_infer_step(graphdef, rest, keep_count))
+        fn = jax.jit(make_infer_step(graphdef, rest, keep_count),
+                     compiler_options=train.compiler_options(config))
         start = time.perf_counter()
         compiled = fn.lower(params, frozen, images, mask).compile()
         compile_s = time.perf_counter() - start

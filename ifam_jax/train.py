@@ -84,6 +84,11 @@ def vit_from_config(model_cfg: ml_collections.ConfigDict) -> vit.ViTConfig:
                         **dict(model_cfg.vit_overrides))
 
 
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The XLA options for this backend's jitted steps (`gpu_compiler_options` on GPUs)."""
+  return dict(config.gpu_compiler_options) if jax.default_backend() == 'gpu' else {}
+
+
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
                 rngs: nnx.Rngs) -> nnx.Module:
   """IFAM, or the plain ViT classifier for kind='baseline'; DINOv2 weights if configured."""
@@ -283,10 +288,12 @@ def build_training(config: ml_collections.ConfigDict, num_classes: int, steps_pe
 
   train_step = jax.jit(make_train_step(graphdef, rest, tx, config, schedule),
                        in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,),
+                       compiler_options=compiler_options(config))
   eval_step = jax.jit(make_eval_step(graphdef, rest, config),
                       in_shardings=(state_sharding['params'], frozen_sharding, batch_sharding,
-                                    repl), out_shardings=repl)
+                                    repl), out_shardings=repl,
+                      compiler_options=compiler_options(config))
   return Training(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule,
                   abstract_state=abstract_state, state=state, frozen=frozen,
                   state_sharding=state_sharding, frozen_sharding=frozen_sharding,

@@ -94,6 +94,18 @@ def test_baseline_trains_like_stage2():
       (ifam_groups.head.lr_factor, ifam_groups.stage2_backbone.lr_factor) == (1.0, 1.0)
 
 
+def test_gpu_compiler_options_apply_on_gpus_only(monkeypatch):
+  """The recipes' XLA options reach the jitted steps on GPUs; other backends get none (an
+  option XLA does not know fails the compile, so a typo cannot pass silently)."""
+  config = get_config('imagenet', PAPER_ARGS)
+  assert train.compiler_options(config) == {}
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert train.compiler_options(config) == {'xla_gpu_triton_gemm_any': True}
+  config.gpu_compiler_options = {'xla_gpu_no_such_option': True}
+  with pytest.raises(Exception, match='xla_gpu_no_such_option'):
+    jax.jit(lambda x: x + 1, compiler_options=train.compiler_options(config))(1.0)
+
+
 def test_imagenet_data_choices():
   tfds = get_config('imagenet', 'data=tfds,tfds_dir=/tfds,weights=/w')  # needs no root
   assert dict(tfds.data.train) == dict(source='tfds', name='imagenet2012', data_dir='/tfds',
