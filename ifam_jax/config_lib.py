@@ -105,9 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = (('data', -1), ('fsdp', 1))
   c.sharding_rules = (('.*', 'replicate'),)
   c.fsdp_min_size = 2**18  # 'fsdp' rules leave tensors with fewer elements replicated
-  # XLA options of the jitted train and eval steps, on GPUs only. Triton GEMMs for every dot let
-  # XLA fuse neighbouring elementwise work into them (README, "Performance").
-  c.gpu_compiler_options = dict(xla_gpu_triton_gemm_any=True)
+  # XLA options of the jitted train and eval steps, on GPUs only (README, "Performance"):
+  # Triton GEMMs for every dot, so XLA can fuse neighbouring elementwise work into them; no
+  # merging of dots that share an operand, which concatenates activations (e.g. of the two
+  # stage-1 passes, which share weights) only to slice the product apart again.
+  c.gpu_compiler_options = dict(xla_gpu_triton_gemm_any=True, xla_gpu_dot_merger_threshold_mb=0)
 
   # Evaluation entry points (ifam_jax/evaluate.py: eval, calibrate, leave-one-out, audit).
   c.eval = dict(

@@ -100,7 +100,8 @@ def test_gpu_compiler_options_apply_on_gpus_only(monkeypatch):
   config = get_config('imagenet', PAPER_ARGS)
   assert train.compiler_options(config) == {}
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert train.compiler_options(config) == {'xla_gpu_triton_gemm_any': True}
+  assert train.compiler_options(config) == {'xla_gpu_triton_gemm_any': True,
+                                            'xla_gpu_dot_merger_threshold_mb': 0}
   config.gpu_compiler_options = {'xla_gpu_no_such_option': True}
   with pytest.raises(Exception, match='xla_gpu_no_such_option'):
     jax.jit(lambda x: x + 1, compiler_options=train.compiler_options(config))(1.0)
