@@ -102,6 +102,8 @@ def test_gpu_compiler_options_apply_on_gpus_only(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert train.compiler_options(config) == {'xla_gpu_triton_gemm_any': True,
                                             'xla_gpu_dot_merger_threshold_mb': 0}
+  for name in ('cub', 'waterbirds'):  # 518 px: XLA's own dot merging is faster there
+    assert get_config(name, PAPER_ARGS).gpu_compiler_options.xla_gpu_dot_merger_threshold_mb == 32
   config.gpu_compiler_options = {'xla_gpu_no_such_option': True}
   with pytest.raises(Exception, match='xla_gpu_no_such_option'):
     jax.jit(lambda x: x + 1, compiler_options=train.compiler_options(config))(1.0)
