@@ -98,6 +98,7 @@ def test_gpu_compiler_options_apply_on_gpus_only(monkeypatch):
   """The recipes' XLA options reach the jitted steps on GPUs; other backends get none (an
   option XLA does not know fails the compile, so a typo cannot pass silently)."""
   config = get_config('imagenet', PAPER_ARGS)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
   assert train.compiler_options(config) == {}
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert train.compiler_options(config) == {'xla_gpu_triton_gemm_any': True,
