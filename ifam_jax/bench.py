@@ -22,6 +22,10 @@ block) cost 2; frozen blocks with nothing trainable before them cost 1. The patc
 needs an input gradient: 2 forwards if its kernel trains, else 1. A train step is stage 1 on the
 batch + stage 1 on the warped batch (if the equivariance loss is on) + stage 2, each so counted;
 at 224 px with the reference's groups that is ~7 ViT-B/14 forwards, ~330 GFLOP per image.
+Training stage 2 on its visible tokens only (`model.stage2_token_tiers`) computes fewer: the train
+line counts stage 2's blocks at the mean token count the step computed (`stage2_tokens`, a
+fraction of the patches, averaged over the timed steps) in `flops_per_image` and the MFU, and
+gives the all-token count as `dense_flops_per_image`, the work the reference does.
 Inference is one stage-1 forward plus one stage-2 forward over all patches (dense, masked keys) or
 over the gathered `keep_count` tokens. (XLA's own `cost_analysis()` is not used: on GPUs it
 leaves out the cuBLAS and cuDNN calls, i.e. nearly all of the work.)
@@ -109,13 +113,16 @@ def _backward_factors(trainable: Sequence[str], prefix: str) -> tuple[int, int]:
   return embed, 2 if upstream else 1
 
 
-def train_flops_per_image(config: ml_collections.ConfigDict, trainable: Sequence[str]) -> float:
-  """Analytic FLOPs of one training image (module docstring); `trainable`: parameter names."""
+def train_flops_per_image(config: ml_collections.ConfigDict, trainable: Sequence[str],
+                          stage2_tokens: float = 1.0) -> float:
+  """Analytic FLOPs of one training image (module docstring); `trainable`: parameter names;
+  `stage2_tokens`: the fraction of patch tokens stage 2's blocks compute."""
   cfg = train.vit_from_config(config.model)
   if config.model.kind == 'baseline':
     return vit_forward_flops(cfg, None, *_backward_factors(trainable, 'backbone/'))
   stage1 = vit_forward_flops(cfg, None, *_backward_factors(trainable, 'stage1/backbone/'))
-  stage2 = vit_forward_flops(cfg, None, *_backward_factors(trainable, 'stage2/backbone/'))
+  stage2 = vit_forward_flops(cfg, stage2_tokens * cfg.num_patches,
+                             *_backward_factors(trainable, 'stage2/backbone/'))
   passes = 2 if config.loss.weights.equivariance else 1
   return passes * stage1 + stage2
 
@@ -284,17 +291,21 @@ def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, w
     step = t.train_step.lower(t.state, t.frozen, batch).compile()
     compile_s = time.perf_counter() - start
     state = t.state
+    token_fractions = []
 
     def run():
       nonlocal state
       state, metrics = step(state, t.frozen, batch)
+      token_fractions.append(metrics.get('stage2_tokens', 1.0))
       return metrics['loss']
 
     times = time_windows(run, warmup=warmup, windows=windows, steps=steps)
+    stage2_tokens = float(np.mean(jax.device_get(token_fractions[warmup:])))
     profile = profile_steps(run, profile_dir, steps) if profile_dir else {}
   return _report(config, 'train', batch_size, statistics.median(times),
-                 train_flops_per_image(config, trainable), compile_s, *peak_flops(peak),
-                 **profile)
+                 train_flops_per_image(config, trainable, stage2_tokens), compile_s,
+                 *peak_flops(peak), stage2_tokens=stage2_tokens,
+                 dense_flops_per_image=train_flops_per_image(config, trainable), **profile)
 
 
 def train_losses(config: ml_collections.ConfigDict, *, steps: int = 20,

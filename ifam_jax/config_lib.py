@@ -68,6 +68,13 @@ def base_config() -> ml_collections.ConfigDict:
       mask_gradient='none',
       eval_gumbel_noise=False,
       soft_mask=False,
+      # Stage 2 trains on the tokens it can see only, exactly (train.packed_stage2): each
+      # device's batch is sorted by visible-patch count and cut into `stage2_token_groups`
+      # groups, each computed at the smallest of these capacities (fractions of the patches;
+      # all patches is always one) that holds its visible patches. () computes every token.
+      # Applies to hard masks that pass stage 1 no gradient (mask_gradient 'none', no soft_mask).
+      stage2_token_tiers=(0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875),
+      stage2_token_groups=4,
       init_weights='',  # local DINOv2 file (timm/HF safetensors or official .pth); '' = random
       vit_overrides={},  # e.g. width/depth/num_heads/mlp_hidden/patch_size for tiny models
   )

@@ -78,6 +78,12 @@ def _avg_pool3(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 # Classification
 # ---------------------------------------------------------------------------
+def negative_log_likelihood(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """-log softmax(logits)[label] per example [B], in fp32."""
+  log_probs = jax.nn.log_softmax(_f32(logits), axis=-1)
+  return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array,
                   weights: jax.Array | None = None) -> jax.Array:
   """Mean softmax cross-entropy with integer labels: both stages' L_cls (no label smoothing).
@@ -85,8 +91,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   `weights` [B] turn it into a weighted mean, so a skipped (corrupt or padding) example with
   weight 0 contributes nothing.
   """
-  log_probs = jax.nn.log_softmax(_f32(logits), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  nll = negative_log_likelihood(logits, labels)
   if weights is None:
     return jnp.mean(nll)
   weights = _f32(weights)

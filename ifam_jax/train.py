@@ -16,7 +16,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -133,14 +133,18 @@ def grouped_presence_loss(maps: jax.Array, kind: str, group_size: int) -> jax.Ar
 
 
 def ifam_loss_terms(model: ifam.IFAM, images: jax.Array, labels: jax.Array, valid: jax.Array,
-                    rng: jax.Array, loss_cfg: ml_collections.ConfigDict,
+                    rng: jax.Array, loss_cfg: ml_collections.ConfigDict, run_stage2: bool = True,
                     ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """Every weighted loss term of one iFAM step, and accuracy-style extras."""
+  """Every weighted loss term of one iFAM step, and accuracy-style extras.
+
+  With `run_stage2=False` the stage-2 term 'cls2' and its 'accuracy' are left out and the
+  extras carry the hard 'fg_mask' [B, h*w] instead, for `packed_stage2`.
+  """
   weights = loss_cfg.weights
-  out = model(images, train=True, rng=jax.random.fold_in(rng, RNG_MODEL))
+  out = model(images, train=True, rng=jax.random.fold_in(rng, RNG_MODEL), run_stage2=run_stage2)
   maps = out.part_maps
   terms = {
-      'cls2': losses.cross_entropy(out.logits, labels, valid),
+      'cls2': (lambda: losses.cross_entropy(out.logits, labels, valid)) if run_stage2 else None,
       'cls1': losses.cross_entropy(out.stage1_logits, labels, valid),
       'presence': lambda: grouped_presence_loss(maps, loss_cfg.presence,
                                                 loss_cfg.presence_group_size),
@@ -160,11 +164,103 @@ def ifam_loss_terms(model: ifam.IFAM, images: jax.Array, labels: jax.Array, vali
     warped_maps = model.stage1_maps(warped, train=True, rng=jax.random.fold_in(rng, RNG_WARPED))
     back = losses.inverse_warp_maps(warped_maps, *affine, images.shape[1])
     terms['equivariance'] = losses.equivariance_loss(maps, back)
-  terms = {k: (v() if callable(v) else v) for k, v in terms.items() if weights[k]}
-  extras = {'accuracy': _accuracy(out.logits, labels, valid),
-            'stage1_accuracy': _accuracy(out.stage1_logits, labels, valid),
+  terms = {k: (v() if callable(v) else v) for k, v in terms.items()
+           if weights[k] and v is not None}
+  extras = {'stage1_accuracy': _accuracy(out.stage1_logits, labels, valid),
             'fg_fraction': jnp.mean(out.fg_mask)}
+  if run_stage2:
+    extras['accuracy'] = _accuracy(out.logits, labels, valid)
+  else:
+    extras['fg_mask'] = out.fg_mask.reshape(images.shape[0], -1)
   return terms, extras
+
+
+def stage2_capacities(fractions: Sequence[float], num_patches: int) -> tuple[int, ...]:
+  """The patch capacities of `model.stage2_token_tiers`, ascending, always ending with all."""
+  if any(not 0.0 <= f <= 1.0 for f in fractions):
+    raise ValueError(f'model.stage2_token_tiers must be fractions in [0, 1], got {fractions}')
+  return tuple(sorted({math.ceil(f * num_patches) for f in fractions} | {num_patches}))
+
+
+def packing_applies(model_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether stage 2 trains on its visible tokens only (`packed_stage2`): the tiers are set,
+  and the stage-2 loss reaches stage 1 through nothing (hard mask, no surrogate gradient)."""
+  return (model_cfg.kind == 'ifam' and bool(model_cfg.stage2_token_tiers)
+          and model_cfg.mask_gradient == 'none' and not model_cfg.soft_mask)
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+  return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_mask: jax.Array,
+                  labels: jax.Array, valid: jax.Array, *, capacities: Sequence[int],
+                  groups: int, shards: int) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+  """Stage 2's cross-entropy and its gradient, computed on the visible tokens only.
+
+  Stage 2 never attends to a masked patch, so its output is the same when it runs on the
+  visible patches gathered first (`vit.gather_patches`) at any capacity that holds them all.
+  Each of the `shards` equal slices of the batch (one per device) is sorted by visible-patch
+  count and cut into `groups` groups; a `lax.scan` over the groups runs each one through a
+  `lax.switch` over statically shaped branches, one per capacity, and takes the smallest that
+  fits the group. Each branch differentiates its own loss and adds to the accumulated gradient,
+  so its activations never leave it. The values are the dense step's up to summation order.
+
+  Args:
+    stage2_loss: (params, images, patch_mask, keep_index, labels, valid, denominator) ->
+      (summed weighted loss / denominator, logits).
+    params: what to differentiate.
+    patch_mask: [B, N_p] hard mask, > 0 = visible; carries no gradient.
+    capacities: ascending patch capacities; the last is N_p.
+    groups: groups per slice; must divide B / shards.
+    shards: slices of the batch sorted independently, so that no image changes device.
+
+  Returns:
+    The loss, its gradient w.r.t. `params`, and metrics: 'accuracy' and 'stage2_tokens', the
+    fraction of patch tokens the capacities computed.
+  """
+  b, n_p = patch_mask.shape
+  per_shard = b // shards
+  group_size = per_shard // groups
+  counts = jnp.sum(patch_mask > 0, axis=1)
+  order = jnp.argsort(counts.reshape(shards, per_shard), axis=1)
+
+  def grouped(x):  # [B, ...] -> [groups, shards * group_size, ...], sorted within each shard
+    x = x.reshape((shards, per_shard) + x.shape[1:])
+    x = jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+    x = jnp.swapaxes(x.reshape((shards, groups, group_size) + x.shape[2:]), 0, 1)
+    return x.reshape((groups, shards * group_size) + x.shape[3:])
+
+  inputs = {'images': images, 'mask': patch_mask, 'labels': labels, 'valid': valid}
+  inputs = {k: grouped(v) for k, v in inputs.items()}
+  tier = jnp.searchsorted(jnp.asarray(capacities), jnp.max(grouped(counts), axis=1))
+  denominator = jnp.maximum(jnp.sum(valid), 1.0)
+
+  def branch(capacity):
+    def run(grads, group):
+      keep_index = vit.gather_patches(group['mask'], capacity)
+      (loss, logits), group_grads = jax.value_and_grad(stage2_loss, has_aux=True)(
+          params, group['images'], group['mask'], keep_index, group['labels'], group['valid'],
+          denominator)
+      return jax.tree.map(jnp.add, grads, group_grads), loss, logits
+    return run
+
+  branches = [branch(c) for c in capacities]
+
+  def body(carry, xs):
+    grads, loss = carry
+    group_tier, group = xs
+    grads, group_loss, logits = jax.lax.switch(group_tier, branches, grads, group)
+    return (grads, loss + group_loss), logits
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, loss), logits = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                       (tier, inputs))
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  computed = jnp.sum(jnp.asarray(capacities)[tier]) * shards * group_size
+  metrics = {'accuracy': _accuracy(flat(logits), flat(inputs['labels']), flat(inputs['valid'])),
+             'stage2_tokens': computed / (b * n_p)}
+  return loss, grads, metrics
 
 
 def baseline_loss_terms(model: vit.ViTClassifier, images: jax.Array, labels: jax.Array,
@@ -181,9 +277,11 @@ def _accuracy(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Arr
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict,
-                    schedule: Callable[[jax.Array], jax.Array]) -> Callable:
+                    schedule: Callable[[jax.Array], jax.Array], batch_shards: int = 1) -> Callable:
   """The pure train step: (state, frozen, batch) -> (state, metrics).
 
+  `batch_shards`: how many devices the batch is split over; `packed_stage2` sorts each device's
+  slice on its own.
   The state carries everything a resumed run needs to continue exactly, down to the count of
   unreadable (skipped) training images that the logs report.
   """
@@ -191,13 +289,18 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   weights = config.loss.weights
   accumulation = config.optim.accumulation_steps
   ema_decay = config.optim.ema_decay
+  packed = packing_applies(config.model) and bool(weights.cls2)
+  if packed:
+    capacities = stage2_capacities(config.model.stage2_token_tiers,
+                                   vit_from_config(config.model).num_patches)
 
   def loss_fn(params, frozen, images, labels, valid, rng):
     model = nnx.merge(graphdef, params, frozen, rest)
     if baseline:
       terms, extras = baseline_loss_terms(model, images, labels, valid)
     else:
-      terms, extras = ifam_loss_terms(model, images, labels, valid, rng, config.loss)
+      terms, extras = ifam_loss_terms(model, images, labels, valid, rng, config.loss,
+                                      run_stage2=not packed)
     total = sum(weights[k] * v for k, v in terms.items())
     return total, (terms, extras)
 
@@ -208,6 +311,23 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     valid = batch['valid'].astype(jnp.float32)
     (total, (terms, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'], frozen, images, batch['label'], valid, rng)
+    if packed:
+      def stage2_loss(params, images, patch_mask, keep_index, labels, valid, denominator):
+        model = nnx.merge(graphdef, params, frozen, rest)
+        logits = model.stage2(images, patch_mask, keep_index=keep_index)
+        nll = losses.negative_log_likelihood(logits, labels)
+        return jnp.sum(nll * valid) / denominator, logits
+
+      per_shard = images.shape[0] // batch_shards
+      cls2, cls2_grads, cls2_metrics = packed_stage2(
+          stage2_loss, state['params'], images,
+          extras.pop('fg_mask'), batch['label'], valid, capacities=capacities,
+          groups=largest_divisor_at_most(per_shard, config.model.stage2_token_groups),
+          shards=batch_shards)
+      grads = jax.tree.map(lambda g, g2: g + weights.cls2 * g2, grads, cls2_grads)
+      total = total + weights.cls2 * cls2
+      terms['cls2'] = cls2
+      extras.update(cls2_metrics)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state,
@@ -286,7 +406,8 @@ def build_training(config: ml_collections.ConfigDict, num_classes: int, steps_pe
   state = jax.jit(init_state, out_shardings=state_sharding)(params)
   del params
 
-  train_step = jax.jit(make_train_step(graphdef, rest, tx, config, schedule),
+  train_step = jax.jit(make_train_step(graphdef, rest, tx, config, schedule,
+                                       batch_shards=mesh.size),
                        in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                        out_shardings=(state_sharding, repl), donate_argnums=(0,),
                        compiler_options=compiler_options(config))

@@ -47,10 +47,15 @@ def test_train_reports_the_reference_accounting():
   assert result['img_per_sec'] > 0 and result['compile_s'] > 0
   # Reference groups: stage-1 blocks and patch embedding frozen but its tokens train (2x blocks,
   # 1x embed), twice (the equivariance pass); stage 2 trains fully (3x blocks, 2x embed).
+  # Stage 2's blocks count at the mean fraction of tokens the packed step computed.
   cfg = train.vit_from_config(config.model)
+  tokens = result['stage2_tokens'] * cfg.num_patches
+  assert 0 < tokens < cfg.num_patches
   expected = (2 * bench.vit_forward_flops(cfg, None, 1, 2)
-              + bench.vit_forward_flops(cfg, None, 2, 3))
+              + bench.vit_forward_flops(cfg, tokens, 2, 3))
   assert result['flops_per_image'] == pytest.approx(expected)
+  assert result['dense_flops_per_image'] == pytest.approx(
+      2 * bench.vit_forward_flops(cfg, None, 1, 2) + bench.vit_forward_flops(cfg, None, 2, 3))
   json.dumps(result)
 
 

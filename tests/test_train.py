@@ -22,13 +22,14 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 from flax import nnx
 
-from ifam_jax import config_lib, evaluate, optim, sharding, train
+from ifam_jax import config_lib, evaluate, losses, optim, sharding, train
 from ifam_jax import data as data_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ def get_config(arg=None):
   c.data.eval_batch_size = 8
   c.data.num_workers = 0
   c.loss.presence_group_size = 4
+  c.model.stage2_token_tiers = (0.0, 0.5)  # the packed stage 2 with fewer branches to compile
   # The reference's groups: stage-1 backbone frozen, 1e3-1e4 lr factors on the new parts.
   c.optim.groups = optim.ifam_groups()
   c.optim.lr = 1e-5
@@ -527,3 +529,85 @@ def test_train_step_ema_follows_the_optimizer_updates(accumulation):
         np.testing.assert_allclose(flat(state['ema'])[path], value, rtol=1e-5, atol=1e-9,
                                    err_msg=path)
   assert any(not np.array_equal(flat(state['ema'])[p], v) for p, v in initial.items())
+
+
+# ----------------------------------------------------------------------------
+# Stage 2 on its visible tokens only
+# ----------------------------------------------------------------------------
+def test_packed_stage2_sorts_each_shard_and_matches_every_token():
+  """A toy stage 2 (logits from the visible tokens' sum): the packed loss and gradient equal
+  the all-token computation, and each group runs at the smallest capacity that holds it,
+  groups being formed within each shard (numpy by hand)."""
+  rng = np.random.default_rng(0)
+  b, n_p, d, classes, shards, groups = 16, 12, 3, 4, 2, 2
+  tokens = rng.normal(size=(b, n_p, d)).astype(np.float32)
+  counts = np.array([0, 12, 3, 5, 0, 7, 2, 12, 1, 3, 0, 9, 6, 11, 2, 8])
+  mask = np.zeros((b, n_p), np.float32)
+  for i, c in enumerate(counts):
+    mask[i, rng.permutation(n_p)[:c]] = 1.0
+  labels = rng.integers(0, classes, b).astype(np.int32)
+  valid = np.ones(b, np.float32)
+  valid[3] = 0.0
+  params = {'w': rng.normal(size=(d, classes)).astype(np.float32)}
+
+  def stage2_loss(params, tokens, mask, keep_index, labels, valid, denominator):
+    gathered = jnp.take_along_axis(tokens, keep_index[..., None], axis=1)
+    visible = jnp.take_along_axis(mask, keep_index, axis=1)
+    logits = jnp.sum(gathered * visible[..., None], axis=1) @ params['w']
+    return jnp.sum(losses.negative_log_likelihood(logits, labels) * valid) / denominator, logits
+
+  capacities = (0, 3, 6, 9, 12)
+  loss, grads, metrics = train.packed_stage2(
+      stage2_loss, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(labels),
+      jnp.asarray(valid), capacities=capacities, groups=groups, shards=shards)
+
+  everything = np.broadcast_to(np.arange(n_p), (b, n_p))
+  (want_loss, logits), want_grads = jax.value_and_grad(stage2_loss, has_aux=True)(
+      params, tokens, mask, everything, labels, valid, valid.sum())
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(grads['w'], want_grads['w'], rtol=1e-5, atol=1e-7)
+  correct = (np.argmax(logits, axis=-1) == labels) * valid
+  np.testing.assert_allclose(metrics['accuracy'], correct.sum() / valid.sum(), rtol=1e-6)
+
+  per_shard = np.sort(counts.reshape(shards, b // shards), axis=1)
+  group_max = per_shard.reshape(shards, groups, -1).max(axis=(0, 2))  # one capacity per group
+  chosen = [min(c for c in capacities if c >= m) for m in group_max]
+  expected = sum(chosen) * shards * (b // shards // groups) / (b * n_p)
+  np.testing.assert_allclose(metrics['stage2_tokens'], expected, rtol=1e-6)
+  assert expected < 1.0  # the sort pays: unsorted, both groups would need all 12
+
+
+def test_packed_train_step_matches_the_dense_step():
+  """The recipe's tiers against `stage2_token_tiers=()`: every loss term and metric, and the
+  parameters after two steps, in fp32; packing does not apply to a straight-through mask."""
+  results = {}
+  for tiers in (config_lib.base_config().model.stage2_token_tiers, ()):
+    config = get_config()
+    config.model.stage2_token_tiers = tiers
+    mesh = sharding.make_mesh(config.mesh)
+    t = train.build_training(config, 4, steps_per_epoch=8, mesh=mesh)
+    rng = np.random.default_rng(0)
+    state = t.state
+    with jax.set_mesh(mesh):
+      for _ in range(2):
+        batch = jax.device_put({
+            'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+            'label': rng.integers(0, 4, (8,), dtype=np.int32),
+            'valid': np.array([1, 1, 1, 0, 1, 1, 1, 1], np.int32)}, t.batch_sharding)
+        state, metrics = t.train_step(state, t.frozen, batch)
+    results[tiers] = flat(jax.device_get(state['params'])), jax.device_get(metrics)
+  (packed_params, packed), (dense_params, dense) = results.values()
+  assert 0 < packed.pop('stage2_tokens') < 1
+  assert packed.keys() == dense.keys()
+  for key, value in dense.items():
+    np.testing.assert_allclose(packed[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+  for path, value in dense_params.items():
+    np.testing.assert_allclose(packed_params[path], value, rtol=1e-5, atol=1e-7, err_msg=path)
+
+  config = get_config()
+  assert train.packing_applies(config.model)
+  config.model.mask_gradient = 'straight_through'
+  assert not train.packing_applies(config.model)
+  with pytest.raises(ValueError, match='fractions'):
+    train.stage2_capacities((0.5, 1.5), 16)
+  assert train.stage2_capacities((0.0, 0.3, 0.5), 16) == (0, 5, 8, 16)

@@ -32,7 +32,7 @@ RNG_MAP_NOISE, RNG_MASK_NOISE, RNG_PART_DROPOUT, RNG_MASK_DROPOUT = range(4)
 class IFAMOutput:
   """What one forward pass returns. Maps and logits are channels-last, background last."""
 
-  logits: jax.Array  # [B, C] stage-2 logits (the model's prediction)
+  logits: jax.Array | None  # [B, C] stage-2 logits (the model's prediction); None if not run
   stage1_logits: jax.Array  # [B, C] mean of the foreground part scores
   part_scores: jax.Array  # [B, K, C]
   part_maps: jax.Array  # [B, h, w, K+1] soft maps A (Gumbel softmax while training)
@@ -172,7 +172,7 @@ class IFAM(nnx.Module):
 
   def __call__(self, images: jax.Array, *, train: bool, rng: jax.Array | None = None,
                intervention: Intervention | None = None,
-               keep_count: int | None = None) -> IFAMOutput:
+               keep_count: int | None = None, run_stage2: bool = True) -> IFAMOutput:
     """Both stages on normalised NHWC images.
 
     Args:
@@ -182,6 +182,8 @@ class IFAM(nnx.Module):
       intervention: eval-only edits of the mask (see `Intervention`).
       keep_count: eval-only token gather: stage 2 runs on this many patch tokens, foreground
         first. Exact when it is >= the largest foreground count in the batch.
+      run_stage2: False leaves `logits` None, for a caller that runs stage 2 on the returned
+        `fg_mask` itself (`train.packed_stage2`).
     """
     if train and (intervention is not None or keep_count is not None):
       raise ValueError('interventions and token gather are eval-only')
@@ -201,14 +203,16 @@ class IFAM(nnx.Module):
     part_features, part_scores = self.stage1.classify(
         maps, features, part_dropout=self.part_dropout, rng=keys[RNG_PART_DROPOUT])
 
-    b = images.shape[0]
-    if self.soft_mask:
-      patch_mask, mode = fg_prob.reshape(b, -1), 'soft'
-    else:
-      patch_mask = fg_mask.reshape(b, -1)
-      mode = 'straight_through' if self.mask_gradient == 'straight_through' else 'hard'
-    keep_index = None if keep_count is None else gather_patches(patch_mask, keep_count)
-    stage2_logits = self.stage2(images, patch_mask, mask_mode=mode, keep_index=keep_index)
+    stage2_logits = None
+    if run_stage2:
+      b = images.shape[0]
+      if self.soft_mask:
+        patch_mask, mode = fg_prob.reshape(b, -1), 'soft'
+      else:
+        patch_mask = fg_mask.reshape(b, -1)
+        mode = 'straight_through' if self.mask_gradient == 'straight_through' else 'hard'
+      keep_index = None if keep_count is None else gather_patches(patch_mask, keep_count)
+      stage2_logits = self.stage2(images, patch_mask, mask_mode=mode, keep_index=keep_index)
 
     return IFAMOutput(
         logits=stage2_logits,

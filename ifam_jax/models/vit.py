@@ -463,7 +463,7 @@ class VisionTransformer(nnx.Module):
         zero = masked with -inf, no gradient. 'straight_through': float {0, 1} whose gradient comes
         from `attention_with_mask_gradient`. 'soft': probabilities, bias log(m + 1e-10).
       keep_index: optional [B, M] patch indices (see `gather_patches`); only those patch tokens
-        enter the blocks, and 'patches' holds just them. Inference only.
+        enter the blocks, and 'patches' holds just them.
 
     With `cfg.attention == 'flash'` and a hard mask, the visible patches go first (a permutation
     when no `keep_index` is given, undone on 'patches'), so that the mask becomes a length;
