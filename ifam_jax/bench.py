@@ -35,6 +35,7 @@ device (`--peak_flops` overrides; the reference quotes ~800 TFLOP/s as attainabl
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -42,7 +43,7 @@ import pathlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -56,7 +57,7 @@ from PIL import Image
 
 from ifam_jax import data as data_lib
 from ifam_jax import optim, sharding, train
-from ifam_jax.models import parts, vit
+from ifam_jax.models import ifam, parts, vit
 
 # Dense bf16 tensor-core peaks (spec sheets, without sparsity), matched on device_kind.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12}
@@ -73,6 +74,9 @@ _BATCH = flags.DEFINE_integer('batch', 0, 'infer/data batch (default: data.eval_
                               'infer, global_batch_size for data).')
 _FG = flags.DEFINE_list('fg_fraction', ['1.0', '0.25'], 'infer: foreground fractions of the '
                         'synthetic stage-2 mask; each is measured dense and token-gathered.')
+_TRAIN_FG = flags.DEFINE_list('train_fg_fraction', [], 'train: replace stage 1\'s foreground '
+                              'mask by this fraction of random patches (one measurement each; '
+                              'see `forced_foreground`); empty: stage 1\'s own mask.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'train/infer: classifier width.')
 _PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s per device for MFU (0: the spec of '
                            'the device kind if known, else no MFU).')
@@ -272,13 +276,43 @@ def random_train_batch(seed: int, batch: int, size: int, num_classes: int) -> di
           'valid': np.ones((batch,), np.int32)}
 
 
+@contextlib.contextmanager
+def forced_foreground(fraction: float | None) -> Iterator[None]:
+  """While tracing, stage 1's training mask becomes `round(fraction N_p)` random patches per
+  image, and empty with the probability that the mask's part dropout drops every part
+  (`mask_part_dropout ** K`): stage 2's sparsity under control, as real masks would give it,
+  where a randomly initialised model trained on random images drifts to nearly empty masks.
+  Stage 1 still computes its own mask, so its cost is unchanged."""
+  if fraction is None:
+    yield
+    return
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f'train_fg_fraction must be in [0, 1], got {fraction}')
+  original = ifam.IFAM.foreground_mask
+
+  def foreground_mask(self, logits, *, noise_rng, dropout_rng):
+    mask, fg_prob = original(self, logits, noise_rng=noise_rng, dropout_rng=dropout_rng)
+    b, h, w = mask.shape
+    rank = jnp.argsort(jax.random.uniform(noise_rng, (b, h * w)), axis=-1).argsort(axis=-1)
+    empty = jax.random.bernoulli(dropout_rng, self.mask_part_dropout**self.num_parts, (b, 1))
+    forced = (rank < round(fraction * h * w)) & ~empty
+    return forced.reshape(b, h, w).astype(mask.dtype), fg_prob
+
+  ifam.IFAM.foreground_mask = foreground_mask
+  try:
+    yield
+  finally:
+    ifam.IFAM.foreground_mask = original
+
+
 # ----------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------
 def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, warmup: int = 3,
                 windows: int = 5, steps: int = 10, peak: float = 0.0,
-                profile_dir: str = '') -> dict[str, Any]:
-  """The real jitted train step (`train.build_training`) on one resident random batch."""
+                profile_dir: str = '', fg_fraction: float | None = None) -> dict[str, Any]:
+  """The real jitted train step (`train.build_training`) on one resident random batch;
+  `fg_fraction` forces stage 2's mask (`forced_foreground`)."""
   config = random_init(config)
   batch_size = config.global_batch_size
   mesh = sharding.make_mesh(config.mesh)
@@ -288,23 +322,27 @@ def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, w
   trainable = jax.tree.leaves(sharding.map_named(lambda name, _: name, t.state['params']))
   with jax.set_mesh(mesh):
     start = time.perf_counter()
-    step = t.train_step.lower(t.state, t.frozen, batch).compile()
+    with forced_foreground(fg_fraction):
+      step = t.train_step.lower(t.state, t.frozen, batch).compile()
     compile_s = time.perf_counter() - start
     state = t.state
-    token_fractions = []
+    fg_fractions, token_fractions = [], []
 
     def run():
       nonlocal state
       state, metrics = step(state, t.frozen, batch)
+      fg_fractions.append(metrics.get('fg_fraction', 1.0))
       token_fractions.append(metrics.get('stage2_tokens', 1.0))
       return metrics['loss']
 
     times = time_windows(run, warmup=warmup, windows=windows, steps=steps)
-    stage2_tokens = float(np.mean(jax.device_get(token_fractions[warmup:])))
+    fg, stage2_tokens = (float(np.mean(jax.device_get(f[warmup:])))
+                         for f in (fg_fractions, token_fractions))
     profile = profile_steps(run, profile_dir, steps) if profile_dir else {}
   return _report(config, 'train', batch_size, statistics.median(times),
                  train_flops_per_image(config, trainable, stage2_tokens), compile_s,
-                 *peak_flops(peak), stage2_tokens=stage2_tokens,
+                 *peak_flops(peak), forced_fg_fraction=fg_fraction, fg_fraction=fg,
+                 stage2_tokens=stage2_tokens,
                  dense_flops_per_image=train_flops_per_image(config, trainable), **profile)
 
 
@@ -482,7 +520,8 @@ def main(argv: list[str]) -> None:
   timing = dict(warmup=_WARMUP.value, windows=_WINDOWS.value, steps=_STEPS.value)
   if mode == 'train':
     results = [bench_train(config, num_classes=_NUM_CLASSES.value, peak=_PEAK.value,
-                           profile_dir=_PROFILE.value, **timing)]
+                           profile_dir=_PROFILE.value, fg_fraction=fraction, **timing)
+               for fraction in [float(f) for f in _TRAIN_FG.value] or [None]]
   elif mode == 'infer':
     results = bench_infer(config, fg_fractions=[float(f) for f in _FG.value], batch=_BATCH.value,
                           num_classes=_NUM_CLASSES.value, peak=_PEAK.value,

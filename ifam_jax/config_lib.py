@@ -115,8 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA options of the jitted train and eval steps, on GPUs only (README, "Performance"):
   # Triton GEMMs for every dot, so XLA can fuse neighbouring elementwise work into them; no
   # merging of dots that share an operand, which concatenates activations (e.g. of the two
-  # stage-1 passes, which share weights) only to slice the product apart again.
-  c.gpu_compiler_options = dict(xla_gpu_triton_gemm_any=True, xla_gpu_dot_merger_threshold_mb=0)
+  # stage-1 passes, which share weights) only to slice the product apart again; CUDA graphs
+  # (command buffers) also inside loops and conditionals, where the packed stage 2 runs and
+  # would otherwise launch every kernel from the host (XLA's default list plus the last two).
+  c.gpu_compiler_options = dict(
+      xla_gpu_triton_gemm_any=True, xla_gpu_dot_merger_threshold_mb=0,
+      xla_gpu_enable_command_buffer=('FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,'
+                                     'DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE'))
 
   # Evaluation entry points (ifam_jax/evaluate.py: eval, calibrate, leave-one-out, audit).
   c.eval = dict(

@@ -13,6 +13,7 @@ import ml_collections
 import pytest
 
 from ifam_jax import bench, sharding, train
+from ifam_jax.models import ifam
 from test_train import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -88,6 +89,22 @@ def test_profile_summary_reads_device_streams_only(tmp_path):
   assert summary['device_ms_per_step'] == 2.75
   assert summary['device_ms_by_family'] == {'matmul': 2.0, 'attention': 0.5, 'fusion': 0.25}
   assert summary['top_kernels_ms'][0] == ['nvjet_hsh_256x128_gemm', 2.0]
+
+
+def test_train_with_a_forced_foreground_fraction():
+  """Every patch, then half of them, in every image (no part dropout): stage 2 computes all
+  tokens, then exactly the 0.5 tier; the model's mask is restored afterwards."""
+  config = get_config()
+  config.model.mask_part_dropout = 0.0
+  original = ifam.IFAM.foreground_mask
+  for fraction in (1.0, 0.5):
+    result = bench.bench_train(config, num_classes=4, fg_fraction=fraction, **TIMING)
+    assert result['forced_fg_fraction'] == fraction
+    assert result['fg_fraction'] == pytest.approx(fraction)
+    assert result['stage2_tokens'] == pytest.approx(fraction)  # tiers 0, 0.5, 1
+  assert ifam.IFAM.foreground_mask is original
+  with pytest.raises(ValueError, match='train_fg_fraction'):
+    bench.bench_train(config, num_classes=4, fg_fraction=1.5, **TIMING)
 
 
 def test_train_profile_on_cpu(tmp_path):
