@@ -73,7 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
       # groups, each computed at the smallest of these capacities (fractions of the patches;
       # all patches is always one) that holds its visible patches. () computes every token.
       # Applies to hard masks that pass stage 1 no gradient (mask_gradient 'none', no soft_mask).
-      stage2_token_tiers=(0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875),
+      # It pays with large per-device batches and sparse masks (README, "Performance"), so only
+      # the ImageNet recipe turns it on.
+      stage2_token_tiers=(),
       stage2_token_groups=4,
       init_weights='',  # local DINOv2 file (timm/HF safetensors or official .pth); '' = random
       vit_overrides={},  # e.g. width/depth/num_heads/mlp_hidden/patch_size for tiny models

@@ -578,10 +578,14 @@ def test_packed_stage2_sorts_each_shard_and_matches_every_token():
 
 
 def test_packed_train_step_matches_the_dense_step():
-  """The recipe's tiers against `stage2_token_tiers=()`: every loss term and metric, and the
+  """The ImageNet recipe's tiers against `stage2_token_tiers=()` (the default): every loss term
+  and metric, and the
   parameters after two steps, in fp32; packing does not apply to a straight-through mask."""
+  from test_configs import load_recipe  # here: this file is also the subprocesses' config
   results = {}
-  for tiers in (config_lib.base_config().model.stage2_token_tiers, ()):
+  recipe = load_recipe('imagenet').get_config('root=/data,weights=/w').model
+  assert recipe.stage2_token_tiers and not config_lib.base_config().model.stage2_token_tiers
+  for tiers in (recipe.stage2_token_tiers, ()):
     config = get_config()
     config.model.stage2_token_tiers = tiers
     mesh = sharding.make_mesh(config.mesh)
