@@ -77,7 +77,7 @@ def test_export_writes_every_format(exported):
                    'safetensors': out / 'model.safetensors',
                    'reference': out / export.REFERENCE_FILE}
   description = json.loads(paths['model_json'].read_text())
-  assert description['model'] == config.model.to_dict()
+  assert description['model'] == json.loads(json.dumps(config.model.to_dict()))  # tuples: lists
   assert description['num_classes'] == layout.NUM_CLASSES
   assert description['source']['which'] == 'final' and description['source']['step'] == 1
   names = set(checkpoints.read_state_dict(paths['safetensors']))
