@@ -280,10 +280,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
                     schedule: Callable[[jax.Array], jax.Array], batch_shards: int = 1) -> Callable:
   """The pure train step: (state, frozen, batch) -> (state, metrics).
 
-  `batch_shards`: how many devices the batch is split over; `packed_stage2` sorts each device's
-  slice on its own.
   The state carries everything a resumed run needs to continue exactly, down to the count of
-  unreadable (skipped) training images that the logs report.
+  unreadable (skipped) training images that the logs report. `batch_shards`: how many devices
+  the batch is split over; `packed_stage2` sorts each device's slice on its own.
   """
   baseline = config.model.kind == 'baseline'
   weights = config.loss.weights
