@@ -190,6 +190,7 @@ def packing_applies(model_cfg: ml_collections.ConfigDict) -> bool:
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
+  """The group count `packed_stage2` uses: groups must split each device's batch evenly."""
   return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
