@@ -202,10 +202,12 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
   Stage 2 never attends to a masked patch, so its output is the same when it runs on the
   visible patches gathered first (`vit.gather_patches`) at any capacity that holds them all.
   Each of the `shards` equal slices of the batch (one per device) is sorted by visible-patch
-  count and cut into `groups` groups; a `lax.scan` over the groups runs each one through a
-  `lax.switch` over statically shaped branches, one per capacity, and takes the smallest that
-  fits the group. Each branch differentiates its own loss and adds to the accumulated gradient,
-  so its activations never leave it. The values are the dense step's up to summation order.
+  count and cut into `groups` groups, so group capacities only grow. The trailing groups that
+  need every patch run as one batch (a `lax.switch` over their number: fewer, larger kernels);
+  a `lax.scan` runs each other group through a `lax.switch` over statically shaped branches,
+  one per capacity, at the smallest that fits it. Each branch differentiates its own loss and
+  adds to the accumulated gradient, so its activations never leave it. The values are the
+  dense step's up to summation order.
 
   Args:
     stage2_loss: (params, images, patch_mask, keep_index, labels, valid, denominator) ->
@@ -235,18 +237,43 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
   inputs = {'images': images, 'mask': patch_mask, 'labels': labels, 'valid': valid}
   inputs = {k: grouped(v) for k, v in inputs.items()}
   tier = jnp.searchsorted(jnp.asarray(capacities), jnp.max(grouped(counts), axis=1))
+  full = len(capacities) - 1
+  num_full = jnp.sum(tier == full)  # the trailing groups, since capacities only grow
   denominator = jnp.maximum(jnp.sum(valid), 1.0)
+
+  def differentiate(batch, capacity):
+    keep_index = vit.gather_patches(batch['mask'], capacity)
+    (loss, logits), grads = jax.value_and_grad(stage2_loss, has_aux=True)(
+        params, batch['images'], batch['mask'], keep_index, batch['labels'], batch['valid'],
+        denominator)
+    return grads, loss, logits
+
+  group_logits = jax.eval_shape(
+      lambda: differentiate(jax.tree.map(lambda x: x[0], inputs), capacities[0])[2])
+  no_logits = jnp.zeros((groups,) + group_logits.shape, group_logits.dtype)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+
+  def trailing(k):  # the last k groups as one batch, each device's rows kept on it
+    def run():
+      if k == 0:
+        return zeros, jnp.zeros((), jnp.float32), no_logits
+      merge = lambda x: jnp.swapaxes(x[groups - k:], 0, 1).reshape((-1,) + x.shape[2:])
+      grads, loss, logits = differentiate(jax.tree.map(merge, inputs), n_p)
+      logits = jnp.swapaxes(logits.reshape((shards * group_size, k, -1)), 0, 1)
+      return grads, loss, no_logits.at[groups - k:].set(logits)
+    return run
+
+  grads, loss, merged_logits = jax.lax.switch(num_full, [trailing(k) for k in range(groups + 1)])
 
   def branch(capacity):
     def run(grads, group):
-      keep_index = vit.gather_patches(group['mask'], capacity)
-      (loss, logits), group_grads = jax.value_and_grad(stage2_loss, has_aux=True)(
-          params, group['images'], group['mask'], keep_index, group['labels'], group['valid'],
-          denominator)
+      group_grads, loss, logits = differentiate(group, capacity)
       return jax.tree.map(jnp.add, grads, group_grads), loss, logits
     return run
 
-  branches = [branch(c) for c in capacities]
+  def skip(grads, group):
+    del group
+    return grads, jnp.zeros((), jnp.float32), no_logits[0]
 
   def body(carry, xs):
     grads, loss = carry
@@ -254,9 +281,9 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
     grads, group_loss, logits = jax.lax.switch(group_tier, branches, grads, group)
     return (grads, loss + group_loss), logits
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  (grads, loss), logits = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
-                                       (tier, inputs))
+  branches = [branch(c) for c in capacities[:-1]] + [skip]  # full groups ran merged
+  (grads, loss), logits = jax.lax.scan(body, (grads, loss), (tier, inputs))
+  logits = logits + merged_logits
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   computed = jnp.sum(jnp.asarray(capacities)[tier]) * shards * group_size
   metrics = {'accuracy': _accuracy(flat(logits), flat(inputs['labels']), flat(inputs['valid'])),
