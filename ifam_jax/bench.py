@@ -169,6 +169,7 @@ def time_windows(run: Callable[[], Any], *, warmup: int, windows: int, steps: in
   for _ in range(warmup):
     out = run()
   jax.block_until_ready(out)
+  train.freeze_garbage_collector()  # as the train loop does after its first step
   times = []
   for _ in range(windows):
     start = time.perf_counter()

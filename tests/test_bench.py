@@ -1,5 +1,6 @@
 """Benchmark: every mode yields its JSON fields on a tiny CPU config; the FLOP accounting."""
 
+import gc
 import gzip
 import json
 import os
@@ -58,6 +59,25 @@ def test_train_reports_the_reference_accounting():
   assert result['dense_flops_per_image'] == pytest.approx(
       2 * bench.vit_forward_flops(cfg, None, 1, 2) + bench.vit_forward_flops(cfg, None, 2, 3))
   json.dumps(result)
+
+
+def test_timed_windows_run_with_the_collector_frozen():
+  """Full collections walk every object compilation left behind, long enough to starve the
+  device; the timed steps run after those objects are frozen, as in the train loop."""
+  frozen_at_call = []
+
+  def run():
+    frozen_at_call.append(gc.get_freeze_count())
+    return jnp.zeros(())
+
+  gc.unfreeze()
+  try:
+    times = bench.time_windows(run, warmup=2, windows=2, steps=3)
+  finally:
+    gc.unfreeze()
+  assert len(times) == 2
+  assert frozen_at_call[:2] == [0, 0]
+  assert len(frozen_at_call) == 8 and all(n > 0 for n in frozen_at_call[2:])
 
 
 def test_infer_gather_costs_less_than_dense():
