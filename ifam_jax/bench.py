@@ -27,7 +27,8 @@ line counts stage 2's blocks at the mean token count the step computed (`stage2_
 fraction of the patches, averaged over the timed steps) in `flops_per_image` and the MFU, and
 gives the all-token count as `dense_flops_per_image`, the work the reference does.
 Inference is one stage-1 forward plus one stage-2 forward over all patches (dense, masked keys) or
-over the gathered `keep_count` tokens. (XLA's own `cost_analysis()` is not used: on GPUs it
+over the gathered `keep_count` tokens; the infer line also gives `stage2_img_per_sec`, stage 2
+alone, the part of the forward that the gather shrinks. (XLA's own `cost_analysis()` is not used: on GPUs it
 leaves out the cuBLAS and cuDNN calls, i.e. nearly all of the work.)
 MFU = img/s x flops_per_image / (peak x devices); the peak defaults to the dense bf16 spec of the
 device (`--peak_flops` overrides; the reference quotes ~800 TFLOP/s as attainable on an H100).
@@ -36,6 +37,7 @@ device (`--peak_flops` overrides; the reference quotes ~800 TFLOP/s as attainabl
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import math
@@ -367,23 +369,27 @@ def train_losses(config: ml_collections.ConfigDict, *, steps: int = 20,
           'num_parts': config.model.num_parts, 'batch': batch_size, 'losses': losses}
 
 
-def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State,
-                    keep_count: int | None) -> Callable:
-  """(params, frozen, images, patch_mask) -> (stage-2 logits, stage-1 logits).
+def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State, keep_count: int | None,
+                    with_stage1: bool = True) -> Callable:
+  """(params, frozen, images, patch_mask) -> (stage-2 logits, stage-1 logits or None).
 
   The eval forward of `IFAM.__call__` with the foreground mask given instead of derived, so the
-  foreground fraction (and with it the token-gather saving) is controlled.
+  foreground fraction (and with it the token-gather saving) is controlled. Without stage 1 it
+  is the part of the forward that the gather shrinks.
   """
 
   def step(params, frozen, images, patch_mask):
     model = nnx.merge(graphdef, params, frozen, rest)
     images = data_lib.normalize(images)
-    features = model.stage1.features(images)
-    logits, _ = model.stage1.part_logits(features)
-    maps = parts.gumbel_softmax(logits, model.gumbel_tau, None)
-    _, part_scores = model.stage1.classify(maps, features, part_dropout=0.0, rng=None)
+    part_scores = None
+    if with_stage1:
+      features = model.stage1.features(images)
+      logits, _ = model.stage1.part_logits(features)
+      maps = parts.gumbel_softmax(logits, model.gumbel_tau, None)
+      _, scores = model.stage1.classify(maps, features, part_dropout=0.0, rng=None)
+      part_scores = jnp.mean(scores, 1)
     keep_index = None if keep_count is None else vit.gather_patches(patch_mask, keep_count)
-    return model.stage2(images, patch_mask, keep_index=keep_index), jnp.mean(part_scores, 1)
+    return model.stage2(images, patch_mask, keep_index=keep_index), part_scores
 
   return step
 
@@ -418,20 +424,26 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
                                                    axis=1)[:, :fg]] = 1.0
       mask = jax.device_put(mask, batch_sharding)
       for keep_count in (None, keep_count_for(fraction, n_p)):
-        fn = jax.jit(make_infer_step(graphdef, rest, keep_count),
-                     compiler_options=train.compiler_options(config))
-        start = time.perf_counter()
-        compiled = fn.lower(params, frozen, images, mask).compile()
-        compile_s = time.perf_counter() - start
-        run = lambda: compiled(params, frozen, images, mask)  # pylint: disable=cell-var-from-loop
-        times = time_windows(run, warmup=warmup, windows=windows, steps=steps)
+        # The whole eval forward, and stage 2 alone: the part that the gather shrinks.
+        compiled, compile_s = {}, {}
+        for with_stage1 in (True, False):
+          fn = jax.jit(make_infer_step(graphdef, rest, keep_count, with_stage1),
+                       compiler_options=train.compiler_options(config))
+          start = time.perf_counter()
+          compiled[with_stage1] = fn.lower(params, frozen, images, mask).compile()
+          compile_s[with_stage1] = time.perf_counter() - start
+        runs = {k: functools.partial(c, params, frozen, images, mask) for k, c in compiled.items()}
+        forward_s, stage2_s = (
+            statistics.median(time_windows(runs[k], warmup=warmup, windows=windows, steps=steps))
+            for k in (True, False))
         tag = f'fg{fraction}_{"gather" if keep_count else "dense"}'
-        profile = profile_steps(run, f'{profile_dir}/{tag}', steps) if profile_dir else {}
+        profile = profile_steps(runs[True], f'{profile_dir}/{tag}', steps) if profile_dir else {}
         flops = vit_forward_flops(cfg) + vit_forward_flops(cfg, keep_count)
         results.append(_report(
-            config, 'infer', batch, statistics.median(times), flops, compile_s,
-            *peak_flops(peak), fg_fraction=fraction, gather=keep_count is not None,
-            keep_count=n_p if keep_count is None else keep_count, **profile))
+            config, 'infer', batch, forward_s, flops, compile_s[True], *peak_flops(peak),
+            fg_fraction=fraction, gather=keep_count is not None,
+            keep_count=n_p if keep_count is None else keep_count,
+            stage2_img_per_sec=batch / stage2_s, **profile))
   return results
 
 

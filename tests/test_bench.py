@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
+from flax import nnx
 
-from ifam_jax import bench, sharding, train
+from ifam_jax import bench, optim, sharding, train
 from ifam_jax.models import ifam
 from test_train import get_config
 
@@ -83,9 +84,27 @@ def test_timed_windows_run_with_the_collector_frozen():
 def test_infer_gather_costs_less_than_dense():
   dense, gathered = bench.bench_infer(get_config(), fg_fractions=[0.25], batch=4, num_classes=4,
                                       **TIMING)
-  assert KEYS <= dense.keys() and not dense['gather'] and gathered['gather']
+  assert KEYS | {'stage2_img_per_sec'} <= dense.keys()
+  assert not dense['gather'] and gathered['gather']
   assert (dense['keep_count'], gathered['keep_count']) == (16, 8)
   assert gathered['flops_per_image'] < dense['flops_per_image']
+
+
+@pytest.mark.parametrize('keep_count', [None, 8])
+def test_stage2_alone_is_the_eval_forwards_stage2(keep_count):
+  """The timed stage-2-only step computes the full eval step's stage-2 logits, without stage 1."""
+  config = get_config()
+  model = train.build_model(config.model, 4, nnx.Rngs(0))
+  graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
+                                                      config.optim.groups)
+  size = config.model.image_size
+  images = jax.random.uniform(jax.random.key(1), (2, size, size, 3))
+  mask = (jax.random.uniform(jax.random.key(2), (2, 16)) < 0.4).astype(jnp.float32)
+  full = bench.make_infer_step(graphdef, rest, keep_count)(params, frozen, images, mask)
+  alone = bench.make_infer_step(graphdef, rest, keep_count, with_stage1=False)(
+      params, frozen, images, mask)
+  assert full[1] is not None and alone[1] is None
+  assert jnp.array_equal(full[0], alone[0])
 
 
 def test_profile_summary_reads_device_streams_only(tmp_path):
