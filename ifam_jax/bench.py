@@ -28,8 +28,8 @@ fraction of the patches, averaged over the timed steps) in `flops_per_image` and
 gives the all-token count as `dense_flops_per_image`, the work the reference does.
 Inference is one stage-1 forward plus one stage-2 forward over all patches (dense, masked keys) or
 over the gathered `keep_count` tokens; the infer line also gives `stage2_img_per_sec`, stage 2
-alone, the part of the forward that the gather shrinks. (XLA's own `cost_analysis()` is not used: on GPUs it
-leaves out the cuBLAS and cuDNN calls, i.e. nearly all of the work.)
+alone, the part of the forward that the gather shrinks. (XLA's own `cost_analysis()` is not
+used: on GPUs it leaves out the cuBLAS and cuDNN calls, i.e. nearly all of the work.)
 MFU = img/s x flops_per_image / (peak x devices); the peak defaults to the dense bf16 spec of the
 device (`--peak_flops` overrides; the reference quotes ~800 TFLOP/s as attainable on an H100).
 """
@@ -424,23 +424,23 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
                                                    axis=1)[:, :fg]] = 1.0
       mask = jax.device_put(mask, batch_sharding)
       for keep_count in (None, keep_count_for(fraction, n_p)):
-        # The whole eval forward, and stage 2 alone: the part that the gather shrinks.
-        compiled, compile_s = {}, {}
+        # The whole eval forward, then stage 2 alone: the part that the gather shrinks.
+        runs, compile_s = [], []
         for with_stage1 in (True, False):
           fn = jax.jit(make_infer_step(graphdef, rest, keep_count, with_stage1),
                        compiler_options=train.compiler_options(config))
           start = time.perf_counter()
-          compiled[with_stage1] = fn.lower(params, frozen, images, mask).compile()
-          compile_s[with_stage1] = time.perf_counter() - start
-        runs = {k: functools.partial(c, params, frozen, images, mask) for k, c in compiled.items()}
+          runs.append(functools.partial(fn.lower(params, frozen, images, mask).compile(),
+                                        params, frozen, images, mask))
+          compile_s.append(time.perf_counter() - start)
         forward_s, stage2_s = (
-            statistics.median(time_windows(runs[k], warmup=warmup, windows=windows, steps=steps))
-            for k in (True, False))
+            statistics.median(time_windows(run, warmup=warmup, windows=windows, steps=steps))
+            for run in runs)
         tag = f'fg{fraction}_{"gather" if keep_count else "dense"}'
-        profile = profile_steps(runs[True], f'{profile_dir}/{tag}', steps) if profile_dir else {}
+        profile = profile_steps(runs[0], f'{profile_dir}/{tag}', steps) if profile_dir else {}
         flops = vit_forward_flops(cfg) + vit_forward_flops(cfg, keep_count)
         results.append(_report(
-            config, 'infer', batch, forward_s, flops, compile_s[True], *peak_flops(peak),
+            config, 'infer', batch, forward_s, flops, compile_s[0], *peak_flops(peak),
             fg_fraction=fraction, gather=keep_count is not None,
             keep_count=n_p if keep_count is None else keep_count,
             stage2_img_per_sec=batch / stage2_s, **profile))
