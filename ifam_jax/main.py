@@ -7,6 +7,7 @@ from the workdir's latest checkpoint. On a multi-host slice set IFAM_MULTIHOST=1
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -15,6 +16,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from ifam_jax import demo, evaluate, export, train, visualize
+from ifam_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
                                           lock_config=True)
@@ -54,21 +56,66 @@ def initialize_multihost() -> None:
       num_processes=int(count) if count else None, process_id=int(index) if index else None)
 
 
+def check_flags(mode: str, num_parts: int) -> None:
+  """Flag values a mode reads, checked before any work (a calibration pass takes hours)."""
+  if mode == 'calibrate':
+    for q in _PERCENTILES.value:
+      try:
+        ok = 0 <= float(q) <= 100
+      except ValueError:
+        ok = False
+      if not ok:
+        raise app.UsageError(f'--percentiles: {q!r} is not a percentile in [0, 100]')
+  if mode == 'leave_one_out':
+    for part in _FIXED_PARTS.value:
+      if not (part.isdigit() and int(part) < num_parts):
+        raise app.UsageError(f'--fixed_parts: {part!r} is not a part of the model '
+                             f'(0..{num_parts - 1})')
+  if mode == 'audit' and _NUM_IMAGES.value < 1:
+    raise app.UsageError(f'--num_images must be at least 1, got {_NUM_IMAGES.value}')
+  if mode == 'import' and not _SOURCE.value:
+    raise app.UsageError('--mode import needs --source')
+
+
+def check_saved_params(workdir: epath.Path, which: str) -> None:
+  """The modes that read a run's parameters find them before they create anything."""
+  if workdir_lib.is_local(workdir) and not workdir.is_dir():
+    raise app.UsageError(f'--workdir {workdir} does not exist; pass the workdir of a trained run')
+  if train.read_params_info(workdir, which) is None:
+    raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which} '
+                            f'(--which {which}); train first, or pick another --which')
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter off; progress is printed
-  initialize_multihost()
   config = _CONFIG.value
-  workdir = epath.Path(_WORKDIR.value)
-  workdir.mkdir(parents=True, exist_ok=True)
   mode = _MODE.value
-  if jax.process_index() == 0:
-    name = 'config.json' if mode == 'train' else f'config_{mode}.json'
-    (workdir / name).write_text(config.to_json_best_effort(indent=2) + '\n')
-  logging.info('devices: %s', jax.devices())
+  check_flags(mode, config.model.num_parts)
+  initialize_multihost()
+  workdir = epath.Path(_WORKDIR.value)
   which = _WHICH.value
+  if mode not in ('train', 'import'):
+    check_saved_params(workdir, which)
+  lead = jax.process_index() == 0
+  if mode == 'train':
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.check_writable(workdir)
+    with workdir_lib.WorkdirLock(workdir) if lead else contextlib.nullcontext():
+      changed = workdir_lib.check_config_change(workdir, config)
+      if lead:
+        workdir_lib.record_config(workdir, config, changed)
+      if config.compare_with_baseline:
+        demo.train_and_compare(config, workdir)
+      else:
+        train.train_and_evaluate(config, workdir)
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  if lead:
+    (workdir / f'config_{mode}.json').write_text(workdir_lib.config_as_json(config))
+  logging.info('devices: %s', jax.devices())
   if mode == 'eval':
     evaluate.run_eval(config, workdir, which)
   elif mode == 'calibrate':
@@ -85,14 +132,8 @@ def main(argv: list[str]) -> None:
     for name, path in export.export(config, workdir, which).items():
       print(f'{name}: {path}')
   elif mode == 'import':
-    if not _SOURCE.value:
-      raise app.UsageError('--mode import needs --source')
     which = which if flags.FLAGS['which'].present else 'imported'
     print(export.import_to_workdir(_SOURCE.value, config, workdir, which))
-  elif config.compare_with_baseline:
-    demo.train_and_compare(config, workdir)
-  else:
-    train.train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':

@@ -48,6 +48,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(MESH_AXES))
 
 
+def check_batch_size(key: str, size: int, mesh: Mesh) -> None:
+  """Fails before compilation when `batch_sharding` cannot split a batch of `size` over `mesh`.
+
+  A multiple of the device count is also a multiple of the process count, since every process
+  holds the same number of devices.
+  """
+  n = mesh.size
+  if size > 0 and size % n == 0:
+    return
+  below, above = n * (size // n), n * max(1, -(-size // n))
+  options = ' or '.join(str(v) for v in dict.fromkeys((below, above)) if v > 0)
+  raise ValueError(f'{key}={size} does not split evenly over the {n} devices of the mesh '
+                   f'{dict(mesh.shape)}; nearest valid values: {options} (--config.{key}=...)')
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -32,6 +32,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ifam_jax import checkpoints, losses, optim, sharding
+from ifam_jax import workdir as workdir_lib
+from ifam_jax.workdir import absolute, is_local, replace_text
 from ifam_jax import data as data_lib
 from ifam_jax.evaluate import evaluate_source, make_eval_step
 from ifam_jax.models import ifam, vit
@@ -51,6 +53,12 @@ RNG_MODEL, RNG_AFFINE, RNG_WARPED = range(3)
 
 # Train metrics that must be finite before a step's state is logged, evaluated or checkpointed.
 FINITE_METRICS = ('loss', 'grad_norm', 'param_norm')
+# What the loop adds to a step's metrics in its train line (final.json's 'train' has none).
+LOG_ONLY = ('img_per_sec', 'step_time', 'epoch')
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be saved; the run stops rather than train on unsaved."""
 
 
 # ----------------------------------------------------------------------------
@@ -462,34 +470,6 @@ def build_training(config: ml_collections.ConfigDict, num_classes: int, steps_pe
 
 
 # ----------------------------------------------------------------------------
-# Workdir paths: local, or gs://bucket/... (multi-host Cloud TPU)
-# ----------------------------------------------------------------------------
-# Workdirs are `epath.Path`s (pathlib would turn gs://b/x into gs:/b/x). epath reaches gs://
-# through TensorFlow's gfile where TensorFlow is installed, and otherwise through fsspec, which
-# needs gcsfs (the `gcs` extra).
-def is_local(path: str | os.PathLike) -> bool:
-  """False for gs:// and other object stores: no appends, no atomic renames, no directories."""
-  return '://' not in os.fspath(path)
-
-
-def absolute(path: epath.Path) -> epath.Path:
-  """`path` for Orbax, which needs absolute paths. A gs:// path is one already; its
-  `.absolute()` would be '<cwd>/gs:/bucket/...'."""
-  return path.absolute() if is_local(path) else path
-
-
-def _replace_text(path: epath.Path, text: str) -> None:
-  """Writes `path` atomically, so a kill never leaves it half-written: locally through a
-  temporary file; an object in a bucket appears only once completely written anyway."""
-  if not is_local(path):
-    path.write_text(text)
-    return
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------------
 class MetricWriter:
@@ -518,7 +498,7 @@ class MetricWriter:
             self.lines.append(line + '\n')
         except json.JSONDecodeError:
           pass
-      _replace_text(self.path, ''.join(self.lines))
+      replace_text(self.path, ''.join(self.lines))
     self.flushed, self.pending = time.monotonic(), False
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
@@ -537,8 +517,22 @@ class MetricWriter:
   def flush(self) -> None:
     """Rewrites a bucket's metrics.jsonl if lines were written since; local files are current."""
     if self.pending:
-      _replace_text(self.path, ''.join(self.lines))
+      replace_text(self.path, ''.join(self.lines))
       self.flushed, self.pending = time.monotonic(), False
+
+
+def read_step_metrics(workdir: str | os.PathLike, step: int) -> dict[str, dict[str, Any]]:
+  """{split: metrics} of the lines metrics.jsonl holds for `step` (the last line of each split)."""
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  recorded = {}
+  for line in path.read_text().splitlines() if path.exists() else ():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+      continue
+    if record.get('step') == step:
+      recorded[record['split']] = {k: v for k, v in record.items() if k not in ('step', 'split')}
+  return recorded
 
 
 def announce(message: str, *args: Any) -> None:
@@ -610,7 +604,7 @@ def save_params(workdir: str | os.PathLike, which: str, params: Any, frozen: Any
     checkpointer.save(absolute(workdir / 'params' / which),
                       {'params': params, 'frozen': frozen}, force=True)
   if jax.process_index() == 0:
-    _replace_text(info_path, json.dumps(dict(info), indent=2) + '\n')
+    replace_text(info_path, json.dumps(dict(info), indent=2) + '\n')
   multihost_utils.sync_global_devices(f'save_params {which}')
 
 
@@ -662,8 +656,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
+  workdir_lib.check_writable(workdir_path)
 
-  # --- Data (validated before any device work) ---------------------------------------------
+  # --- Data and batch sizes (validated before any device work) -----------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size('global_batch_size', config.global_batch_size, mesh)
+  if config.data.evals:
+    sharding.check_batch_size('data.eval_batch_size', config.data.eval_batch_size, mesh)
   patch = vit_from_config(config.model).patch_size
   data_lib.check_image_size(config.model.image_size, patch)
   train_source = make_source(config.data.train)
@@ -694,8 +693,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                    num_workers=config.data.num_workers)
   announce('train: %r, %d steps/epoch, %d steps', train_source, steps_per_epoch, total_steps)
 
-  # --- Mesh, model, optimizer -----------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
+  # --- Model, optimizer ----------------------------------------------------------------------
   t = build_training(config, num_classes, steps_per_epoch, mesh)
   batch_sharding, state, frozen = t.batch_sharding, t.state, t.frozen
   abstract_state, state_sharding, frozen_sharding = (t.abstract_state, t.state_sharding,
@@ -706,11 +704,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # --- Checkpoints: resume if the workdir has one --------------------------------------------
   # A save interrupted by a kill stays in a '<step>.orbax-checkpoint-tmp' directory, which
   # latest_step() ignores and the manager deletes; a step directory exists only once complete.
+  # Directories are made synchronously, so that a folder that refuses them fails the save call
+  # itself rather than a background thread that the next save waits on for minutes.
   manager = ocp.CheckpointManager(
       absolute(workdir_path / 'checkpoints'), item_names=('state', 'data'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=True))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True,
+          enable_async_checkpointing=True,
+          async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
   train_iter = iter(train_ds)
   start_step = manager.latest_step() or 0
   if start_step:
@@ -725,11 +726,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     announce('resumed from step %d', start_step)
   writer = MetricWriter(workdir_path, start_step)
 
+  def save_failed(step: int, error: Exception) -> CheckpointSaveError:
+    return CheckpointSaveError(
+        f'saving a checkpoint in {manager.directory} failed (seen at step {step}): '
+        f'{str(error).splitlines()[0][:300]}. Fix the folder and rerun to resume; the last '
+        f'saved checkpoint is step {manager.latest_step()}.')
+
+  def check_saved(step: int) -> None:
+    """Raises if an asynchronous save has failed, within a log step of the failure."""
+    try:
+      manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
+      raise save_failed(step, e) from None
+
   def save(step: int) -> None:
+    """Starts the asynchronous save of `step` once the folder takes a file and the previous
+    save has committed; a failure stops the run at once, with one message."""
     writer.flush()  # the metrics up to `step` are saved before its checkpoint
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({'train': state, 'frozen': frozen}),
-        data=grain.checkpoint.CheckpointSave(train_iter)))
+    try:
+      workdir_lib.probe_writable(workdir_path / 'checkpoints')
+      manager.check_for_errors()
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({'train': state, 'frozen': frozen}),
+          data=grain.checkpoint.CheckpointSave(train_iter)))
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
+      raise save_failed(step, e) from None
 
   # --- Evaluators -----------------------------------------------------------------------------
   def eval_params():
@@ -750,10 +771,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                   {'step': step, 'num_classes': num_classes, 'split': config.data.val_split,
                    'metric': config.data.best_metric, 'value': value})
 
-  def run_evals(step: int) -> dict[str, dict[str, float]]:
+  def run_evals(step: int, names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     params = eval_params()
     results = {}
     for name, source in eval_sources.items():
+      if names is not None and name not in names:
+        continue
       results[name] = evaluate_source(eval_step, params, frozen, source, eval_transform, config,
                                       batch_sharding)
       writer.write(step, name, results[name])
@@ -795,6 +818,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             'step); this state is not saved. ' + (
                 'No checkpoint was saved before it.' if last_good is None else
                 f'The last good checkpoint is step {last_good} in {manager.directory}.'))
+      check_saved(done)
       if log:
         now = time.perf_counter()
         rate = (done - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
@@ -816,14 +840,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         last_log_time += time.perf_counter() - eval_start  # img/s and ETA are of training
       if checkpoint:
         save(done)
-  manager.wait_until_finished()
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
+    raise save_failed(total_steps, e) from None
   manager.close()
   if skipped := int(jax.device_get(state['skipped_images'])):
     logging.warning('%d unreadable images were skipped during training', skipped)
-  if not results and eval_sources:  # resumed from the last checkpoint of a run killed after it
-    results = run_evals(total_steps)
-  summary = {'step': total_steps, 'evals': results,
-             'train': {} if metrics is None else _scalars(jax.device_get(metrics))}
+  if metrics is None:  # resumed from the last checkpoint: its step's records stand as written
+    recorded = read_step_metrics(workdir_path, total_steps)
+    train_scalars = {k: v for k, v in recorded.get('train', {}).items() if k not in LOG_ONLY}
+    results = {name: recorded[name] for name in eval_sources if name in recorded}
+    results.update(run_evals(total_steps, [n for n in eval_sources if n not in results]))
+  else:
+    train_scalars = _scalars(jax.device_get(metrics))
+  summary = {'step': total_steps, 'evals': results, 'train': train_scalars}
   writer.flush()
   save_params(workdir_path, 'final', eval_params(), frozen, {'num_classes': num_classes,
                                                              **summary})

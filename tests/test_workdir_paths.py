@@ -21,6 +21,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from ifam_jax import checkpoints, evaluate, export, train, visualize
+from ifam_jax import workdir as workdir_lib
 
 WORKDIR = 'gs://bucket/run'
 
@@ -83,10 +84,11 @@ def metric_steps(gcs):
 def test_gs_paths_keep_their_scheme(monkeypatch, tmp_path):
   workdir = epath.Path(WORKDIR)
   assert str(workdir / 'params' / 'final') == 'gs://bucket/run/params/final'
-  assert not train.is_local(workdir) and train.is_local(tmp_path)
-  assert str(train.absolute(workdir / 'checkpoints')) == 'gs://bucket/run/checkpoints'
+  assert not workdir_lib.is_local(workdir) and workdir_lib.is_local(tmp_path)
+  assert str(workdir_lib.absolute(workdir / 'checkpoints')) == 'gs://bucket/run/checkpoints'
   monkeypatch.chdir(tmp_path)
-  assert train.absolute(epath.Path('run') / 'checkpoints') == tmp_path / 'run' / 'checkpoints'
+  assert (workdir_lib.absolute(epath.Path('run') / 'checkpoints')
+          == tmp_path / 'run' / 'checkpoints')
 
 
 def main_on_fake_bucket() -> None:
@@ -99,9 +101,18 @@ def main_on_fake_bucket() -> None:
   try:
     main.main(['main'])
   except FileNotFoundError as e:
-    assert 'no saved parameters at gs://bucket/run/params/' in str(e), e
+    assert 'no saved parameters at gs://bucket/run/params/final' in str(e), e
   else:
     raise AssertionError('evaluating an empty workdir must fail')
+  assert not fake.find('bucket'), 'a failed check must write nothing'
+  # With the parameters' record in place the mode writes its config, then reads the params.
+  fake.pipe_file('bucket/run/params/final.json', json.dumps({'step': 1, 'num_classes': 2}).encode())
+  try:
+    main.main(['main'])
+  except FileNotFoundError:
+    pass
+  else:
+    raise AssertionError('params/final.json without its parameters must fail')
   assert json.loads(fake.cat_file('bucket/run/config_eval.json'))['seed'] == 0
   assert not os.path.exists('gs:')
 
@@ -144,7 +155,7 @@ def test_metric_writer_rewrites_the_object(gcs):
 
 def test_params_info_and_train_checkpoints(gcs):
   info = {'step': 7, 'num_classes': 2}
-  train._replace_text(epath.Path(WORKDIR) / 'params' / 'final.json', json.dumps(info))
+  workdir_lib.replace_text(epath.Path(WORKDIR) / 'params' / 'final.json', json.dumps(info))
   assert train.read_params_info(WORKDIR, 'final') == info
   assert train.read_params_info(WORKDIR, 'best') is None
   assert gcs.find('bucket') == ['bucket/run/params/final.json']
