@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
       splits=(),  # evals to run: names in data.evals, 'in9_<variant>', 'bg_challenge'; () = all
       thresholds='',  # part-threshold JSON (from calibrate, or the reference's); applied to evals
       threshold_rule='',  # '' = the file's rule; the reference's files carry none: 'dot_product'
+      # Leave-one-out: 'reference' scores stage 1 before the removal and soft-masks with the kept
+      # parts' original probabilities; 'renormalise' rescores the edited, renormalised maps.
+      part_removal='reference',
       in9_root='',  # IN-9 release folder: evaluates its variants' val sets (and the challenge)
       in9_variants=('original', 'mixed_same', 'mixed_rand'),
       in9_mapping='',  # in_to_in9.json, for models that were not trained on the 9 classes

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from ifam_jax import data as data_lib
 from ifam_jax import optim, sharding
 from ifam_jax.data.sources import IN9_CLASSES
-from ifam_jax.models.ifam import Intervention
+from ifam_jax.models.ifam import PART_REMOVALS, Intervention
 
 THRESHOLD_RULES = ('distance', 'dot_product')
 # fold_in tags of the per-batch key, besides the model's own use of it.
@@ -680,7 +680,8 @@ class _Session:
     """The configured intervention (thresholds or none), also removing `parts`."""
     if not parts:
       return self.intervention
-    return dataclasses.replace(self.intervention or Intervention(), remove_parts=parts)
+    return dataclasses.replace(self.intervention or Intervention(), remove_parts=parts,
+                               part_removal=self.config.eval.part_removal)
 
   def challenge_root(self) -> pathlib.Path | None:
     """The IN-9 root, if it holds the challenge's fg_mask/val and only_bg_t/val folders."""
@@ -837,15 +838,20 @@ def run_leave_one_out(config: ml_collections.ConfigDict, workdir: str | os.PathL
 
   Report (<workdir>/eval/<which>/leave_one_out[_fixed_<parts>].json): per split, one row per
   `leave_one_out_sets` entry, {'removed_parts': [...], **metrics}; configured thresholds apply
-  to every row.
+  to every row. eval.part_removal 'reference' (the default) keeps stage 1's logits as before
+  the removal, as the reference's tables do.
   """
+  if config.eval.part_removal not in PART_REMOVALS:
+    raise ValueError(f'eval.part_removal is {config.eval.part_removal!r}; set one of '
+                     f'{PART_REMOVALS}')
   s = _Session(config, workdir, which)
   s.require_ifam('leave-one-out')
   k = config.model.num_parts
   fixed = tuple(sorted(set(fixed_parts)))
   if any(not 0 <= p < k for p in fixed):
     raise ValueError(f'fixed_parts {list(fixed_parts)} outside the parts 0..{k - 1}')
-  report = {**s.header(), 'fixed_parts': list(fixed), 'splits': {}}
+  report = {**s.header(), 'fixed_parts': list(fixed),
+            'part_removal': config.eval.part_removal, 'splits': {}}
   with jax.set_mesh(s.mesh):
     for name, split in s.splits().items():
       report['splits'][name] = [{'removed_parts': list(removed),

@@ -453,6 +453,7 @@ def test_run_leave_one_out(trained):
   config, workdir = trained
   report = ev.run_leave_one_out(config, workdir)
   assert read_json(workdir / 'eval' / 'final' / 'leave_one_out.json') == report
+  assert report['part_removal'] == 'reference'
   plain = read_json(workdir / 'params' / 'final.json')['evals']  # = run_eval's (test_run_eval)
   # Parts known from our own forward pass: removing part i drops exactly its tokens.
   for name, rows in report['splits'].items():
@@ -462,6 +463,18 @@ def test_run_leave_one_out(trained):
     for row in rows[1:]:
       kept = (assigned < NUM_PARTS) & ~np.isin(assigned, row['removed_parts'])
       assert row['fg_fraction'] == pytest.approx(kept.mean(), abs=1e-6)
+      assert row['stage1'] == rows[0]['stage1']  # the reference scores stage 1 before removal
+
+  # 'renormalise' rescores stage 1 on the edited maps; the hard mask, hence stage 2, is the same.
+  renormalised = ev.run_leave_one_out(with_eval(config, splits=('val',),
+                                                part_removal='renormalise'), workdir)
+  rows = report['splits']['val']
+  for row, other in zip(rows, renormalised['splits']['val']):
+    assert {k: v for k, v in row.items() if k != 'stage1'} == {
+        k: v for k, v in other.items() if k != 'stage1'}
+  assert any(row['stage1'] != rows[0]['stage1'] for row in renormalised['splits']['val'][1:])
+  with pytest.raises(ValueError, match='eval.part_removal'):
+    ev.run_leave_one_out(with_eval(config, part_removal='both'), workdir)
 
   fixed = ev.run_leave_one_out(with_eval(config, splits=('val',)), workdir, fixed_parts=(0,))
   assert (workdir / 'eval' / 'final' / 'leave_one_out_fixed_0.json').exists()

@@ -542,3 +542,76 @@ def test_intervention_runs_end_to_end():
   kept = model(x, train=False, intervention=ifam.Intervention(thresholds=(np.inf, np.inf)))
   np.testing.assert_array_equal(kept.fg_mask, base.fg_mask)
   np.testing.assert_array_equal(kept.logits, base.logits)
+
+
+def np_softmax(logits):
+  z = np.exp(logits - logits.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def most_used_part(out, num_parts):
+  """The foreground part assigned to the most tokens of the unedited forward `out`."""
+  assigned = np.asarray(out.part_logits).argmax(-1)
+  return int(np.bincount(assigned[assigned < num_parts], minlength=num_parts).argmax())
+
+
+def test_part_removal_follows_the_reference_by_default():
+  k, x = 3, images()
+  model = tiny_ifam(num_parts=k, soft_mask=True)
+  base = model(x, train=False)
+  removed = most_used_part(base, k)
+  out = model(x, train=False, intervention=ifam.Intervention(remove_parts=(removed,)))
+  # Stage 1 is scored before the removal: bit for bit the unedited forward's.
+  for name in ('stage1_logits', 'part_scores', 'part_features'):
+    np.testing.assert_array_equal(getattr(out, name), getattr(base, name))
+  # The mask: the kept parts' original probabilities, non-zero at the removed part's tokens.
+  logits = np.asarray(base.part_logits, np.float64)
+  assigned = logits.argmax(-1)
+  kept = [p for p in range(k) if p != removed]
+  fg_prob = np_softmax(logits / model.gumbel_tau)[..., kept].max(-1)
+  assert (fg_prob[assigned == removed] > 0).all()
+  np.testing.assert_allclose(out.fg_prob, fg_prob, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(out.fg_mask, np.isin(assigned, kept))
+  soft = jnp.asarray(fg_prob.reshape(x.shape[0], -1), jnp.float32)
+  np.testing.assert_allclose(out.logits, model.stage2(x, soft, mask_mode='soft'), atol=1e-5)
+  # With thresholds, stage 1 is scored after them: as with the thresholds alone.
+  tau = tuple(float(np.median(-logits[..., p][assigned == p])) for p in range(k))
+  thresholded = model(x, train=False, intervention=ifam.Intervention(thresholds=tau))
+  both = model(x, train=False,
+               intervention=ifam.Intervention(thresholds=tau, remove_parts=(removed,)))
+  assert np.abs(np.asarray(thresholded.stage1_logits - base.stage1_logits)).max() > 0
+  np.testing.assert_array_equal(both.stage1_logits, thresholded.stage1_logits)
+  # Eval Gumbel noise: the same draw scores stage 1 with and without the removal.
+  noisy, rng = tiny_ifam(num_parts=k, eval_gumbel_noise=True), jax.random.key(3)
+  noisy_out = noisy(x, train=False, rng=rng, intervention=ifam.Intervention(remove_parts=(0,)))
+  np.testing.assert_array_equal(noisy_out.stage1_logits,
+                                noisy(x, train=False, rng=rng).stage1_logits)
+
+
+def test_part_removal_renormalise_rescores_the_edited_maps():
+  k, x = 3, images()
+  model = tiny_ifam(num_parts=k, soft_mask=True)
+  base = model(x, train=False)
+  removed = most_used_part(base, k)
+  out = model(x, train=False, intervention=ifam.Intervention(remove_parts=(removed,),
+                                                             part_removal='renormalise'))
+  # By hand: the removed part is gone everywhere, its tokens lose every foreground part.
+  logits = np.asarray(base.part_logits, np.float64)
+  assigned = logits.argmax(-1)
+  edited = logits.copy()
+  edited[..., removed] = -np.inf
+  edited[assigned == removed, :k] = -np.inf
+  maps = np_softmax(edited / model.gumbel_tau)
+  np.testing.assert_allclose(out.part_maps, maps, rtol=1e-5, atol=1e-7)
+  features = model.stage1.features(x)
+  _, scores = model.stage1.classify(jnp.asarray(maps, jnp.float32), features,
+                                    part_dropout=model.part_dropout, rng=None)
+  np.testing.assert_allclose(out.stage1_logits, np.mean(scores, axis=1), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(out.stage1_logits - base.stage1_logits)).max() > 1e-4
+  fg_prob = maps[..., :k].max(-1)
+  assert (fg_prob[assigned == removed] == 0).all()
+  np.testing.assert_allclose(out.fg_prob, fg_prob, rtol=1e-5, atol=1e-7)
+  soft = jnp.asarray(fg_prob.reshape(x.shape[0], -1), jnp.float32)
+  np.testing.assert_allclose(out.logits, model.stage2(x, soft, mask_mode='soft'), atol=1e-5)
+  with pytest.raises(ValueError, match='part_removal'):
+    model(x, train=False, intervention=ifam.Intervention(remove_parts=(0,), part_removal='x'))

@@ -23,6 +23,8 @@ from ifam_jax.models.vit import ViTClassifier, ViTConfig, gather_patches
 
 MaskGradient = Literal['none', 'straight_through']
 ThresholdRule = Literal['distance', 'dot_product']
+PartRemoval = Literal['reference', 'renormalise']
+PART_REMOVALS = ('reference', 'renormalise')
 
 # fold_in tags, one per source of randomness.
 RNG_MAP_NOISE, RNG_MASK_NOISE, RNG_PART_DROPOUT, RNG_MASK_DROPOUT = range(4)
@@ -33,14 +35,14 @@ class IFAMOutput:
   """What one forward pass returns. Maps and logits are channels-last, background last."""
 
   logits: jax.Array | None  # [B, C] stage-2 logits (the model's prediction); None if not run
-  stage1_logits: jax.Array  # [B, C] mean of the foreground part scores
+  stage1_logits: jax.Array  # [B, C] mean of the foreground part scores (see Intervention)
   part_scores: jax.Array  # [B, K, C]
-  part_maps: jax.Array  # [B, h, w, K+1] soft maps A (Gumbel softmax while training)
+  part_maps: jax.Array  # [B, h, w, K+1] soft maps A (Gumbel softmax while training; edited)
   part_logits: jax.Array  # [B, h, w, K+1] -distance logits (after any intervention)
   part_similarity: jax.Array  # [B, h, w, K+1] <F, W_k>, what 'dot_product' thresholds compare
   part_features: jax.Array  # [B, K+1, D] modulated pooled features
   fg_mask: jax.Array  # [B, h, w] in {0, 1}; carries the surrogate gradient if enabled
-  fg_prob: jax.Array  # [B, h, w] max over surviving foreground parts of the mask softmax
+  fg_prob: jax.Array  # [B, h, w] max over kept foreground parts (the soft mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +54,16 @@ class Intervention:
     its assigned prototype k becomes background (the paper). Rule 'dot_product': the reference's
     calibration script, which replaces all logits by <F, W_k> and drops part k at tokens where
     <F, W_k> < tau_k (the token then falls to its next best channel).
+  part_removal: what the removal edits. 'reference': as the reference, only the mask; stage 1 is
+    scored on the maps before the removal (after any thresholds) and the soft mask is the kept
+    parts' original probabilities. 'renormalise': stage 1 is scored on the edited, renormalised
+    maps, and the soft mask is read from them (zero at the removed part's tokens).
   """
 
   remove_parts: tuple[int, ...] = ()
   thresholds: tuple[float, ...] | None = None
   threshold_rule: ThresholdRule = 'distance'
+  part_removal: PartRemoval = 'reference'
 
 
 class IFAM(nnx.Module):
@@ -145,6 +152,9 @@ class IFAM(nnx.Module):
       raise ValueError(f'remove_parts {intervention.remove_parts} outside 0..{k - 1}')
     if intervention.threshold_rule not in ('distance', 'dot_product'):
       raise ValueError(f'unknown threshold_rule {intervention.threshold_rule!r}')
+    if intervention.part_removal not in PART_REMOVALS:
+      raise ValueError(f'part_removal must be one of {PART_REMOVALS}, got '
+                       f'{intervention.part_removal!r}')
     neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
     use_dot = intervention.thresholds is not None and intervention.threshold_rule == 'dot_product'
     if use_dot:
@@ -192,16 +202,25 @@ class IFAM(nnx.Module):
     logits, similarity = self.stage1.part_logits(features)
 
     if intervention is not None:
-      logits, fg_mask = self.intervene(logits, similarity, intervention, keys[RNG_MAP_NOISE])
-      maps = gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
-      fg_prob = jnp.max(maps[..., :self.num_parts], axis=-1)
+      unedited = logits
+      logits, fg_mask = self.intervene(unedited, similarity, intervention, keys[RNG_MAP_NOISE])
+      maps = scored = gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
+      fg_maps = maps[..., :self.num_parts]
+      if intervention.remove_parts and intervention.part_removal == 'reference':
+        # The reference scores stage 1 first, then removes the parts from the mask alone.
+        kept_all = dataclasses.replace(intervention, remove_parts=())
+        before, _ = self.intervene(unedited, similarity, kept_all, keys[RNG_MAP_NOISE])
+        scored = gumbel_softmax(before, self.gumbel_tau, keys[RNG_MAP_NOISE])
+        removed = jnp.isin(jnp.arange(self.num_parts), jnp.asarray(intervention.remove_parts))
+        fg_maps = jnp.where(removed, 0.0, scored[..., :self.num_parts])
+      fg_prob = jnp.max(fg_maps, axis=-1)
     else:
-      maps = gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
+      maps = scored = gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
       fg_mask, fg_prob = self.foreground_mask(logits, noise_rng=keys[RNG_MASK_NOISE],
                                               dropout_rng=keys[RNG_MASK_DROPOUT])
 
     part_features, part_scores = self.stage1.classify(
-        maps, features, part_dropout=self.part_dropout, rng=keys[RNG_PART_DROPOUT])
+        scored, features, part_dropout=self.part_dropout, rng=keys[RNG_PART_DROPOUT])
 
     stage2_logits = None
     if run_stage2:
