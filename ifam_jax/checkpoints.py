@@ -72,20 +72,64 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _check_exists(path: PathLike) -> None:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist')
+
+
+def _naturals(x: Any, length: int | None = None) -> bool:
+  """Whether `x` is a list of non-negative ints (of `length`, if given)."""
+  return (isinstance(x, list) and length in (None, len(x))
+          and all(isinstance(i, int) and i >= 0 for i in x))
+
+
+def _safetensors_tensor(key: str, info: Any,
+                        data_size: int) -> tuple[np.dtype, list[int], list[int]]:
+  """(dtype, shape, data_offsets) of a header entry, once they agree and lie in the data."""
+  if not (isinstance(info, dict) and isinstance(info.get('dtype'), str)
+          and _naturals(info.get('shape')) and _naturals(info.get('data_offsets'), 2)):
+    raise ValueError(f'tensor {key!r} needs dtype, shape (non-negative ints) and data_offsets '
+                     f'(two), got {json.dumps(info)[:200]}')
+  shape, offsets = info['shape'], info['data_offsets']
+  if info['dtype'] not in _SAFETENSORS_DTYPES:
+    raise ValueError(f'tensor {key!r} has unsupported dtype {info["dtype"]}')
+  dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
+  start, end = offsets
+  if not start <= end <= data_size:
+    raise ValueError(f'tensor {key!r}: data_offsets {offsets} outside the {data_size} data bytes')
+  if end - start != math.prod(shape) * dtype.itemsize:
+    raise ValueError(f'tensor {key!r}: data_offsets {offsets} hold {end - start} bytes; shape '
+                     f'{shape} of {info["dtype"]} needs {math.prod(shape) * dtype.itemsize}')
+  return dtype, shape, offsets
+
+
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  with open(path, 'rb') as f:
-    header_len = int.from_bytes(f.read(8), 'little')
-    header = json.loads(f.read(header_len))
-  header.pop('__metadata__', None)
+  """Every tensor, memory-mapped, once the header describes only bytes that the file holds."""
+  _check_exists(path)
+  size = path.stat().st_size
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise ValueError(f'{size} bytes, shorter than the 8-byte header length')
+      header_len = int.from_bytes(head, 'little')
+      if header_len > size - 8:
+        raise ValueError(f'header length {header_len} exceeds the {size - 8} bytes after it')
+      raw = f.read(header_len)
+    try:
+      header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+      raise ValueError(f'header is not JSON ({e})') from None
+    if not isinstance(header, dict):
+      raise ValueError(f'header is not a JSON object but {type(header).__name__}')
+    header.pop('__metadata__', None)
+    data_size = size - 8 - header_len
+    tensors = {k: _safetensors_tensor(k, v, data_size) for k, v in header.items()}
+  except ValueError as e:
+    raise ValueError(f'{path} is not a valid safetensors file: {e}') from None
   data = np.memmap(path, np.uint8, mode='r', offset=8 + header_len)
-  out = {}
-  for key, info in header.items():
-    if info['dtype'] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f'{path}: tensor {key!r} has unsupported dtype {info["dtype"]}')
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
-    start, end = info['data_offsets']
-    out[key] = data[start:end].view(dtype).reshape(info['shape'])
-  return out
+  return {k: data[start:end].view(dtype).reshape(shape)
+          for k, (dtype, shape, (start, end)) in tensors.items()}
 
 
 # Storage classes a torch pickle may name, by their numpy dtype.
@@ -102,25 +146,34 @@ class _StorageType:
   dtype: np.dtype
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...],
-                    stride: tuple[int, ...], *unused: Any) -> np.ndarray:
-  """torch._utils._rebuild_tensor_v2: a (possibly strided) view of a storage, copied.
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  """A storage record of the zip, by name; read only for a tensor that fits it."""
 
-  The view is bounds-checked first: `as_strided` would otherwise read past the storage.
+  record: str
+  dtype: np.dtype
+  nbytes: int  # the record's size once unpacked, as the zip directory declares it
+
+
+@dataclasses.dataclass(eq=False)
+class _Tensor:
+  """torch._utils._rebuild_tensor_v2's arguments: a (possibly strided) view of a storage.
+
+  The unpickler builds these instead of arrays, so that each tensor is checked against its
+  storage, with its key in the message, before anything of its size is allocated.
   """
-  size, stride = tuple(size), tuple(stride)
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if len(size) != len(stride) or offset < 0 or min(stride, default=0) < 0 or (
-      0 not in size and last >= storage.size):
-    raise pickle.UnpicklingError(f'tensor (offset {offset}, size {size}, stride {stride}) '
-                                 f'does not fit its storage of {storage.size} elements')
-  item = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                         strides=tuple(s * item for s in stride))
-  return view.copy()
+
+  storage: Any
+  offset: Any
+  size: Any
+  stride: Any
 
 
-def _rebuild_parameter(data: np.ndarray, *unused: Any) -> np.ndarray:
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *unused: Any) -> _Tensor:
+  return _Tensor(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, *unused: Any) -> Any:
   return data
 
 
@@ -135,14 +188,20 @@ class _TorchUnpickler(pickle.Unpickler):
   """Unpickles `data.pkl` of a torch zip, allowing only tensors and plain containers.
 
   Any other global (which is how a pickle runs code) is refused, so this is safer than
-  `torch.load` and needs no torch.
+  `torch.load` and needs no torch. `load` returns tensors as numpy arrays: each is bounds-checked
+  against its storage, which is read (once) only then, so no tensor allocates more than the bytes
+  the file holds.
   """
 
-  def __init__(self, archive: zipfile.ZipFile, prefix: str):
+  def __init__(self, path: PathLike, archive: zipfile.ZipFile, prefix: str):
     super().__init__(archive.open(prefix + 'data.pkl'))
+    self._path = path
+    self._file_size = os.path.getsize(path)
     self._archive = archive
     self._prefix = prefix
     self._storages: dict[str, np.ndarray] = {}
+    # (unpickled object, materialised one) by id; holding the former keeps its id unique.
+    self._done: dict[int, tuple[Any, Any]] = {}
     order = 'little'  # older torch wrote no byteorder record
     if prefix + 'byteorder' in archive.namelist():
       order = archive.read(prefix + 'byteorder').decode().strip()
@@ -157,20 +216,72 @@ class _TorchUnpickler(pickle.Unpickler):
           'OrderedDict are allowed in a checkpoint')
     return _TORCH_GLOBALS[(module, name)]
 
-  def persistent_load(self, pid: Any) -> np.ndarray:
+  def persistent_load(self, pid: Any) -> _Storage:
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
             and isinstance(pid[1], _StorageType)):
       raise pickle.UnpicklingError(f'unsupported persistent id {pid!r}')
-    _, storage_type, key, _, _ = pid
-    if key not in self._storages:
-      data = self._archive.read(f'{self._prefix}data/{key}')
-      storage = np.frombuffer(data, storage_type.dtype)
-      self._storages[key] = storage.byteswap() if self._swap else storage
-    return self._storages[key]
+    record = f'{self._prefix}data/{pid[2]}'
+    try:
+      nbytes = self._archive.getinfo(record).file_size
+    except KeyError:
+      raise ValueError(f'{self._path}: storage record {record} is missing') from None
+    return _Storage(record, pid[1].dtype, nbytes)
+
+  def load(self) -> Any:
+    return self._materialise(super().load(), ())
+
+  def _materialise(self, obj: Any, keys: tuple[Any, ...]) -> Any:
+    """`obj` with its tensors as arrays; dicts and lists in place, so shared references stay."""
+    if id(obj) in self._done:
+      return self._done[id(obj)][1]
+    if isinstance(obj, _Tensor):
+      self._done[id(obj)] = obj, self._array(obj, keys)
+    elif isinstance(obj, dict):  # OrderedDict too
+      self._done[id(obj)] = obj, obj
+      for key, value in obj.items():
+        obj[key] = self._materialise(value, keys + (key,))
+    elif isinstance(obj, list):
+      self._done[id(obj)] = obj, obj
+      obj[:] = [self._materialise(v, keys + (i,)) for i, v in enumerate(obj)]
+    elif isinstance(obj, tuple):
+      self._done[id(obj)] = obj, tuple(self._materialise(v, keys + (i,))
+                                       for i, v in enumerate(obj))
+    else:
+      return obj
+    return self._done[id(obj)][1]
+
+  def _array(self, t: _Tensor, keys: tuple[Any, ...]) -> np.ndarray:
+    name = f'tensor {"/".join(map(str, keys))!r}' if keys else 'the top-level tensor'
+    storage = t.storage
+    if not isinstance(storage, _Storage):
+      raise ValueError(f'{self._path}: {name} has no torch storage')
+    if storage.nbytes > self._file_size:
+      raise ValueError(f'{self._path}: {name}: its storage record {storage.record} unpacks to '
+                       f'{storage.nbytes} bytes, more than the whole file ({self._file_size})')
+    count = storage.nbytes // storage.dtype.itemsize
+    view = (t.offset, t.size, t.stride)
+    if not (isinstance(t.size, (tuple, list)) and isinstance(t.stride, (tuple, list))
+            and len(t.size) == len(t.stride) and _naturals([t.offset, *t.size, *t.stride])):
+      raise ValueError(f'{self._path}: {name} has an invalid (offset, size, stride) {view}')
+    numel = math.prod(t.size)
+    if numel > count:
+      raise ValueError(f'{self._path}: {name} has {numel} elements, more than its storage holds '
+                       f'({count})')
+    if numel and t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) >= count:
+      raise ValueError(f'{self._path}: {name} (offset, size, stride) {view} does not fit its '
+                       f'storage of {count} elements')
+    if storage.record not in self._storages:
+      data = np.frombuffer(self._archive.read(storage.record), storage.dtype, count)
+      self._storages[storage.record] = data.byteswap() if self._swap else data
+    item = storage.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(
+        self._storages[storage.record][t.offset:], shape=tuple(t.size),
+        strides=tuple(s * item for s in t.stride)).copy()
 
 
 def read_torch_checkpoint(path: PathLike) -> Any:
   """Loads a `torch.save` file (zip format, torch >= 1.6) with tensors as numpy arrays."""
+  _check_exists(path)
   if not zipfile.is_zipfile(path):
     raise ValueError(f'{path} is not a torch zip checkpoint (the legacy pre-1.6 torch.save '
                      'format is not supported; re-save it with a recent torch)')
@@ -178,7 +289,7 @@ def read_torch_checkpoint(path: PathLike) -> Any:
     pickles = [n for n in archive.namelist() if n.endswith('data.pkl') and n.count('/') == 1]
     if len(pickles) != 1:
       raise ValueError(f'{path}: expected one <archive>/data.pkl, found {pickles}')
-    return _TorchUnpickler(archive, pickles[0][:-len('data.pkl')]).load()
+    return _TorchUnpickler(path, archive, pickles[0][:-len('data.pkl')]).load()
 
 
 def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:

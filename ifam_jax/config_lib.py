@@ -209,9 +209,13 @@ def apply_common_args(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDi
   """Applies `weights`, `num_parts`, `runlocal` and `baseline` of `parse_recipe_arg`.
 
   A paper run without its dataset or DINOv2 weights is almost certainly a mistake, so the
-  `required` arguments must be set unless `runlocal` asks for a random tiny ViT. That tiny ViT
-  has nothing worth freezing, so under `runlocal` the stage-1 backbone trains too.
+  `required` arguments must be set unless `runlocal` asks for a random tiny ViT, which DINOv2
+  `weights` do not fit. That tiny ViT has nothing worth freezing, so under `runlocal` the
+  stage-1 backbone trains too.
   """
+  if arg.runlocal and arg.weights:
+    raise ValueError('weights= cannot be used with runlocal, which trains a random tiny ViT; '
+                     'drop one of them')
   missing = [name for name in required if not arg[name]]
   if missing and not arg.runlocal:
     raise ValueError(f'this recipe needs {", ".join(_REQUIRED_HELP[m] for m in missing)}; '

@@ -49,6 +49,7 @@ PathLike = str | os.PathLike
 FORMATS = ('orbax', 'safetensors', 'reference')
 REFERENCE_FILE = 'reference_state_dict.pth'
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+_TRAINED = ('final', 'best')  # parameters that training reads and writes
 # The DINOv2 importer's tables of timm names, shapes and layouts are reused, not copied.
 _Param = checkpoints._Param
 
@@ -286,20 +287,41 @@ def load_exported(path: PathLike, config: ml_collections.ConfigDict | None = Non
 
 
 def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workdir: PathLike,
-                      which: str = 'imported') -> epath.Path:
+                      which: str = 'imported', overwrite: bool = False) -> epath.Path:
   """Imports weights into <workdir>/params/<which>, for `train.load_model(config, workdir, which)`.
 
-  `source` is a reference checkpoint (.pth/.pt) or our export (Orbax `params` directory or
-  `model.safetensors`). Returns the parameters' directory.
+  `source` is a reference checkpoint (.pth/.pt/.bin) or our export (Orbax `params` directory or
+  `model.safetensors`, with model.json beside it). Returns the parameters' directory.
+
+  Saved parameters are replaced only with `overwrite`, and so are 'final' and 'best', which
+  training reads and writes: imported there, they record no step (a later train command then
+  trains rather than taking the run as done) and a best score of -inf (any validation score
+  replaces them).
   """
-  source = epath.Path(source)
+  workdir, source = epath.Path(workdir), epath.Path(source)
+  target = workdir / 'params' / which
+  if not overwrite and which in _TRAINED:
+    raise ValueError(f'--which {which}: {target} belongs to training; import into another '
+                     '--which (default: imported), or pass --overwrite')
+  if not overwrite and (workdir / 'params' / f'{which}.json').exists():
+    raise FileExistsError(f'{target} already holds parameters; pass --overwrite to replace them')
+  if not source.exists():
+    raise FileNotFoundError(f'{source} does not exist')
   if source.suffix in _TORCH_SUFFIXES:
     model = import_reference(source, config)
-  else:
+  elif (source.is_dir() or source.suffix == '.safetensors') and (
+      source.parent / 'model.json').exists():
     model = load_exported(source, config)
+  else:
+    raise ValueError(f'{source} is neither a reference PyTorch snapshot (.pth, .pt, .bin) nor an '
+                     'export of this project (model.safetensors or its params directory, with '
+                     'model.json beside it)')
   _, params, frozen, _ = optim.split_frozen(model, config.optim.group_rules, config.optim.groups)
-  workdir = epath.Path(workdir)
-  train.save_params(workdir, which, params, frozen,
-                    {'num_classes': _classifier(model).head.out_features,
-                     'imported_from': str(train.absolute(source))})
-  return workdir / 'params' / which
+  info = {'num_classes': _classifier(model).head.out_features,
+          'imported_from': str(train.absolute(source))}
+  if which in _TRAINED:
+    info['step'] = None
+  if which == 'best':
+    info['value'] = -math.inf
+  train.save_params(workdir, which, params, frozen, info)
+  return target

@@ -32,6 +32,8 @@ _WHICH = flags.DEFINE_string('which', 'final', 'Parameters to use outside traini
 _SOURCE = flags.DEFINE_string('source', '', '--mode import: a reference PyTorch snapshot (.pth) or '
                               'our model.safetensors, saved as <workdir>/params/<which> '
                               "('imported' unless --which is given).")
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, '--mode import: replace the parameters at '
+                               "<workdir>/params/<which>, also 'final' or 'best' of training.")
 _FIXED_PARTS = flags.DEFINE_list('fixed_parts', [], '--mode leave_one_out: parts removed in '
                                  'every row (each other part is then removed in turn).')
 _PERCENTILES = flags.DEFINE_list('percentiles', ['97', '99'], '--mode calibrate: percentiles q.')
@@ -133,7 +135,7 @@ def main(argv: list[str]) -> None:
       print(f'{name}: {path}')
   elif mode == 'import':
     which = which if flags.FLAGS['which'].present else 'imported'
-    print(export.import_to_workdir(_SOURCE.value, config, workdir, which))
+    print(export.import_to_workdir(_SOURCE.value, config, workdir, which, _OVERWRITE.value))
 
 
 if __name__ == '__main__':

@@ -81,6 +81,9 @@ def test_recipe_arguments(name):
     get_config(name, 'root=/data')
   with pytest.raises(ValueError, match='this recipe needs root=<dataset folder>, weights='):
     get_config(name, '')
+  with pytest.raises(ValueError, match='weights= cannot be used with runlocal, which trains a '
+                     'random tiny ViT'):
+    get_config(name, 'runlocal,weights=x.safetensors')
 
 
 def test_baseline_trains_like_stage2():

@@ -26,6 +26,7 @@ from flax import nnx
 from ifam_jax import checkpoints, export, train
 from ifam_jax.models import ifam
 from ifam_jax.sharding import path_name
+from test_checkpoints import allocates_at_most, write_tensor_pth
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 _spec = importlib.util.spec_from_file_location('check_reference_layout',
@@ -207,6 +208,65 @@ def test_unknown_format_and_missing_params(tmp_path):
     export.export(config, tmp_path, formats=('onnx',))
   with pytest.raises(FileNotFoundError, match='no saved parameters'):
     export.export(config, tmp_path)
+
+
+def test_import_refuses_oversized_tensors_before_allocating(tmp_path):
+  """The reader of weights= also reads --mode import's source: the same check, the key named."""
+  config = layout.tiny_config()
+  for keys in (('stage_2.head.weight',), ('model_state', 'stage_2.head.weight')):
+    path = write_tensor_pth(tmp_path / 'crafted.pth', 0, (2048, 2048), (0, 0), keys=keys)
+    message = f"tensor '{'/'.join(keys)}' has 4194304 elements, more than its storage holds"
+    with allocates_at_most(2**20), pytest.raises(ValueError, match=message):
+      export.read_reference(path)
+    with allocates_at_most(2**20), pytest.raises(ValueError, match=message):
+      export.import_to_workdir(path, config, tmp_path / 'workdir')
+  assert not (tmp_path / 'workdir' / 'params').exists()
+
+
+def test_import_names_what_it_accepts(tmp_path):
+  config = layout.tiny_config()
+  foreign = tmp_path / 'foreign.safetensors'
+  checkpoints.write_state_dict(foreign, {'w': np.zeros(2, np.float32)})
+  accepted = ('is neither a reference PyTorch snapshot (.pth, .pt, .bin) nor an export of this '
+              'project (model.safetensors or its params directory, with model.json beside it)')
+  for source in (foreign, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f'{source} {accepted}')):
+      export.import_to_workdir(source, config, tmp_path / 'workdir')
+  with pytest.raises(FileNotFoundError, match=re.escape(f'{tmp_path / "absent.pth"} does not')):
+    export.import_to_workdir(tmp_path / 'absent.pth', config, tmp_path / 'workdir')
+
+
+def test_import_never_overwrites_unless_asked(ifam_reference, tmp_path):
+  config, state_dict = ifam_reference
+  source = tmp_path / 'snapshot.pth'
+  checkpoints.write_state_dict(source, state_dict)
+  workdir = tmp_path / 'workdir'
+  layout.save_random_params(config, workdir)  # a trained run's params/final
+  trained = (workdir / 'params' / 'final.json').read_text()
+  for which in ('final', 'best'):  # training reads and writes these; refused even when absent
+    with pytest.raises(ValueError, match=re.escape(
+        f'--which {which}: {workdir / "params" / which} belongs to training; import into another '
+        '--which (default: imported), or pass --overwrite')):
+      export.import_to_workdir(tmp_path / 'absent.pth', config, workdir, which)  # before reading
+  assert (workdir / 'params' / 'final.json').read_text() == trained
+  assert not (workdir / 'params' / 'best').exists()
+
+  export.import_to_workdir(source, config, workdir)
+  with pytest.raises(FileExistsError, match=re.escape(
+      f'{workdir / "params" / "imported"} already holds parameters; pass --overwrite')):
+    export.import_to_workdir(tmp_path / 'absent.pth', config, workdir)
+  export.import_to_workdir(source, config, workdir, overwrite=True)
+
+  # Allowed, the parameters carry what training reads of them: the step of params/final (so a
+  # later train command does not take the run as done) and the score of params/best (so any
+  # validation score replaces parameters that this workdir never scored).
+  for which in ('final', 'best'):
+    export.import_to_workdir(source, config, workdir, which, overwrite=True)
+  final, best = (train.read_params_info(workdir, w) for w in ('final', 'best'))
+  assert final['step'] is None and final['num_classes'] == layout.NUM_CLASSES
+  assert best['step'] is None and best['value'] == -float('inf')
+  assert_bit_exact(_params(train.load_model(config, workdir, 'best')),
+                   _params(export.import_reference(state_dict, config)))
 
 
 # ----------------------------------------------------------------------------
