@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -401,6 +402,99 @@ def test_keeps_latest_checkpoints_and_best_on_val(env, tmp_path):
   assert (tmp_path / 'metrics.jsonl').read_text() == logged
   assert checkpoint_steps(tmp_path) == [steps - 1, steps]
   assert time.monotonic() - start < 30
+
+
+# ----------------------------------------------------------------------------
+# Reruns, a shared workdir, changed configs, bad sizes, folders that take no file
+# ----------------------------------------------------------------------------
+RECORDS = ('metrics.jsonl', 'params/final.json', 'params/best.json')
+
+
+@pytest.mark.parametrize('case', ['finished', 'final_json_deleted', 'killed_in_final_save'])
+def test_a_rerun_leaves_the_records_of_one_run(env, reference, tmp_path, case):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref_dir, workdir)
+  if case != 'finished':  # as the README says to redo the final save, or a kill inside it does
+    (workdir / 'params' / 'final.json').unlink()
+  if case == 'killed_in_final_save':
+    shutil.rmtree(workdir / 'params' / 'final')
+  rerun = run_main(env, workdir)
+  assert 'step 1/' not in rerun.stdout
+  for name in RECORDS:
+    assert (workdir / name).read_text() == (ref_dir / name).read_text(), name
+  assert flat(restore(workdir / 'params' / 'final')).keys() == flat(
+      restore(ref_dir / 'params' / 'final')).keys()
+
+
+def test_a_second_run_on_a_workdir_refuses_at_start(env, tmp_path):
+  (tmp_path / 'lock.json').write_text(json.dumps(
+      {'host': socket.gethostname(), 'pid': os.getpid(), 'since': '2026-01-02T03:04:05+00:00'}))
+  result = run_main(env, tmp_path, check=False)
+  assert result.returncode != 0
+  assert f'pid {os.getpid()}, since 2026-01-02T03:04:05+00:00' in result.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['lock.json']
+
+
+def test_a_changed_config_is_refused_or_recorded_on_resume(env, reference, tmp_path):
+  ref_dir, _ = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref_dir, workdir)
+  config_json = (workdir / 'config.json').read_text()
+  result = run_main(env, workdir, '', '--config.model.vit_overrides.width=48', check=False)
+  assert result.returncode != 0
+  assert 'model.vit_overrides.width: 32 -> 48' in result.stderr, result.stderr[-2000:]
+  assert 'Orbax' not in result.stderr and 'strict' not in result.stderr
+  assert (workdir / 'config.json').read_text() == config_json
+
+  # Evaluating more often is honoured and recorded (the run is done, so nothing trains).
+  run_main(env, workdir, '', '--config.eval_every_epochs=0.5')
+  assert json.loads((workdir / 'config.json').read_text())['eval_every_epochs'] == 0.5
+  [change] = [json.loads(line) for line in
+              (workdir / 'config_changes.jsonl').read_text().splitlines()]
+  assert change['changed'] == {'eval_every_epochs': {'old': 1.0, 'new': 0.5}}
+  for name in RECORDS:
+    assert (workdir / name).read_text() == (ref_dir / name).read_text(), name
+
+
+@pytest.mark.parametrize('override, key', [
+    ('--config.global_batch_size=12', 'global_batch_size=12'),
+    ('--config.data.eval_batch_size=12', 'data.eval_batch_size=12'),
+])
+def test_batch_sizes_the_mesh_cannot_split_fail_before_compiling(env, tmp_path, override, key):
+  result = run_main(env, tmp_path, '', override, devices=8, check=False)
+  assert result.returncode != 0
+  assert f'{key} does not split evenly over the 8 devices' in result.stderr, result.stderr[-2000:]
+  assert 'nearest valid values: 8 or 16' in result.stderr
+  assert not (tmp_path / 'metrics.jsonl').exists() and not (tmp_path / 'checkpoints').exists()
+
+
+def test_a_folder_that_takes_no_file_fails_once_clearly(env, tmp_path):
+  # At start: nothing is trained.
+  (tmp_path / 'start' / 'checkpoints').parent.mkdir()
+  (tmp_path / 'start' / 'checkpoints').write_text('')
+  result = run_main(env, tmp_path / 'start', check=False)
+  assert result.returncode != 0
+  assert f'{tmp_path / "start" / "checkpoints"} is not writable' in result.stderr
+  assert not (tmp_path / 'start' / 'metrics.jsonl').exists()
+
+  # Mid-run: the folder goes away after the first checkpoint; the next save stops the run.
+  workdir = tmp_path / 'mid'
+  proc = subprocess.Popen(command(workdir, '', '--config.checkpoint_every_steps=8'), cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 240
+  while not (workdir / 'checkpoints' / '8').exists():
+    assert proc.poll() is None and time.monotonic() < deadline, 'run ended before step 8'
+    time.sleep(0.01)
+  os.rename(workdir / 'checkpoints', workdir / 'moved')
+  (workdir / 'checkpoints').write_text('')
+  _, stderr = proc.communicate(timeout=240)
+  assert proc.returncode != 0
+  error = re.findall(r'^ifam_jax.train.CheckpointSaveError: (.*)$', stderr, re.MULTILINE)
+  assert len(error) == 1, stderr[-3000:]
+  assert f'saving a checkpoint in {workdir / "checkpoints"} failed' in error[0]
+  assert 'last saved checkpoint is step 8' in error[0]
+  assert not (workdir / 'params' / 'final.json').exists()
 
 
 # ----------------------------------------------------------------------------
