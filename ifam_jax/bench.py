@@ -276,7 +276,7 @@ def random_train_batch(seed: int, batch: int, size: int, num_classes: int) -> di
   rng = np.random.default_rng(seed)
   return {'image': _random_images(rng, batch, size),
           'label': rng.integers(0, num_classes, (batch,), dtype=np.int32),
-          'valid': np.ones((batch,), np.int32)}
+          'valid': np.ones((batch,), np.int32), 'first_pass': np.ones((batch,), np.int32)}
 
 
 @contextlib.contextmanager

@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(
       train=dict(source='', root='', split='train'),
       evals={},
+      # Class names of the folder-like sources ('folder', 'metashift'), in label order; () takes
+      # the training split's class folders. Every eval split is labelled by this list, so one
+      # with other or fewer class folders keeps the model's labels.
+      classes=(),
       val_split='',  # the eval whose metric picks the "best" checkpoint; never a test split
       best_metric='accuracy',
       augment='cub_original',

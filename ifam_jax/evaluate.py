@@ -302,6 +302,15 @@ def bg_gap(in9_accuracy: Mapping[str, float]) -> float:
   return in9_accuracy['mixed_same'] - in9_accuracy['mixed_rand']
 
 
+def _load_foreground(path: pathlib.Path) -> np.ndarray:
+  """A foreground mask .npy as uint8; never unpickles, which could run code from the file."""
+  try:
+    return np.load(path, allow_pickle=False).astype(np.uint8)
+  except (OSError, ValueError, TypeError) as e:
+    raise ValueError(f'foreground mask {path}: {e}; it must be a plain (non-object) '
+                     'array') from None
+
+
 def challenge_foregrounds(root: str | pathlib.Path, transform: Any
                           ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
   """(image uint8 [S, S, 3], mask bool [S, S], IN-9 label) for each fg_mask/val/<class>/<x>.npy
@@ -314,7 +323,7 @@ def challenge_foregrounds(root: str | pathlib.Path, transform: Any
     for mask_path in sorted(folder.glob('*.npy')):
       image_path = root / 'original' / 'val' / folder.name / (mask_path.stem + '.JPEG')
       record = {'image': image_path.read_bytes(), 'label': IN9_CLASSES.index(folder.name),
-                'group': -1, 'fg_mask': np.load(mask_path).astype(np.uint8)}
+                'group': -1, 'fg_mask': _load_foreground(mask_path)}
       out = data_lib.transforms.process(record, rng, transform)
       if not out['valid']:
         raise ValueError(f'challenge foreground {image_path} is unreadable')
@@ -633,7 +642,7 @@ class _Session:
 
     self.config, self.which = config, which
     self.workdir = epath.Path(workdir)
-    self.make_source = train.make_source
+    self.make_source, self.training_classes = train.make_source, train.training_classes
     model = train.load_model(config, self.workdir, which)
     self.info = train.read_params_info(self.workdir, which)
     self.num_classes = self.info['num_classes']
@@ -711,10 +720,11 @@ class _Session:
       raise ValueError(f'eval.splits {unknown} are not evals of this config; known: {known} '
                        "('bg_challenge' needs <IN-9 root>/fg_mask/val and only_bg_t/val)")
     splits = {}
+    classes = self.training_classes(cfg)
     for name, (spec, transform) in specs.items():
       if cfg.eval.splits and name not in cfg.eval.splits:
         continue
-      source = self.make_source(spec)
+      source = self.make_source(spec, classes)
       if spec['source'] == 'in9':
         class_map = None if source.num_classes == self.num_classes else self.in9_map()
         splits[name] = _Split(source, transform, class_map, spec.get('variant', 'original'))
@@ -802,7 +812,7 @@ def run_calibrate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   s = _Session(config, workdir, which)
   s.require_ifam('calibration')
-  source = s.make_source(config.data.train)
+  source = s.make_source(config.data.train, config.data.classes or None)
   ds, num_batches = eval_dataset(source, s.eval_transform, config)
   step = s.jit(make_calibration_step(s.graphdef, s.rest))
   capacity = config.eval.calibration_sample

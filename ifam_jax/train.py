@@ -48,6 +48,10 @@ SOURCES = {
     'synthetic': data_lib.SyntheticSpuriousSource,
 }
 
+# Sources labelled by their class folders, and the folder that holds those of a spec.
+FOLDER_SOURCES = {'folder': lambda spec: spec['root'],
+                  'metashift': lambda spec: os.path.join(spec['root'], spec['split'])}
+
 # fold_in tags of the per-step key.
 RNG_MODEL, RNG_AFFINE, RNG_WARPED = range(3)
 
@@ -64,13 +68,47 @@ class CheckpointSaveError(OSError):
 # ----------------------------------------------------------------------------
 # Builders
 # ----------------------------------------------------------------------------
-def make_source(spec: Mapping[str, Any]) -> data_lib.sources.Source:
-  """A data source from a config entry such as dict(source='waterbirds', root=..., split=...)."""
+def make_source(spec: Mapping[str, Any],
+                classes: Sequence[str] | None = None) -> data_lib.sources.Source:
+  """A data source from a config entry such as dict(source='waterbirds', root=..., split=...).
+
+  `classes` labels a folder-like source (`FOLDER_SOURCES`) by these names instead of its own
+  sorted class folders; other sources take their labels from their metadata and ignore it.
+  """
   spec = dict(spec)
   kind = spec.pop('source')
   if kind not in SOURCES:
     raise ValueError(f'unknown data source {kind!r}; known: {sorted(SOURCES)}')
+  if classes is not None and kind in FOLDER_SOURCES:
+    if spec.get('classes') is not None and list(spec['classes']) != list(classes):
+      raise ValueError(f'{kind} source {spec.get("root")} sets classes {list(spec["classes"])}, '
+                       f'but the training classes are {list(classes)}')
+    spec['classes'] = list(classes)
   return SOURCES[kind](**spec)
+
+
+def training_classes(config: ml_collections.ConfigDict) -> list[str] | None:
+  """The class names that label the eval splits: data.classes, else the class folders of a
+  folder-like training split (listed, not scanned); None when the training labels come from
+  metadata."""
+  if config.data.classes:
+    return list(config.data.classes)
+  spec = dict(config.data.train)
+  if spec['source'] not in FOLDER_SOURCES:
+    return None
+  if spec.get('classes') is not None:
+    return list(spec['classes'])
+  try:
+    return data_lib.sources.class_folders(FOLDER_SOURCES[spec['source']](spec))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{e}; its class folders label the eval splits: set data.classes '
+                            'to evaluate without the training data') from None
+
+
+def make_eval_sources(config: ml_collections.ConfigDict) -> dict[str, data_lib.sources.Source]:
+  """The sources of data.evals, labelled by the training classes (`training_classes`)."""
+  classes = training_classes(config)
+  return {name: make_source(spec, classes) for name, spec in config.data.evals.items()}
 
 
 def make_transforms(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
@@ -318,7 +356,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   """The pure train step: (state, frozen, batch) -> (state, metrics).
 
   The state carries everything a resumed run needs to continue exactly, down to the count of
-  unreadable (skipped) training images that the logs report. `batch_shards`: how many devices
+  unreadable (skipped) training images that the logs report: each counted in its first pass
+  over the data only (the batch's 'first_pass'), so once. `batch_shards`: how many devices
   the batch is split over; `packed_stage2` sorts each device's slice on its own.
   """
   baseline = config.model.kind == 'baseline'
@@ -367,7 +406,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state,
-                 'skipped_images': state['skipped_images'] + jnp.sum(batch['valid'] == 0)}
+                 'skipped_images': state['skipped_images'] + jnp.sum(
+                     (batch['valid'] == 0) & (batch['first_pass'] > 0))}
     if ema_decay:
       count = (step + 1) // accumulation
       update = lambda: optim.ema_update(state['ema'], params, count, ema_decay)
@@ -665,8 +705,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     sharding.check_batch_size('data.eval_batch_size', config.data.eval_batch_size, mesh)
   patch = vit_from_config(config.model).patch_size
   data_lib.check_image_size(config.model.image_size, patch)
-  train_source = make_source(config.data.train)
-  eval_sources = {name: make_source(spec) for name, spec in config.data.evals.items()}
+  train_source = make_source(config.data.train, config.data.classes or None)
+  eval_sources = make_eval_sources(config)
   if config.data.val_split and config.data.val_split not in eval_sources:
     raise ValueError(f'data.val_split {config.data.val_split!r} is not one of the evals '
                      f'{sorted(eval_sources)}')
@@ -797,7 +837,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     for step in range(start_step, total_steps):
       batch = next(train_iter)
       state, metrics = train_step(state, frozen, data_lib.global_batch(
-          {k: batch[k] for k in ('image', 'label', 'valid')}, batch_sharding))
+          {k: batch[k] for k in ('image', 'label', 'valid', 'first_pass')}, batch_sharding))
       if step == start_step:
         freeze_garbage_collector()  # after the step's compilation
       done = step + 1
@@ -847,7 +887,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise save_failed(total_steps, e) from None
   manager.close()
   if skipped := int(jax.device_get(state['skipped_images'])):
-    logging.warning('%d unreadable images were skipped during training', skipped)
+    logging.warning('%d unreadable training images were skipped (named in the warnings above)',
+                    skipped)
   if metrics is None:  # resumed from the last checkpoint: its step's records stand as written
     recorded = read_step_metrics(workdir_path, total_steps)
     train_scalars = {k: v for k, v in recorded.get('train', {}).items() if k not in LOG_ONLY}

@@ -193,7 +193,7 @@ def run_visualize(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     raise ValueError(f'no eval split {split!r} to draw from; configured: '
                      f'{sorted(config.data.evals)}')
   model = train.load_model(config, workdir, which)
-  source = train.make_source(config.data.evals[split])
+  source = train.make_source(config.data.evals[split], train.training_classes(config))
   out_dir = workdir / 'pictures' / which
   paths = [example_grid(model, config, source, examples_per_group(source, num_images),
                         out_dir / f'examples_{split}.png')]

@@ -1,7 +1,9 @@
 """Input pipelines: sources on tiny on-disk fixtures, transforms, batching, padding, checkpoints."""
 
+import codecs
 import io
 import os
+import re
 import sys
 
 import jax
@@ -11,6 +13,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
+from ifam_jax import config_lib, train
 from ifam_jax.data import pipeline, sources, transforms
 
 
@@ -122,6 +125,63 @@ def test_metashift_source(tmp_path):
     sources.MetaShiftSource(tmp_path / 'meta', 'train')
 
 
+def write_class_folders(root, splits):
+  """`root/in/<split>/<class>/x.jpg` (ImageFolder) and `root/meta/<split>/<class>/<class>(c)/x.jpg`
+  (MetaShift) for {split: class names}."""
+  for split, names in splits.items():
+    for name in names:
+      write_image(root / 'in' / split / name / 'x.jpg')
+      write_image(root / 'meta' / split / name / f'{name}(c)' / 'x.jpg')
+
+
+def labels_of(source):
+  return [source[i]['label'] for i in range(len(source))]
+
+
+def test_eval_splits_are_labelled_by_the_training_classes(tmp_path):
+  """An eval split with fewer class folders keeps the training split's label of each class."""
+  write_class_folders(tmp_path, {'train': ('n01', 'n02', 'n03'), 'val': ('n01', 'n03')})
+  classes = sources.ImageFolderSource(tmp_path / 'in' / 'train').class_names
+  assert labels_of(sources.ImageFolderSource(tmp_path / 'in' / 'val', classes)) == [0, 2]
+  meta = sources.MetaShiftSource(tmp_path / 'meta', 'val', classes=classes)
+  assert labels_of(meta) == [0, 2] and meta.class_names == classes
+  assert meta.group_names == ['n01(c)', 'n03(c)']
+  # Through the builders the train loop uses.
+  config = config_lib.base_config()
+  config.data.train = dict(source='folder', root=str(tmp_path / 'in' / 'train'))
+  config.data.evals = {'in': dict(source='folder', root=str(tmp_path / 'in' / 'val')),
+                       'meta': dict(source='metashift', root=str(tmp_path / 'meta'), split='val')}
+  evals = train.make_eval_sources(config)
+  assert {name: labels_of(source) for name, source in evals.items()} == \
+      {'in': [0, 2], 'meta': [0, 2]}
+  assert all(source.class_names == classes for source in evals.values())
+  config.data.train = dict(source='metashift', root=str(tmp_path / 'meta'), split='train')
+  assert labels_of(train.make_eval_sources(config)['in']) == [0, 2]
+
+
+def test_an_eval_class_the_model_does_not_know_fails(tmp_path):
+  write_class_folders(tmp_path, {'train': ('n01', 'n02'), 'val': ('n01', 'n03')})
+  config = config_lib.base_config()
+  config.data.train = dict(source='folder', root=str(tmp_path / 'in' / 'train'))
+  for name, spec in (('in', dict(source='folder', root=str(tmp_path / 'in' / 'val'))),
+                     ('meta', dict(source='metashift', root=str(tmp_path / 'meta'), split='val'))):
+    config.data.evals = {name: spec}
+    folder = tmp_path / name / 'val' / 'n03'
+    with pytest.raises(ValueError, match=f'class folder {folder} is not in the class set'):
+      train.make_eval_sources(config)
+  # data.classes names the classes instead of the training split's folders.
+  config.data.classes = ('n01', 'n02', 'n03')
+  assert train.make_source(config.data.train, config.data.classes).num_classes == 3
+  assert labels_of(train.make_eval_sources(config)['meta']) == [0, 2]
+  config.data.evals.meta.classes = ('n03', 'n01')
+  with pytest.raises(ValueError, match="sets classes .* but the training classes are"):
+    train.make_eval_sources(config)
+  config.data.classes = ()
+  config.data.train.root = str(tmp_path / 'gone')
+  with pytest.raises(FileNotFoundError, match=f'{tmp_path / "gone"}.*set data.classes'):
+    train.make_eval_sources(config)
+
+
 # ----------------------------------------------------------------------------
 # Waterbirds and CUB
 # ----------------------------------------------------------------------------
@@ -176,6 +236,33 @@ def test_waterbirds_errors_name_the_path(tmp_path):
     sources.WaterbirdsSource(root, 'train')
 
 
+def test_waterbirds_checks_every_listed_image(tmp_path):
+  root = tmp_path / 'wb'
+  make_waterbirds(root, WATERBIRDS_CSV.replace('002.B/c.jpg', 'gone/c.jpg'))  # the last row
+  meta = root / 'metadata.csv'
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f'Waterbirds metadata {meta}: 1 of 3 listed images do not exist, e.g. '
+      f"['{root / 'gone' / 'c.jpg'}']")):
+    sources.WaterbirdsSource(root, 'train')
+  assert len(sources.WaterbirdsSource(root, 'test')) == 1  # other splits list existing images
+
+
+def test_list_files_with_a_byte_order_mark(tmp_path):
+  """Excel saves CSVs with a UTF-8 byte-order mark: the first column keeps its name."""
+  root = tmp_path / 'wb'
+  make_waterbirds(root)
+  rows = [line.split(',') for line in WATERBIRDS_CSV.splitlines()]
+  text = '\n'.join(','.join(row[1:5]) for row in rows) + '\n'  # img_filename first
+  (root / 'metadata.csv').write_bytes(codecs.BOM_UTF8 + text.encode())
+  assert labels_of(sources.WaterbirdsSource(root, 'train')) == [0, 0, 1]
+  cub = tmp_path / 'CUB_200_2011'
+  make_cub(cub)
+  for name in ('images.txt', 'image_class_labels.txt', 'train_test_split.txt', 'classes.txt'):
+    (cub / name).write_bytes(codecs.BOM_UTF8 + (cub / name).read_bytes())
+  source = sources.CubSource(cub, 'train')
+  assert labels_of(source) == [1, 2] and source.class_names == ['001.A', '002.B', '003.C']
+
+
 def make_cub(root, labels='1 2\n2 1\n3 3\n4 2\n'):
   for sub in ('images', 'waterbird_complete95_forest2water2'):
     for name in ('002.B/a.jpg', '001.A/b.jpg', '003.C/c.jpg', '002.B/d.jpg'):
@@ -212,6 +299,22 @@ def test_cub_label_outside_class_set(tmp_path):
   make_cub(root, labels='1 2\n2 1\n4 2\n')
   with pytest.raises(ValueError, match=f'{root / "image_class_labels.txt"} has no entry'):
     sources.CubSource(root, 'train')
+
+
+def test_cub_checks_every_listed_image_and_mask(tmp_path):
+  root = tmp_path / 'CUB_200_2011'
+  make_cub(root)
+  (root / 'images' / '003.C' / 'c.jpg').unlink()  # the second train image
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f'CUB images.txt {root / "images.txt"}: 1 of 2 listed images do not exist, e.g. '
+      f"['{root / 'images' / '003.C' / 'c.jpg'}']")):
+    sources.CubSource(root, 'train')
+  band = np.ones((8, 6), bool)
+  write_cub_mask(root, '001.A/b.jpg', band)  # the test split's second mask is missing
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f'CUB segmentation folder {root / "segmentations"}: 1 of 2 listed masks do not exist, e.g. '
+      f"['{root / 'segmentations' / '002.B' / 'd.png'}']")):
+    sources.CubSource(root, 'test', segmentation_dir='segmentations')
 
 
 def write_cub_mask(root, name: str, mask: np.ndarray, mode: str = 'L'):
@@ -268,7 +371,7 @@ def test_cub_segmentations(tmp_path):
   missing.unlink()
   with pytest.raises(FileNotFoundError, match=str(missing)):
     test[1]  # pylint: disable=pointless-statement
-  (root / 'segmentations' / '001.A' / 'b.png').unlink()  # the first mask is checked when built
+  (root / 'segmentations' / '001.A' / 'b.png').unlink()  # every mask is checked when built
   with pytest.raises(FileNotFoundError, match=str(root / 'segmentations' / '001.A' / 'b.png')):
     sources.CubSource(root, 'test', segmentation_dir='segmentations')
   with pytest.raises(FileNotFoundError, match=str(root / 'masks')):
@@ -433,6 +536,33 @@ def test_decode_handles_formats():
   assert np.asarray(transforms.decode(cmyk.getvalue())).min() > 240  # CMYK 0 ink is white
 
 
+def encode(array: np.ndarray, fmt: str) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, fmt)
+  return buf.getvalue()
+
+
+def test_decode_scales_deep_greyscale_to_8_bits():
+  """16-bit PNGs and 32-bit integer or float TIFFs decode as their 8-bit RGB copy, not white."""
+  grey = np.tile(np.arange(256, dtype=np.uint8), (3, 1))  # every 8-bit value
+  rgb = np.stack([grey] * 3, -1)
+  np.testing.assert_array_equal(np.asarray(transforms.decode(encode(rgb, 'PNG'))), rgb)
+  cases = [('I;16', grey.astype(np.uint16) * 257, 'PNG'),  # 16-bit range
+           ('I', grey.astype(np.int32) * 257, 'TIFF'),
+           ('F', grey.astype(np.float32) * 257, 'TIFF'),
+           ('F', grey.astype(np.float32) / 255, 'TIFF'),  # floats within [0, 1]
+           ('I', grey.astype(np.int32) * 1000 - 70000, 'TIFF'),  # beyond 16 bits: min..max
+           ('F', grey.astype(np.float32) * 0.5 - 10, 'TIFF')]
+  for mode, array, fmt in cases:
+    data = encode(array, fmt)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    got = np.asarray(transforms.decode(data)).astype(int)
+    assert got.shape == rgb.shape and np.abs(got - rgb).max() <= 1, (mode, array.min())
+  nan = grey.astype(np.float32)
+  nan[0, 0] = np.nan
+  assert transforms.decode(encode(nan, 'TIFF')) is None
+
+
 def test_corrupt_image_is_marked_invalid_not_raised():
   good = jpeg_bytes(120, (20, 20))
   truncated = good[:len(good) // 2]
@@ -593,6 +723,26 @@ def test_eval_skips_a_corrupt_jpeg(tmp_path):
   valid = np.concatenate([b['valid'] for b in batches])
   assert valid.tolist() == [1, 1, 0, 0]  # the corrupt one, then padding
   assert not images_of(batches)[2].any()
+
+
+def test_an_unreadable_training_image_is_named_and_counted_once(tmp_path, monkeypatch):
+  """Over three epochs: one warning naming the file, and one first-pass unreadable record."""
+  root = tmp_path / 'imgs'
+  for i in range(3):
+    write_image(root / 'a' / f'{i}.jpg', 100, size=(12, 12))
+  bad = root / 'b' / 'bad.jpg'
+  bad.parent.mkdir()
+  bad.write_bytes(b'not an image')
+  warnings = []
+  monkeypatch.setattr(transforms.logging, 'warning',
+                      lambda message, *args: warnings.append(message % args))
+  it = iter(train_dataset(sources.ImageFolderSource(root), batch=2))
+  batches = [next(it) for _ in range(6)]  # 3 epochs of 2 batches
+  valid, first = (np.concatenate([b[k] for b in batches]) for k in ('valid', 'first_pass'))
+  assert (valid == 0).sum() == 3  # skipped in every epoch
+  assert first.tolist() == [1] * 4 + [0] * 8
+  assert ((valid == 0) & (first == 1)).sum() == 1  # what the train state counts
+  assert len(warnings) == 1 and str(bad) in warnings[0] and 'BytesIO' not in warnings[0]
 
 
 def train_dataset(source, seed=0, batch=4, size=16, **kw):

@@ -207,6 +207,15 @@ def test_bg_challenge_on_a_tiny_layout(tmp_path):
   assert run(centre, np.array([0, 1, -1]))['accuracy'] == 0.0
 
 
+def test_challenge_foregrounds_name_a_pickled_mask(tmp_path):
+  make_challenge(tmp_path)
+  path = tmp_path / 'fg_mask' / 'val' / '01_bird' / 'b.npy'
+  np.save(path, np.array([{'mask': 1}], dtype=object), allow_pickle=True)
+  transform = data_lib.transforms.resize_center_crop(8)
+  with pytest.raises(ValueError, match=f'foreground mask {path}: .*plain \\(non-object\\) array'):
+    list(ev.challenge_foregrounds(tmp_path, transform))
+
+
 # ----------------------------------------------------------------------------
 # Thresholds
 # ----------------------------------------------------------------------------
@@ -408,6 +417,24 @@ def test_run_eval_in9_mapping_bg_gap_and_challenge(trained):
   challenge = report['bg_challenge']
   assert challenge['num_foregrounds'] == 2 and challenge['num_vulnerable'] >= 1  # the bird
   assert challenge['accuracy'] == 1 - challenge['num_vulnerable'] / 2
+
+
+def test_eval_splits_are_labelled_by_the_training_classes(trained, tmp_path):
+  """A folder eval split lacking a training class keeps the training labels; an unknown class
+  folder fails, naming it."""
+  config, workdir = trained
+  c = copy.deepcopy(config)
+  for split, names in (('train', ('n01', 'n02')), ('val', ('n02',))):
+    for name in names:
+      write_image(tmp_path / split / name / 'x.jpg', size=(56, 56))
+  c.data.train = dict(source='folder', root=str(tmp_path / 'train'))
+  c.data.evals = {'val': dict(source='folder', root=str(tmp_path / 'val'))}
+  session = ev._Session(c, workdir, 'final')  # pylint: disable=protected-access
+  source = session.splits()['val'].source
+  assert source.class_names == ['n01', 'n02'] and source[0]['label'] == 1
+  write_image(tmp_path / 'val' / 'n03' / 'x.jpg', size=(56, 56))
+  with pytest.raises(ValueError, match=f'class folder {tmp_path / "val" / "n03"} is not in'):
+    session.splits()
 
 
 def test_run_calibrate_and_thresholded_eval(trained):

@@ -612,7 +612,8 @@ def test_train_step_ema_follows_the_optimizer_updates(accumulation):
       batch = jax.device_put({  # not bench's batch helper: this file is also a bench config
           'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
           'label': rng.integers(0, 4, (8,), dtype=np.int32),
-          'valid': np.ones((8,), np.int32)}, t.batch_sharding)
+          'valid': np.ones((8,), np.int32), 'first_pass': np.ones((8,), np.int32)},
+          t.batch_sharding)
       previous = jax.device_get(state['ema'])  # the step donates the state
       state, _ = t.train_step(state, t.frozen, batch)
       if step % accumulation:
@@ -623,6 +624,23 @@ def test_train_step_ema_follows_the_optimizer_updates(accumulation):
         np.testing.assert_allclose(flat(state['ema'])[path], value, rtol=1e-5, atol=1e-9,
                                    err_msg=path)
   assert any(not np.array_equal(flat(state['ema'])[p], v) for p, v in initial.items())
+
+
+def test_train_step_counts_each_unreadable_image_once():
+  """An unreadable image counts in its first pass over the data only, not in every epoch."""
+  config = get_config()
+  config_lib.use_baseline(config)
+  mesh = sharding.make_mesh(config.mesh)
+  t = train.build_training(config, 4, steps_per_epoch=1, mesh=mesh)
+  state = t.state
+  valid = np.array([1, 0, 1, 1, 0, 1, 1, 1], np.int32)
+  with jax.set_mesh(mesh):
+    for first_pass in (1, 0, 0):  # three epochs of the same batch
+      batch = jax.device_put({
+          'image': np.zeros((8, 32, 32, 3), np.uint8), 'label': np.zeros((8,), np.int32),
+          'valid': valid, 'first_pass': np.full((8,), first_pass, np.int32)}, t.batch_sharding)
+      state, metrics = t.train_step(state, t.frozen, batch)
+  assert int(state['skipped_images']) == int(metrics['skipped_images']) == 2
 
 
 # ----------------------------------------------------------------------------
@@ -696,7 +714,8 @@ def test_packed_train_step_matches_the_dense_step():
         batch = jax.device_put({
             'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
             'label': rng.integers(0, 4, (8,), dtype=np.int32),
-            'valid': np.array([1, 1, 1, 0, 1, 1, 1, 1], np.int32)}, t.batch_sharding)
+            'valid': np.array([1, 1, 1, 0, 1, 1, 1, 1], np.int32),
+            'first_pass': np.ones((8,), np.int32)}, t.batch_sharding)
         state, metrics = t.train_step(state, t.frozen, batch)
     results[tiers] = flat(jax.device_get(state['params'])), jax.device_get(metrics)
   (packed_params, packed), (dense_params, dense) = results.values()

@@ -5,15 +5,18 @@ numpy arrays with a static per-process batch b = global_batch_size / process_cou
 
   image  uint8 [b, S, S, 3]   label int32 [b]   group int32 [b]   valid int32 [b]
   fg_mask uint8 [b, S, S]     (only when the source provides it)
+  first_pass int32 [b]        (training only) 1 in the process's first pass over its shard
 
-Training shuffles (reshuffled every epoch), repeats and drops the last partial batch. Evaluation
-reads in order and pads every process to the same number of batches with `valid=0` records,
-so shapes stay static, multi-host steps stay in lockstep, and each example counts exactly once
-when metrics are weighted by `valid`. The per-record augmentation generator comes from grain's
-`random_map`, keyed by (seed, process, position in the repeated stream), so an image is
-augmented differently in every epoch yet reproducibly. Batches are formed before the worker
-split, so the stream does not depend on `num_workers`. Iterators support grain checkpointing
-(`get_state` / `set_state`, or `grain.checkpoint.CheckpointSave` with Orbax).
+Training shuffles (reshuffled every epoch), repeats and drops the last partial batch; its
+unreadable records (valid=0) with first_pass=1 count each unreadable file once, however many
+epochs run. Evaluation reads in order and pads every process to the same number of batches
+with `valid=0` records, so shapes stay static, multi-host steps stay in lockstep, and each
+example counts exactly once when metrics are weighted by `valid`. The per-record augmentation
+generator comes from grain's `random_map`, keyed by (seed, process, position in the repeated
+stream), so an image is augmented differently in every epoch yet reproducibly. Batches are
+formed before the worker split, so the stream does not depend on `num_workers`. Iterators
+support grain checkpointing (`get_state` / `set_state`, or `grain.checkpoint.CheckpointSave`
+with Orbax).
 """
 
 from __future__ import annotations
@@ -65,6 +68,15 @@ class _Process:
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     return transforms_lib.process(record, rng, self.transform)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MarkFirstPass:
+  """Sets 'first_pass' from the position in the repeated stream: its epoch is index // length."""
+  length: int
+
+  def __call__(self, index: int, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**record, 'first_pass': np.int32(index < self.length)}
 
 
 class _PaddedShard:
@@ -127,14 +139,18 @@ def make_dataset(source: Sequence[dict[str, Any]], *, transform: transforms_lib.
   if train:
     if n < pc:
       raise ValueError(f'{source!r} has {n} examples, fewer than the {pc} processes')
-    ds = grain.MapDataset.source(source)[pi::pc].shuffle(seed=shuffle_seed).repeat(num_epochs)
+    shard = grain.MapDataset.source(source)[pi::pc]
+    ds = shard.shuffle(seed=shuffle_seed).repeat(num_epochs)
   else:
     length = num_eval_batches(n, global_batch_size, pc) * b
     ds = grain.MapDataset.source(_PaddedShard(source, pi, pc, length))
+  ds = ds.random_map(_Process(transform), seed=augment_seed)
+  if train:  # after random_map, which keeps its per-index seeds: the same augmentations
+    ds = ds.map_with_index(_MarkFirstPass(len(shard)))
   # Batch before `to_iter_dataset`: workers then slice whole batches, so every batch keeps b
   # records and the stream is the same for any number of workers (batching after it would give
   # each worker its own ragged remainder).
-  ds = ds.random_map(_Process(transform), seed=augment_seed).batch(b, drop_remainder=train)
+  ds = ds.batch(b, drop_remainder=train)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=read_buffer_size))
   if num_workers > 0:

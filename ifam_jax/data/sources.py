@@ -1,14 +1,16 @@
 """Random-access data sources for grain: one raw record per example, nothing decoded.
 
 Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'group': int}`, where
-`group` is -1 when the data set defines no groups; the synthetic source, and CubSource given a
+`group` is -1 when the data set defines no groups. File-backed sources add the image's `'path'`
+(which names an undecodable image in its warning); the synthetic source, and CubSource given a
 `segmentation_dir`, add a ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in {0, 1}). Every
 source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0 without groups).
 
 Sources validate their inputs when built, with cheap checks only (directory listings, metadata
-files, the first image), and every error names the offending path: a wrong root then fails in
-the launcher, not inside a grain worker. `__repr__` is stable across runs because grain's
-DataLoader compares it when restoring a checkpoint.
+files, the existence of every listed file), and every error names the offending path: a wrong
+root or a missing image then fails in the launcher, not inside a grain worker mid-run.
+`__repr__` is stable across runs because grain's DataLoader compares it when restoring a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ class FileSource(Source):
     return len(self.paths)
 
   def __getitem__(self, index: int) -> Record:
-    with open(self.paths[index], 'rb') as f:
+    path = self.paths[index]
+    with open(path, 'rb') as f:
       image = f.read()
-    return {'image': image, 'label': int(self.labels[index]), 'group': int(self.groups[index])}
+    return {'image': image, 'label': int(self.labels[index]), 'group': int(self.groups[index]),
+            'path': path}
 
 
 # ----------------------------------------------------------------------------
@@ -96,13 +100,24 @@ def _image_files(folder: pathlib.Path) -> list[str]:
           for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
 
 
-def _scan_image_folder(root: pathlib.Path, classes: Sequence[str] | None
-                       ) -> tuple[list[str], list[str], list[int]]:
-  """(class names, paths, labels) of `root/<class>/**/<image>`, as torchvision ImageFolder."""
+def class_folders(root: str | os.PathLike) -> list[str]:
+  """The sorted class folder names of an image folder: its labels, without listing any image."""
+  root = pathlib.Path(root)
   _require_dir(root, 'image folder')
   found = sorted(e.name for e in os.scandir(root) if e.is_dir())
   if not found:
     raise ValueError(f'image folder {root} holds no class folders')
+  return found
+
+
+def _scan_image_folder(root: pathlib.Path, classes: Sequence[str] | None
+                       ) -> tuple[list[str], list[str], list[int]]:
+  """(class names, paths, labels) of `root/<class>/**/<image>`, as torchvision ImageFolder.
+
+  `classes` (default: the folders found) fixes the label of each class name, so that a split
+  with other or fewer class folders is labelled as the one the model was trained on.
+  """
+  found = class_folders(root)
   class_names = list(classes) if classes is not None else found
   index = {name: i for i, name in enumerate(class_names)}
   paths, labels = [], []
@@ -118,10 +133,15 @@ def _scan_image_folder(root: pathlib.Path, classes: Sequence[str] | None
   return class_names, paths, labels
 
 
-def _check_first_image(paths: Sequence[str], what: str) -> None:
-  """Catches a wrong image root cheaply: the first listed image must exist."""
-  if paths and not os.path.isfile(paths[0]):
-    raise FileNotFoundError(f'{what}: image {paths[0]} does not exist (wrong image root?)')
+def _check_files_exist(paths: Sequence[str], what: str, kind: str = 'images') -> None:
+  """Every listed file must exist: one missing would otherwise stop training when first read.
+
+  One stat per file, cheap next to training even for tens of thousands of files.
+  """
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f'{what}: {len(missing)} of {len(paths)} listed {kind} do not exist, '
+                            f'e.g. {missing[:3]} (wrong root, or an incomplete copy?)')
 
 
 # ----------------------------------------------------------------------------
@@ -158,14 +178,15 @@ class ImageNet9Source(FileSource):
 class MetaShiftSource(FileSource):
   """MetaShift cat/dog: `root/<split>/<class>/<context>/**/<image>`.
 
-  Labels come from the class folder (ImageFolder order, so cat=0, dog=1); each (class, context)
-  folder pair is a group, numbered in sorted order and named after the context folder
-  ('cat(sofa)'), prefixed with the class when the folder name does not already carry it.
+  Labels come from the class folder (ImageFolder order, so cat=0, dog=1, or the order of
+  `classes` as in ImageFolderSource); each (class, context) folder pair is a group, numbered in
+  sorted order and named after the context folder ('cat(sofa)'), prefixed with the class when
+  the folder name does not already carry it.
   """
 
-  def __init__(self, root: str | os.PathLike, split: str):
+  def __init__(self, root: str | os.PathLike, split: str, classes: Sequence[str] | None = None):
     folder = pathlib.Path(root) / split
-    self.class_names, paths, labels = _scan_image_folder(folder, None)
+    self.class_names, paths, labels = _scan_image_folder(folder, classes)
     keys = []
     for path, label in zip(paths, labels):
       parts = pathlib.Path(path).relative_to(folder / self.class_names[label]).parts
@@ -178,7 +199,8 @@ class MetaShiftSource(FileSource):
     cls = self.class_names
     self.group_names = [ctx if ctx.startswith(cls[y]) else f'{cls[y]}({ctx})' for y, ctx in unique]
     super().__init__(paths, labels, [group_of[k] for k in keys])
-    self._repr = _describe('MetaShiftSource', root=str(root), split=split)
+    extra = {'classes': classes} if classes is not None else {}  # stable old reprs
+    self._repr = _describe('MetaShiftSource', root=str(root), split=split, **extra)
 
 
 # ----------------------------------------------------------------------------
@@ -205,7 +227,7 @@ class WaterbirdsSource(FileSource):
     meta = root / 'metadata.csv'
     _require_file(meta, 'Waterbirds metadata')
     try:
-      with open(meta, newline='', encoding='utf-8') as f:
+      with open(meta, newline='', encoding='utf-8-sig') as f:  # Excel writes a byte-order mark
         reader = csv.DictReader(f)
         rows = list(reader)
         columns = set(reader.fieldnames or ())
@@ -225,7 +247,7 @@ class WaterbirdsSource(FileSource):
         paths.append(str(root / row['img_filename']))
         labels.append(y)
         groups.append(2 * y + place)
-    _check_first_image(paths, f'Waterbirds metadata {meta}')
+    _check_files_exist(paths, f'Waterbirds metadata {meta}')
     self.class_names = ['landbird', 'waterbird']
     self.group_names = ['landbird/land', 'landbird/water', 'waterbird/land', 'waterbird/water']
     super().__init__(paths, labels, groups)
@@ -237,7 +259,7 @@ def _read_id_table(path: pathlib.Path) -> dict[int, str]:
   _require_file(path, 'CUB list file')
   table = {}
   try:
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig') as f:
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise ValueError(f'cannot read CUB list file {path}: {e}') from None
@@ -290,8 +312,8 @@ class CubSource(FileSource):
   train_test_split.txt marks train (1) and test (0). classes.txt, when present, names the classes
   and sets their number. `segmentation_dir` (relative to root, or absolute; the official release
   unpacks as 'segmentations') adds 'fg_mask' from `<segmentation_dir>/<images.txt name>.png`,
-  binarised at > 0 and read lazily; a missing mask or one whose size differs from its image raises
-  an error naming the file.
+  binarised at > 0 and read lazily; a missing mask (checked when built) or one whose size differs
+  from its image raises an error naming the file.
   """
 
   def __init__(self, root: str | os.PathLike, split: str, image_subdir: str = 'images',
@@ -325,14 +347,13 @@ class CubSource(FileSource):
         paths.append(str(image_dir / name))
         labels.append(label - 1)
         names.append(name)
-    _check_first_image(paths, f'CUB images.txt {root / "images.txt"}')
+    _check_files_exist(paths, f'CUB images.txt {root / "images.txt"}')
     self.mask_paths = None
     if segmentation_dir:
       mask_dir = root / segmentation_dir
       _require_dir(mask_dir, 'CUB segmentation folder')
       self.mask_paths = [str(mask_dir / (os.path.splitext(n)[0] + '.png')) for n in names]
-      if self.mask_paths:
-        _require_file(pathlib.Path(self.mask_paths[0]), 'CUB segmentation mask')
+      _check_files_exist(self.mask_paths, f'CUB segmentation folder {mask_dir}', 'masks')
     self.group_names = []
     super().__init__(paths, labels, [-1] * len(paths))
     extra = {'segmentation_dir': segmentation_dir} if segmentation_dir else {}  # stable old reprs

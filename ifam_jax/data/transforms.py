@@ -62,21 +62,53 @@ class Transform(Protocol):
 # ----------------------------------------------------------------------------
 # Decoding and the per-record entry point
 # ----------------------------------------------------------------------------
-def decode(image: bytes | np.ndarray) -> Image.Image | None:
+# Unreadable files this process has warned about: each is named once, not once per epoch.
+_WARNED: set[str] = set()
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+  """Single-band images of more than 8 bits -> 'L'; PIL's own conversion clips them at 255.
+
+  16-bit images ('I;16*': 16-bit PNGs and TIFFs) map 0..65535 to 0..255. 32-bit integer ('I')
+  and float ('F') images use the same 16-bit range when their values lie within it, as 16-bit
+  files decoded to 'I' do; floats within [0, 1] map to 0..255; any other image stretches its
+  own min..max to 0..255. Non-finite values make the image unreadable.
+  """
+  if not img.mode.startswith(('I', 'F')):
+    return img
+  x = np.asarray(img, np.float64)
+  if not np.isfinite(x).all():
+    raise ValueError(f'{img.mode} image holds non-finite values')
+  lo, hi = float(x.min()), float(x.max())
+  if img.mode == 'F' and 0 <= lo and hi <= 1:
+    lo, hi = 0.0, 1.0
+  elif 0 <= lo and hi <= 65535:
+    lo, hi = 0.0, 65535.0
+  x = np.round((x - lo) * (255 / max(hi - lo, 1e-12)))
+  return Image.fromarray(x.astype(np.uint8), 'L')
+
+
+def decode(image: bytes | np.ndarray, name: str = '') -> Image.Image | None:
   """Encoded bytes or a uint8 [H, W(, C)] array -> an RGB PIL image; None if unreadable.
 
-  PIL picks the format from the bytes, so CMYK JPEGs, PNGs and greyscale images all come out
-  RGB. A corrupt file must not kill a long run: it is logged and reported as None.
+  PIL picks the format from the bytes, so CMYK JPEGs, PNGs, greyscale and 16-bit images
+  (`_to_8_bits`) all come out RGB. A corrupt file must not kill a long run: it is reported as
+  None, with a warning naming it (`name`, e.g. its path) once per process.
   """
+  buffer = None if isinstance(image, np.ndarray) else io.BytesIO(image)
   try:
-    if isinstance(image, np.ndarray):
+    if buffer is None:
       img = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     else:
-      img = Image.open(io.BytesIO(image))
-    return img.convert('RGB')  # forces the full decode, so truncated files fail here
+      img = Image.open(buffer)
+    return _to_8_bits(img).convert('RGB')  # forces the full decode: truncated files fail here
   except Exception as e:  # pylint: disable=broad-except  # decoders raise many error types
-    logging.warning('undecodable image (%s: %s); emitting a black image with valid=0',
-                    type(e).__name__, e)
+    if name not in _WARNED:  # a nameless record is never added: each one is reported
+      if name:
+        _WARNED.add(name)
+      reason = str(e).replace(f' {buffer!r}', '')  # PIL names the in-memory buffer, not the file
+      logging.warning('unreadable image %s (%s: %s); it is skipped (a black image with valid=0)',
+                      name or '(in-memory record)', type(e).__name__, reason)
     return None
 
 
@@ -86,9 +118,10 @@ def process(record: dict[str, Any], rng: np.random.Generator,
 
   `valid` is 0 for an undecodable image (then image and mask are zeros) or when the record
   arrives with valid=0 (eval padding); `fg_mask` uint8 [S, S] is passed through when present.
+  The record's optional 'path' names the file in the warning about an undecodable image.
   """
   size = transform.size
-  image = decode(record['image'])
+  image = decode(record['image'], record.get('path', ''))
   mask = record.get('fg_mask')
   valid = image is not None and bool(record.get('valid', 1))
   out_mask = None if mask is None else np.zeros((size, size), np.uint8)
