@@ -58,7 +58,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from ifam_jax import data as data_lib
-from ifam_jax import optim, sharding, train
+from ifam_jax import factory, optim, sharding, train
 from ifam_jax.models import ifam, parts, vit
 
 # Dense bf16 tensor-core peaks (spec sheets, without sparsity), matched on device_kind.
@@ -123,7 +123,7 @@ def train_flops_per_image(config: ml_collections.ConfigDict, trainable: Sequence
                           stage2_tokens: float = 1.0) -> float:
   """Analytic FLOPs of one training image (module docstring); `trainable`: parameter names;
   `stage2_tokens`: the fraction of patch tokens stage 2's blocks compute."""
-  cfg = train.vit_from_config(config.model)
+  cfg = factory.vit_from_config(config.model)
   if config.model.kind == 'baseline':
     return vit_forward_flops(cfg, None, *_backward_factors(trainable, 'backbone/'))
   stage1 = vit_forward_flops(cfg, None, *_backward_factors(trainable, 'stage1/backbone/'))
@@ -403,10 +403,10 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
     raise ValueError('--mode infer measures the iFAM eval forward; model.kind must be ifam')
   config = random_init(config)
   batch = batch or config.data.eval_batch_size
-  cfg = train.vit_from_config(config.model)
+  cfg = factory.vit_from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  model = train.build_model(config.model, num_classes, nnx.Rngs(config.seed))
+  model = factory.build_model(config.model, num_classes, nnx.Rngs(config.seed))
   graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
                                                       config.optim.groups)
   del model
@@ -428,7 +428,7 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
         runs, compile_s = [], []
         for with_stage1 in (True, False):
           fn = jax.jit(make_infer_step(graphdef, rest, keep_count, with_stage1),
-                       compiler_options=train.compiler_options(config))
+                       compiler_options=factory.compiler_options(config))
           start = time.perf_counter()
           runs.append(functools.partial(fn.lower(params, frozen, images, mask).compile(),
                                         params, frozen, images, mask))
@@ -466,7 +466,7 @@ def bench_data(config: ml_collections.ConfigDict, *, data_dir: str = '',
   The first batch (worker start-up) is not timed; the data set repeats, so any size works.
   """
   batch = batch or config.global_batch_size
-  transform, _ = train.make_transforms(config)
+  transform, _ = factory.make_transforms(config)
   with tempfile.TemporaryDirectory() as tmp:
     if not data_dir:
       data_dir = tmp
@@ -503,7 +503,7 @@ def state_memory(config: ml_collections.ConfigDict, *, variants: Sequence[str],
   for variant in variants:
     c = random_init(config)
     c.model.variant = variant
-    model = nnx.eval_shape(lambda c=c: train.build_model(c.model, num_classes, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda c=c: factory.build_model(c.model, num_classes, nnx.Rngs(0)))
     _, params, frozen, _ = optim.split_frozen(model, c.optim.group_rules, c.optim.groups)
     labels = optim.label_params(params, c.optim.group_rules)
     tx = optim.build_optimizer(c.optim, labels, 1000, c.total_epochs)

@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
       mask_gradient='none',
       eval_gumbel_noise=False,
       soft_mask=False,
-      # Stage 2 trains on the tokens it can see only, exactly (train.packed_stage2): each
+      # Stage 2 trains on the tokens it can see only, exactly (packed_stage2.packed_stage2): each
       # device's batch is sorted by visible-patch count and cut into `stage2_token_groups`
       # groups, each computed at the smallest of these capacities (fractions of the patches;
       # all patches is always one) that holds its visible patches. () computes every token.

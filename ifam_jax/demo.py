@@ -13,7 +13,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from ifam_jax import config_lib, train, visualize
+from ifam_jax import config_lib, factory, train, visualize
+from ifam_jax import workdir as workdir_lib
 
 PICTURE_EXAMPLES = 8
 
@@ -31,9 +32,9 @@ def train_and_compare(config: ml_collections.ConfigDict, workdir: epath.Path) ->
   with baseline.unlocked():
     config_lib.use_baseline(baseline)
   results['ERM baseline'] = train.train_and_evaluate(baseline, workdir / 'baseline')
-  source = train.make_source(config.data.evals[test_split])
+  source = factory.make_source(config.data.evals[test_split])
   picture = visualize.example_grid(
-      train.load_model(config, workdir / 'ifam'), config, source,
+      workdir_lib.load_model(config, workdir / 'ifam'), config, source,
       visualize.examples_per_group(source, PICTURE_EXAMPLES), workdir / 'ifam' / 'part_maps.png')
 
   if jax.process_index() == 0:

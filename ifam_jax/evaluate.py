@@ -37,7 +37,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ifam_jax import data as data_lib
-from ifam_jax import optim, sharding
+from ifam_jax import factory, optim, sharding
+from ifam_jax import workdir as workdir_lib
 from ifam_jax.data.sources import IN9_CLASSES
 from ifam_jax.models.ifam import PART_REMOVALS, Intervention
 
@@ -638,15 +639,13 @@ class _Session:
   """The saved parameters of one workdir on the configured mesh, and the evals of its config."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str):
-    from ifam_jax import train  # pylint: disable=import-outside-toplevel  # train imports us
-
     self.config, self.which = config, which
     self.workdir = epath.Path(workdir)
-    self.make_source, self.training_classes = train.make_source, train.training_classes
-    model = train.load_model(config, self.workdir, which)
-    self.info = train.read_params_info(self.workdir, which)
+    self.make_source, self.training_classes = factory.make_source, factory.training_classes
+    model = workdir_lib.load_model(config, self.workdir, which)
+    self.info = workdir_lib.read_params_info(self.workdir, which)
     self.num_classes = self.info['num_classes']
-    self.eval_transform = train.make_transforms(config)[1]
+    self.eval_transform = factory.make_transforms(config)[1]
     self.mesh = sharding.make_mesh(config.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)

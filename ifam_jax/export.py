@@ -41,7 +41,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx, traverse_util
 
-from ifam_jax import checkpoints, optim, train
+from ifam_jax import checkpoints, factory, optim
+from ifam_jax import workdir as workdir_lib
 from ifam_jax.models import ifam, vit
 from ifam_jax.sharding import path_name
 
@@ -136,7 +137,7 @@ def from_reference(state_dict: Mapping[str, np.ndarray], model: nnx.Module) -> d
 # ----------------------------------------------------------------------------
 def _write_state_dict(path: epath.Path, state_dict: Mapping[str, Any]) -> None:
   """`checkpoints.write_state_dict`, which writes local files, to a local or gs:// path."""
-  if train.is_local(path):
+  if workdir_lib.is_local(path):
     checkpoints.write_state_dict(path, state_dict)
     return
   with tempfile.TemporaryDirectory() as tmp:
@@ -158,21 +159,21 @@ def export(config: ml_collections.ConfigDict, workdir: PathLike, which: str = 'f
   if jax.process_count() > 1:
     raise RuntimeError('export runs in a single process; start it without IFAM_MULTIHOST')
   workdir = epath.Path(workdir)
-  model = train.load_model(config, workdir, which)
-  info = train.read_params_info(workdir, which)
+  model = workdir_lib.load_model(config, workdir, which)
+  info = workdir_lib.read_params_info(workdir, which)
   out = workdir / 'export' / which
   out.mkdir(parents=True, exist_ok=True)
   params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
   paths = {'model_json': out / 'model.json'}
   description = {'model': config.model.to_dict(), 'num_classes': info['num_classes'],
-                 'source': {'workdir': str(train.absolute(workdir)), 'which': which,
+                 'source': {'workdir': str(workdir_lib.absolute(workdir)), 'which': which,
                             'step': info.get('step')}}
   paths['model_json'].write_text(json.dumps(description, indent=2) + '\n')
   if 'orbax' in formats:
     paths['orbax'] = out / 'params'
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(train.absolute(paths['orbax']), params, force=True)
+      checkpointer.save(workdir_lib.absolute(paths['orbax']), params, force=True)
   if 'safetensors' in formats:
     paths['safetensors'] = out / 'model.safetensors'
     named = {path_name(p): v for p, v in traverse_util.flatten_dict(params).items()}
@@ -216,7 +217,7 @@ def _check_config(state_dict: Mapping[str, np.ndarray], model_cfg: ml_collection
     found = 'a two-stage iFAM (stage_1.* keys)' if two_stage else 'a single ViT (no stage_1.*)'
     raise ValueError(f'the checkpoint is {found} but config.model.kind is {model_cfg.kind!r}')
   prefixes = ('stage_1.', 'stage_2.') if two_stage else ('',)
-  cfg = train.vit_from_config(model_cfg)
+  cfg = factory.vit_from_config(model_cfg)
   configured = {'width': cfg.width, 'depth': cfg.depth, 'num_registers': cfg.num_registers,
                 'patch_size': cfg.patch_size, 'mlp': cfg.mlp, 'mlp_hidden': cfg.mlp_hidden,
                 'image_size': cfg.image_size, 'num_parts': model_cfg.num_parts}
@@ -254,7 +255,7 @@ def import_reference(source: PathLike | Mapping[str, Any], config: ml_collection
   """
   state_dict = read_reference(source)
   num_classes = _check_config(state_dict, config.model, num_classes)
-  model = train.abstract_model(config.model, num_classes)
+  model = factory.abstract_model(config.model, num_classes)
   checkpoints.load_params(model, from_reference(state_dict, model))
   return model
 
@@ -268,27 +269,27 @@ def load_exported(path: PathLike, config: ml_collections.ConfigDict | None = Non
   path = epath.Path(path)
   description = json.loads((path.parent / 'model.json').read_text())
   num_classes = description['num_classes']
-  saved = train.abstract_model(ml_collections.ConfigDict(description['model']), num_classes)
+  saved = factory.abstract_model(ml_collections.ConfigDict(description['model']), num_classes)
   if path.is_dir():
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.to_pure_dict(nnx.state(saved, nnx.Param)))
     with ocp.StandardCheckpointer() as checkpointer:
-      params = checkpointer.restore(train.absolute(path), target)
+      params = checkpointer.restore(workdir_lib.absolute(path), target)
   elif path.suffix == '.safetensors':
     paths = {path_name(p): p for p, _ in nnx.to_flat_state(nnx.state(saved, nnx.Param))}
     named = checkpoints.read_state_dict(path)
     params = traverse_util.unflatten_dict({paths.get(k, (k,)): v for k, v in named.items()})
   else:
     raise ValueError(f'{path} is neither an exported Orbax params directory nor a .safetensors')
-  model = saved if config is None else train.abstract_model(config.model, num_classes)
+  model = saved if config is None else factory.abstract_model(config.model, num_classes)
   checkpoints.load_params(model, params)
   return model
 
 
 def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workdir: PathLike,
                       which: str = 'imported', overwrite: bool = False) -> epath.Path:
-  """Imports weights into <workdir>/params/<which>, for `train.load_model(config, workdir, which)`.
+  """Imports weights into <workdir>/params/<which>, for `workdir_lib.load_model(config, workdir, which)`.
 
   `source` is a reference checkpoint (.pth/.pt/.bin) or our export (Orbax `params` directory or
   `model.safetensors`, with model.json beside it). Returns the parameters' directory.
@@ -318,10 +319,10 @@ def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workd
                      'model.json beside it)')
   _, params, frozen, _ = optim.split_frozen(model, config.optim.group_rules, config.optim.groups)
   info = {'num_classes': _classifier(model).head.out_features,
-          'imported_from': str(train.absolute(source))}
+          'imported_from': str(workdir_lib.absolute(source))}
   if which in _TRAINED:
     info['step'] = None
   if which == 'best':
     info['value'] = -math.inf
-  train.save_params(workdir, which, params, frozen, info)
+  workdir_lib.save_params(workdir, which, params, frozen, info)
   return target

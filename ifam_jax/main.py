@@ -83,7 +83,7 @@ def check_saved_params(workdir: epath.Path, which: str) -> None:
   """The modes that read a run's parameters find them before they create anything."""
   if workdir_lib.is_local(workdir) and not workdir.is_dir():
     raise app.UsageError(f'--workdir {workdir} does not exist; pass the workdir of a trained run')
-  if train.read_params_info(workdir, which) is None:
+  if workdir_lib.read_params_info(workdir, which) is None:
     raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which} '
                             f'(--which {which}); train first, or pick another --which')
 

@@ -18,8 +18,9 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
-from ifam_jax import train
 from ifam_jax import data as data_lib
+from ifam_jax import factory
+from ifam_jax import workdir as workdir_lib
 from ifam_jax.models import ifam
 
 # Distinct colours for up to 16 parts (background is left transparent).
@@ -122,7 +123,7 @@ def examples_per_group(source, count: int) -> list[int]:
 def _predict(model, config: ml_collections.ConfigDict, source, indices: Sequence[int],
              batch_size: int = 64) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Eval-transformed uint8 images and the model's outputs for `indices` (host arrays)."""
-  _, transform = train.make_transforms(config)
+  _, transform = factory.make_transforms(config)
   rng = np.random.default_rng(0)
   images = np.stack([data_lib.transforms.process(source[i], rng, transform)['image']
                      for i in indices])
@@ -192,8 +193,8 @@ def run_visualize(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if split not in config.data.evals:
     raise ValueError(f'no eval split {split!r} to draw from; configured: '
                      f'{sorted(config.data.evals)}')
-  model = train.load_model(config, workdir, which)
-  source = train.make_source(config.data.evals[split], train.training_classes(config))
+  model = workdir_lib.load_model(config, workdir, which)
+  source = factory.make_source(config.data.evals[split], factory.training_classes(config))
   out_dir = workdir / 'pictures' / which
   paths = [example_grid(model, config, source, examples_per_group(source, num_images),
                         out_dir / f'examples_{split}.png')]

@@ -1,8 +1,11 @@
-"""What a run keeps in its workdir, and the checks that keep a workdir whole.
+"""What a run writes into its workdir and reads back, and the checks that keep a workdir whole.
 
   check_writable      every folder a run writes to accepts a file, tested before any work
   WorkdirLock         one training run per workdir: <workdir>/lock.json names its holder
   check_config_change a rerun's config against the one the workdir was trained with
+  MetricWriter        metrics.jsonl, rewritten past the checkpoint a resumed run starts from
+  save_params / load_model / read_params_info
+                      params/{final,best,imported}, or train checkpoint N as 'step_<N>'
 
 Workdirs are `epath.Path`s, local or gs://bucket/... (multi-host Cloud TPU); pathlib would turn
 gs://b/x into gs:/b/x. epath reaches gs:// through TensorFlow's gfile where TensorFlow is
@@ -12,16 +15,25 @@ installed, and otherwise through fsspec, which needs gcsfs (the `gcs` extra).
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
+import re
 import socket
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
+import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from ifam_jax import factory, optim
 
 # Folders a run writes below its workdir; each that exists is probed at start.
 OUTPUT_FOLDERS = ('checkpoints', 'params', 'eval', 'thresholds', 'pictures', 'export')
@@ -250,3 +262,154 @@ def record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
     print(f'Resuming with changed settings (recorded in {log}): ' + ', '.join(
         f'{k} {v["old"]!r} -> {v["new"]!r}' for k, v in changed.items()), flush=True)
   replace_text(workdir / 'config.json', config_as_json(config))
+
+
+# ----------------------------------------------------------------------------
+# metrics.jsonl
+# ----------------------------------------------------------------------------
+class MetricWriter:
+  """JSON lines in <workdir>/metrics.jsonl (process 0 only).
+
+  A run resumed from step `start_step` first drops the lines of later steps (and a line cut short
+  by the kill): it replays those steps exactly and logs them again, so the file reads as one
+  uninterrupted run.
+
+  A local file is appended to line by line. An object in a bucket cannot be appended to (gcsfs
+  silently overwrites it instead), so there the lines are kept and the whole object is rewritten
+  at most every `flush_seconds` and on `flush()`. The loop flushes before each checkpoint, so
+  every line a resume keeps is saved before the checkpoint it resumes from.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, start_step: int, flush_seconds: float = 60):
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self.active = jax.process_index() == 0
+    self.append = is_local(self.path)
+    self.flush_seconds = flush_seconds
+    self.lines: list[str] = []
+    if self.active and self.path.exists():
+      for line in self.path.read_text().splitlines():
+        try:
+          if json.loads(line)['step'] <= start_step:
+            self.lines.append(line + '\n')
+        except json.JSONDecodeError:
+          pass
+      replace_text(self.path, ''.join(self.lines))
+    self.flushed, self.pending = time.monotonic(), False
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    if not self.active:
+      return
+    line = json.dumps({'step': step, 'split': split, **metrics}) + '\n'
+    if self.append:
+      with self.path.open('a') as f:
+        f.write(line)
+      return
+    self.lines.append(line)
+    self.pending = True
+    if time.monotonic() - self.flushed >= self.flush_seconds:
+      self.flush()
+
+  def flush(self) -> None:
+    """Rewrites a bucket's metrics.jsonl if lines were written since; local files are current."""
+    if self.pending:
+      replace_text(self.path, ''.join(self.lines))
+      self.flushed, self.pending = time.monotonic(), False
+
+
+def read_step_metrics(workdir: str | os.PathLike, step: int) -> dict[str, dict[str, Any]]:
+  """{split: metrics} of the lines metrics.jsonl holds for `step` (the last line of each split)."""
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  recorded = {}
+  for line in path.read_text().splitlines() if path.exists() else ():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+      continue
+    if record.get('step') == step:
+      recorded[record['split']] = {k: v for k, v in record.items() if k not in ('step', 'split')}
+  return recorded
+
+
+# ----------------------------------------------------------------------------
+# Parameters for evaluation: <workdir>/params/{final,best}, or a train checkpoint (step_<N>)
+# ----------------------------------------------------------------------------
+def train_checkpoint(workdir: str | os.PathLike, which: str) -> epath.Path | None:
+  """<workdir>/checkpoints/<N>/state for which='step_<N>' (raises if no such step), else None."""
+  match = re.fullmatch(r'step_(\d+)', which)
+  if match is None:
+    return None
+  root = epath.Path(workdir) / 'checkpoints'
+  path = absolute(root / str(int(match[1])) / 'state')
+  if not path.is_dir():
+    steps = sorted(int(p.name) for p in root.glob('*') if p.name.isdigit())
+    raise FileNotFoundError(f'no train checkpoint of step {int(match[1])} in {root}; '
+                            f'available steps: {steps}')
+  return path
+
+
+def read_params_info(workdir: str | os.PathLike, which: str) -> dict[str, Any] | None:
+  """The JSON of <workdir>/params/<which>, or None: it exists only once the parameters do.
+
+  For which='step_<N>': {'step', 'num_classes', 'ema'} of train checkpoint N, from its metadata.
+  num_classes is the width of the saved classifier `head` (the ViT's, iFAM's stage 2), which
+  describes exactly that checkpoint, also of a run that is still going or was killed.
+  """
+  if (state := train_checkpoint(workdir, which)) is not None:
+    tree = ocp.PyTreeCheckpointHandler().metadata(state).tree
+    saved = {'params': tree['train']['params'], 'frozen': tree['frozen']}
+    widths = [leaf.shape[-1] for path, leaf in jax.tree_util.tree_leaves_with_path(saved)
+              if ('head', 'kernel') in itertools.pairwise(getattr(k, 'key', None) for k in path)]
+    if not widths:
+      raise ValueError(f'{state} has no classifier head/kernel')
+    return {'step': int(state.parent.name), 'num_classes': widths[0],
+            'ema': 'ema' in tree['train']}
+  path = epath.Path(workdir) / 'params' / f'{which}.json'
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_params(workdir: str | os.PathLike, which: str, params: Any, frozen: Any,
+                info: Mapping[str, Any]) -> None:
+  """Writes trainable + frozen parameters (EMA where enabled) and a JSON of what they are.
+
+  Collective: every process calls it. The JSON is removed first and written last, so it marks
+  complete parameters even if a kill interrupts the save.
+  """
+  workdir = epath.Path(workdir)
+  info_path = workdir / 'params' / f'{which}.json'
+  if jax.process_index() == 0:
+    info_path.unlink(missing_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(absolute(workdir / 'params' / which),
+                      {'params': params, 'frozen': frozen}, force=True)
+  if jax.process_index() == 0:
+    replace_text(info_path, json.dumps(dict(info), indent=2) + '\n')
+  multihost_utils.sync_global_devices(f'save_params {which}')
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+               which: str = 'final') -> nnx.Module:
+  """The model of `config` with the parameters saved under <workdir>/params/<which>.
+
+  which='step_<N>' reads train checkpoint N instead: its EMA where the run had one, else its
+  params, plus frozen; a partial restore that reads no optimizer state.
+  """
+  workdir = epath.Path(workdir)
+  info = read_params_info(workdir, which)
+  if info is None:
+    raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which}; train first')
+  abstract = factory.abstract_model(config.model, info['num_classes'])
+  graphdef, params, frozen, rest = optim.split_frozen(abstract, config.optim.group_rules,
+                                                      config.optim.groups)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {'params': params, 'frozen': frozen})
+  if (state := train_checkpoint(workdir, which)) is None:
+    restored = ocp.StandardCheckpointer().restore(absolute(workdir / 'params' / which), target)
+  else:
+    key = 'ema' if info['ema'] else 'params'
+    item = {'train': {key: target['params']}, 'frozen': target['frozen']}
+    restored = ocp.PyTreeCheckpointHandler().restore(state, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    restored = {'params': restored['train'][key], 'frozen': restored['frozen']}
+  return nnx.merge(graphdef, restored['params'], restored['frozen'], rest)

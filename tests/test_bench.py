@@ -14,7 +14,7 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from ifam_jax import bench, optim, sharding, train
+from ifam_jax import bench, factory, optim, sharding
 from ifam_jax.models import ifam
 from test_train import get_config
 
@@ -26,7 +26,7 @@ KEYS = {'device_kind', 'platform', 'mode', 'image_size', 'num_parts', 'batch', '
 
 
 def test_vit_forward_flops_matches_hand_count():
-  cfg = train.vit_from_config(get_config().model)  # 32 px, patch 8, width 32, depth 1, mlp 64
+  cfg = factory.vit_from_config(get_config().model)  # 32 px, patch 8, width 32, depth 1, mlp 64
   n, t, d, h = 16, 16 + 5, 32, 64
   expected = 2 * n * 8 * 8 * 3 * d + (2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d
                                       + 4 * t * d * h)
@@ -34,7 +34,7 @@ def test_vit_forward_flops_matches_hand_count():
   assert bench.vit_forward_flops(cfg, 8) < expected
   base = ml_collections.ConfigDict(dict(variant='B/14', image_size=224, num_registers=4,
                                         dtype='bfloat16', attention='xla', vit_overrides={}))
-  assert bench.vit_forward_flops(train.vit_from_config(base)) == pytest.approx(47e9, rel=0.01)
+  assert bench.vit_forward_flops(factory.vit_from_config(base)) == pytest.approx(47e9, rel=0.01)
 
 
 def test_keep_count_rounds_up_to_multiple_of_8():
@@ -51,7 +51,7 @@ def test_train_reports_the_reference_accounting():
   # Reference groups: stage-1 blocks and patch embedding frozen but its tokens train (2x blocks,
   # 1x embed), twice (the equivariance pass); stage 2 trains fully (3x blocks, 2x embed).
   # Stage 2's blocks count at the mean fraction of tokens the packed step computed.
-  cfg = train.vit_from_config(config.model)
+  cfg = factory.vit_from_config(config.model)
   tokens = result['stage2_tokens'] * cfg.num_patches
   assert 0 < tokens < cfg.num_patches
   expected = (2 * bench.vit_forward_flops(cfg, None, 1, 2)
@@ -94,7 +94,7 @@ def test_infer_gather_costs_less_than_dense():
 def test_stage2_alone_is_the_eval_forwards_stage2(keep_count):
   """The timed stage-2-only step computes the full eval step's stage-2 logits, without stage 1."""
   config = get_config()
-  model = train.build_model(config.model, 4, nnx.Rngs(0))
+  model = factory.build_model(config.model, 4, nnx.Rngs(0))
   graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
                                                       config.optim.groups)
   size = config.model.image_size

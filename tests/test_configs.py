@@ -17,7 +17,7 @@ import ml_collections
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from ifam_jax import optim, train
+from ifam_jax import factory, optim, train
 from test_data import make_cub, make_waterbirds, prepare_tiny_tfds, write_image
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
@@ -63,7 +63,7 @@ def test_recipe_settings(name):
   assert (c.model.kind, c.model.variant, c.model.init_weights) == \
       ('ifam', 'B/14', '/models/dinov2.safetensors')
   assert (sorted(c.data.evals), c.data.val_split) == (evals, val_split)
-  assert c.data.train.root.startswith('/data') and c.data.train.source in train.SOURCES
+  assert c.data.train.root.startswith('/data') and c.data.train.source in factory.SOURCES
   assert get_config(name, PAPER_ARGS + ',num_parts=16').model.num_parts == 16
 
 
@@ -102,9 +102,9 @@ def test_gpu_compiler_options_apply_on_gpus_only(monkeypatch):
   option XLA does not know fails the compile, so a typo cannot pass silently)."""
   config = get_config('imagenet', PAPER_ARGS)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-  assert train.compiler_options(config) == {}
+  assert factory.compiler_options(config) == {}
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  options = train.compiler_options(config)
+  options = factory.compiler_options(config)
   assert options['xla_gpu_triton_gemm_any'] is True
   assert options['xla_gpu_dot_merger_threshold_mb'] == 0
   assert {'CONDITIONAL', 'WHILE'} <= set(options['xla_gpu_enable_command_buffer'].split(','))
@@ -112,7 +112,7 @@ def test_gpu_compiler_options_apply_on_gpus_only(monkeypatch):
     assert get_config(name, PAPER_ARGS).gpu_compiler_options.xla_gpu_dot_merger_threshold_mb == 32
   config.gpu_compiler_options = {'xla_gpu_no_such_option': True}
   with pytest.raises(Exception, match='xla_gpu_no_such_option'):
-    jax.jit(lambda x: x + 1, compiler_options=train.compiler_options(config))(1.0)
+    jax.jit(lambda x: x + 1, compiler_options=factory.compiler_options(config))(1.0)
 
 
 def test_imagenet_data_choices():

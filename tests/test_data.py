@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from ifam_jax import config_lib, train
+from ifam_jax import config_lib, factory
 from ifam_jax.data import pipeline, sources, transforms
 
 
@@ -151,12 +151,12 @@ def test_eval_splits_are_labelled_by_the_training_classes(tmp_path):
   config.data.train = dict(source='folder', root=str(tmp_path / 'in' / 'train'))
   config.data.evals = {'in': dict(source='folder', root=str(tmp_path / 'in' / 'val')),
                        'meta': dict(source='metashift', root=str(tmp_path / 'meta'), split='val')}
-  evals = train.make_eval_sources(config)
+  evals = factory.make_eval_sources(config)
   assert {name: labels_of(source) for name, source in evals.items()} == \
       {'in': [0, 2], 'meta': [0, 2]}
   assert all(source.class_names == classes for source in evals.values())
   config.data.train = dict(source='metashift', root=str(tmp_path / 'meta'), split='train')
-  assert labels_of(train.make_eval_sources(config)['in']) == [0, 2]
+  assert labels_of(factory.make_eval_sources(config)['in']) == [0, 2]
 
 
 def test_an_eval_class_the_model_does_not_know_fails(tmp_path):
@@ -168,18 +168,18 @@ def test_an_eval_class_the_model_does_not_know_fails(tmp_path):
     config.data.evals = {name: spec}
     folder = tmp_path / name / 'val' / 'n03'
     with pytest.raises(ValueError, match=f'class folder {folder} is not in the class set'):
-      train.make_eval_sources(config)
+      factory.make_eval_sources(config)
   # data.classes names the classes instead of the training split's folders.
   config.data.classes = ('n01', 'n02', 'n03')
-  assert train.make_source(config.data.train, config.data.classes).num_classes == 3
-  assert labels_of(train.make_eval_sources(config)['meta']) == [0, 2]
+  assert factory.make_source(config.data.train, config.data.classes).num_classes == 3
+  assert labels_of(factory.make_eval_sources(config)['meta']) == [0, 2]
   config.data.evals.meta.classes = ('n03', 'n01')
   with pytest.raises(ValueError, match="sets classes .* but the training classes are"):
-    train.make_eval_sources(config)
+    factory.make_eval_sources(config)
   config.data.classes = ()
   config.data.train.root = str(tmp_path / 'gone')
   with pytest.raises(FileNotFoundError, match=f'{tmp_path / "gone"}.*set data.classes'):
-    train.make_eval_sources(config)
+    factory.make_eval_sources(config)
 
 
 # ----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ifam_jax import config_lib, optim, sharding, train
+from ifam_jax import config_lib, factory, optim, sharding, train
+from ifam_jax import workdir as workdir_lib
 from ifam_jax import data as data_lib
 from ifam_jax import evaluate as ev
 from test_configs import xla_cache  # noqa: F401  (a fixture)
@@ -364,9 +365,9 @@ def read_json(path):
 def stage1_outputs(config, workdir, spec):
   """Our own eval forward of the saved model over the source `spec` (eval transform):
   (part_maps, part_logits, part_similarity) as numpy."""
-  model = train.load_model(config, workdir)
-  source = train.make_source(spec)
-  transform = train.make_transforms(config)[1]
+  model = workdir_lib.load_model(config, workdir)
+  source = factory.make_source(spec)
+  transform = factory.make_transforms(config)[1]
   rng = np.random.default_rng(0)
   images = np.stack([data_lib.transforms.process(source[i], rng, transform)['image']
                      for i in range(len(source))])
@@ -532,11 +533,11 @@ def test_eval_gumbel_noise_is_seeded(trained):
 def test_load_model_from_a_train_checkpoint(trained):
   config, workdir = trained
   last = read_json(workdir / 'params' / 'final.json')['step']
-  assert train.read_params_info(workdir, f'step_{last}') == {'step': last, 'num_classes': 2,
+  assert workdir_lib.read_params_info(workdir, f'step_{last}') == {'step': last, 'num_classes': 2,
                                                              'ema': False}
   # Without EMA, params/final is saved from the state of the last checkpoint.
-  got = nnx.state(train.load_model(config, workdir, f'step_{last}'))
-  want = nnx.state(train.load_model(config, workdir))
+  got = nnx.state(workdir_lib.load_model(config, workdir, f'step_{last}'))
+  want = nnx.state(workdir_lib.load_model(config, workdir))
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == b.dtype and np.array_equal(a, b)
@@ -544,7 +545,7 @@ def test_load_model_from_a_train_checkpoint(trained):
   assert report['step'] == last
   assert report['evals']['val'] == read_json(workdir / 'params' / 'final.json')['evals']['val']
   with pytest.raises(FileNotFoundError, match=rf'step {last + 1} .*available steps: \[{last}\]'):
-    train.load_model(config, workdir, f'step_{last + 1}')
+    workdir_lib.load_model(config, workdir, f'step_{last + 1}')
 
 
 def _eight_device_worker(workdir: str) -> None:

@@ -23,7 +23,8 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from ifam_jax import checkpoints, export, train
+from ifam_jax import checkpoints, export
+from ifam_jax import workdir as workdir_lib
 from ifam_jax.models import ifam
 from ifam_jax.sharding import path_name
 from test_checkpoints import allocates_at_most, write_tensor_pth
@@ -82,12 +83,12 @@ def test_export_writes_every_format(exported):
   assert description['num_classes'] == layout.NUM_CLASSES
   assert description['source']['which'] == 'final' and description['source']['step'] == 1
   names = set(checkpoints.read_state_dict(paths['safetensors']))
-  assert {path_name(p) for p in _params(train.load_model(config, workdir))} == names
+  assert {path_name(p) for p in _params(workdir_lib.load_model(config, workdir))} == names
 
 
 def test_every_format_round_trips_bit_exactly(exported):
   config, workdir, paths = exported
-  original = _params(train.load_model(config, workdir))
+  original = _params(workdir_lib.load_model(config, workdir))
   assert_bit_exact(_params(export.load_exported(paths['orbax'])), original)
   assert_bit_exact(_params(export.load_exported(paths['safetensors'], config)), original)
   assert_bit_exact(_params(export.import_reference(paths['reference'], config)), original)
@@ -97,13 +98,13 @@ def test_imported_workdir_evaluates_like_the_original(exported, tmp_path):
   config, workdir, paths = exported
   images = np.random.default_rng(1).standard_normal(
       (4, config.model.image_size, config.model.image_size, 3), np.float32)
-  expected = jax.device_get(_outputs(train.load_model(config, workdir), images))
+  expected = jax.device_get(_outputs(workdir_lib.load_model(config, workdir), images))
   for fmt in export.FORMATS:
     target = export.import_to_workdir(paths[fmt], config, tmp_path / fmt)
     assert target == tmp_path / fmt / 'params' / 'imported'
-    info = train.read_params_info(tmp_path / fmt, 'imported')
+    info = workdir_lib.read_params_info(tmp_path / fmt, 'imported')
     assert info['num_classes'] == layout.NUM_CLASSES
-    imported = train.load_model(config, tmp_path / fmt, 'imported')
+    imported = workdir_lib.load_model(config, tmp_path / fmt, 'imported')
     assert_bit_exact(jax.device_get(_outputs(imported, images)), expected)
 
 
@@ -121,7 +122,7 @@ def test_reference_snapshot_wrapper_is_unwrapped(exported):
 # ----------------------------------------------------------------------------
 def test_reference_pth_reads_back_exactly(exported):
   config, workdir, paths = exported
-  expected = jax.device_get(export.to_reference(train.load_model(config, workdir)))
+  expected = jax.device_get(export.to_reference(workdir_lib.load_model(config, workdir)))
   read = checkpoints.read_torch_checkpoint(paths['reference'])
   assert isinstance(read, collections.OrderedDict)
   assert_bit_exact(dict(read), expected)
@@ -159,7 +160,7 @@ def ifam_reference(tmp_path_factory):
   config = layout.tiny_config('ifam', IMAGE_SIZE['ifam'])
   workdir = tmp_path_factory.mktemp('errors')
   layout.save_random_params(config, workdir)
-  return config, jax.device_get(export.to_reference(train.load_model(config, workdir)))
+  return config, jax.device_get(export.to_reference(workdir_lib.load_model(config, workdir)))
 
 
 @pytest.mark.parametrize('replace, drop, config_change, message', [
@@ -262,10 +263,10 @@ def test_import_never_overwrites_unless_asked(ifam_reference, tmp_path):
   # validation score replaces parameters that this workdir never scored).
   for which in ('final', 'best'):
     export.import_to_workdir(source, config, workdir, which, overwrite=True)
-  final, best = (train.read_params_info(workdir, w) for w in ('final', 'best'))
+  final, best = (workdir_lib.read_params_info(workdir, w) for w in ('final', 'best'))
   assert final['step'] is None and final['num_classes'] == layout.NUM_CLASSES
   assert best['step'] is None and best['value'] == -float('inf')
-  assert_bit_exact(_params(train.load_model(config, workdir, 'best')),
+  assert_bit_exact(_params(workdir_lib.load_model(config, workdir, 'best')),
                    _params(export.import_reference(state_dict, config)))
 
 
@@ -311,7 +312,7 @@ def test_torch_zip_is_what_torch_save_writes(tmp_path):
 def test_torch_zip_of_a_state_dict(exported, tmp_path):
   """Globals are the three torch.load(weights_only=True) allows; no stand-in module lingers."""
   config, workdir, _ = exported
-  state_dict = jax.device_get(export.to_reference(train.load_model(config, workdir)))
+  state_dict = jax.device_get(export.to_reference(workdir_lib.load_model(config, workdir)))
   path = tmp_path / 'model.pth'
   checkpoints._write_torch_zip(path, state_dict)
   with zipfile.ZipFile(path) as archive:

@@ -30,7 +30,8 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from ifam_jax import config_lib, evaluate, losses, optim, sharding, train
+from ifam_jax import config_lib, evaluate, losses, optim, packed_stage2, sharding, train
+from ifam_jax import workdir as workdir_lib
 from ifam_jax import data as data_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -326,8 +327,8 @@ def _two_process_worker(process_id: int, port: int, workdir: str) -> None:
                                                 np.full((2, 3), process_id, np.float32))
   bias = jax.device_put(np.arange(3, dtype=np.float32), sharding.replicated(mesh))
   workdir = pathlib.Path(workdir)
-  train.save_params(workdir, 'final', {'rows': rows}, {'bias': bias}, {'step': 7})
-  result = {'metrics': metrics, 'info': train.read_params_info(workdir, 'final')}
+  workdir_lib.save_params(workdir, 'final', {'rows': rows}, {'bias': bias}, {'step': 7})
+  result = {'metrics': metrics, 'info': workdir_lib.read_params_info(workdir, 'final')}
   (workdir / f'{process_id}.json').write_text(json.dumps(result))
 
 
@@ -388,7 +389,7 @@ def test_keeps_latest_checkpoints_and_best_on_val(env, tmp_path):
   scores = [m[config.data.best_metric] for m in vals]
   assert best['value'] == max(scores) and best['step'] == vals[scores.index(max(scores))]['step']
   saved = restore(tmp_path / 'params' / 'best')
-  model = train.load_model(config, tmp_path, 'best')
+  model = workdir_lib.load_model(config, tmp_path, 'best')
   loaded = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert loaded.keys() == (flat(saved['params']) | flat(saved['frozen'])).keys()
   for path, value in (flat(saved['params']) | flat(saved['frozen'])).items():
@@ -675,7 +676,7 @@ def test_packed_stage2_sorts_each_shard_and_matches_every_token(counts):
     return jnp.sum(losses.negative_log_likelihood(logits, labels) * valid) / denominator, logits
 
   capacities = (0, 3, 6, 9, 12)
-  loss, grads, metrics = train.packed_stage2(
+  loss, grads, metrics = packed_stage2.packed_stage2(
       stage2_loss, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(labels),
       jnp.asarray(valid), capacities=capacities, groups=groups, shards=shards)
 
@@ -727,9 +728,9 @@ def test_packed_train_step_matches_the_dense_step():
     np.testing.assert_allclose(packed_params[path], value, rtol=1e-5, atol=1e-7, err_msg=path)
 
   config = get_config()
-  assert train.packing_applies(config.model)
+  assert packed_stage2.packing_applies(config.model)
   config.model.mask_gradient = 'straight_through'
-  assert not train.packing_applies(config.model)
+  assert not packed_stage2.packing_applies(config.model)
   with pytest.raises(ValueError, match='fractions'):
     train.stage2_capacities((0.5, 1.5), 16)
   assert train.stage2_capacities((0.0, 0.3, 0.5), 16) == (0, 5, 8, 16)

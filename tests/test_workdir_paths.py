@@ -20,7 +20,7 @@ from etils.epath import backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from ifam_jax import checkpoints, evaluate, export, train, visualize
+from ifam_jax import checkpoints, evaluate, export, visualize
 from ifam_jax import workdir as workdir_lib
 
 WORKDIR = 'gs://bucket/run'
@@ -131,13 +131,13 @@ def test_main_writes_to_a_gs_workdir(tmp_path):
 # Files of a workdir in a bucket
 # ----------------------------------------------------------------------------
 def test_metric_writer_rewrites_the_object(gcs):
-  writer = train.MetricWriter(WORKDIR, 0, flush_seconds=0)
+  writer = workdir_lib.MetricWriter(WORKDIR, 0, flush_seconds=0)
   for step in (1, 2, 3):
     writer.write(step, 'train', {'loss': 1 / step})
   assert metric_steps(gcs) == [(1, 'train'), (2, 'train'), (3, 'train')]
 
   # Resumed from step 2: step 3 is dropped; new lines wait for flush() (or flush_seconds).
-  writer = train.MetricWriter(WORKDIR, 2, flush_seconds=3600)
+  writer = workdir_lib.MetricWriter(WORKDIR, 2, flush_seconds=3600)
   assert metric_steps(gcs) == [(1, 'train'), (2, 'train')]
   writer.write(3, 'train', {'loss': 0.3})
   writer.write(3, 'val', {'accuracy': 0.5})
@@ -148,7 +148,7 @@ def test_metric_writer_rewrites_the_object(gcs):
   # A line cut short is tolerated on resume, as in a local file.
   logged = gcs.cat_file('bucket/run/metrics.jsonl')
   gcs.pipe_file('bucket/run/metrics.jsonl', logged + b'{"step": 4, "split": "tr')
-  train.MetricWriter(WORKDIR, 3)
+  workdir_lib.MetricWriter(WORKDIR, 3)
   assert gcs.cat_file('bucket/run/metrics.jsonl') == logged
   assert gcs.find('bucket') == ['bucket/run/metrics.jsonl']  # no temporary objects
 
@@ -156,16 +156,16 @@ def test_metric_writer_rewrites_the_object(gcs):
 def test_params_info_and_train_checkpoints(gcs):
   info = {'step': 7, 'num_classes': 2}
   workdir_lib.replace_text(epath.Path(WORKDIR) / 'params' / 'final.json', json.dumps(info))
-  assert train.read_params_info(WORKDIR, 'final') == info
-  assert train.read_params_info(WORKDIR, 'best') is None
+  assert workdir_lib.read_params_info(WORKDIR, 'final') == info
+  assert workdir_lib.read_params_info(WORKDIR, 'best') is None
   assert gcs.find('bucket') == ['bucket/run/params/final.json']
 
   for step in (4, 8):
     gcs.pipe_file(f'bucket/run/checkpoints/{step}/state/_METADATA', b'{}')
-  assert str(train.train_checkpoint(WORKDIR, 'step_8')) == 'gs://bucket/run/checkpoints/8/state'
+  assert str(workdir_lib.train_checkpoint(WORKDIR, 'step_8')) == 'gs://bucket/run/checkpoints/8/state'
   with pytest.raises(FileNotFoundError, match=r'step 5 in gs://bucket/run/checkpoints; '
                      r'available steps: \[4, 8\]'):
-    train.train_checkpoint(WORKDIR, 'step_5')
+    workdir_lib.train_checkpoint(WORKDIR, 'step_5')
 
 
 def test_thresholds_pictures_and_exports(gcs, tmp_path):

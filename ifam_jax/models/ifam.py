@@ -193,7 +193,7 @@ class IFAM(nnx.Module):
       keep_count: eval-only token gather: stage 2 runs on this many patch tokens, foreground
         first. Exact when it is >= the largest foreground count in the batch.
       run_stage2: False leaves `logits` None, for a caller that runs stage 2 on the returned
-        `fg_mask` itself (`train.packed_stage2`).
+        `fg_mask` itself (`packed_stage2.packed_stage2`).
     """
     if train and (intervention is not None or keep_count is not None):
       raise ValueError('interventions and token gather are eval-only')

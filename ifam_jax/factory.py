@@ -1,0 +1,141 @@
+"""Config -> data sources, transforms and models: the builders every entry point shares.
+
+  make_source / make_eval_sources   a data source per config entry, eval splits labelled by the
+                                    training classes
+  make_transforms                   (train, eval) worker transforms of the configured recipe
+  build_model / abstract_model      the configured method's model, with DINOv2 weights if set
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from ifam_jax import checkpoints
+from ifam_jax import data as data_lib
+from ifam_jax.models import ifam, vit
+
+SOURCES = {
+    'folder': data_lib.ImageFolderSource,
+    'tfds': data_lib.TfdsSource,
+    'waterbirds': data_lib.WaterbirdsSource,
+    'metashift': data_lib.MetaShiftSource,
+    'in9': data_lib.ImageNet9Source,
+    'cub': data_lib.CubSource,
+    'synthetic': data_lib.SyntheticSpuriousSource,
+}
+
+# Sources labelled by their class folders, and the folder that holds those of a spec.
+FOLDER_SOURCES = {'folder': lambda spec: spec['root'],
+                  'metashift': lambda spec: os.path.join(spec['root'], spec['split'])}
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+def make_source(spec: Mapping[str, Any],
+                classes: Sequence[str] | None = None) -> data_lib.sources.Source:
+  """A data source from a config entry such as dict(source='waterbirds', root=..., split=...).
+
+  `classes` labels a folder-like source (`FOLDER_SOURCES`) by these names instead of its own
+  sorted class folders; other sources take their labels from their metadata and ignore it.
+  """
+  spec = dict(spec)
+  kind = spec.pop('source')
+  if kind not in SOURCES:
+    raise ValueError(f'unknown data source {kind!r}; known: {sorted(SOURCES)}')
+  if classes is not None and kind in FOLDER_SOURCES:
+    if spec.get('classes') is not None and list(spec['classes']) != list(classes):
+      raise ValueError(f'{kind} source {spec.get("root")} sets classes {list(spec["classes"])}, '
+                       f'but the training classes are {list(classes)}')
+    spec['classes'] = list(classes)
+  return SOURCES[kind](**spec)
+
+
+def training_classes(config: ml_collections.ConfigDict) -> list[str] | None:
+  """The class names that label the eval splits: data.classes, else the class folders of a
+  folder-like training split (listed, not scanned); None when the training labels come from
+  metadata."""
+  if config.data.classes:
+    return list(config.data.classes)
+  spec = dict(config.data.train)
+  if spec['source'] not in FOLDER_SOURCES:
+    return None
+  if spec.get('classes') is not None:
+    return list(spec['classes'])
+  try:
+    return data_lib.sources.class_folders(FOLDER_SOURCES[spec['source']](spec))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{e}; its class folders label the eval splits: set data.classes '
+                            'to evaluate without the training data') from None
+
+
+def make_eval_sources(config: ml_collections.ConfigDict) -> dict[str, data_lib.sources.Source]:
+  """The sources of data.evals, labelled by the training classes (`training_classes`)."""
+  classes = training_classes(config)
+  return {name: make_source(spec, classes) for name, spec in config.data.evals.items()}
+
+
+def make_transforms(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """(train transform, eval transform) for the configured augmentation and image size."""
+  size, augment = config.model.image_size, config.data.augment
+  t = data_lib.transforms
+  if augment == 'imagenet':
+    return t.imagenet_train(size), t.imagenet_eval(size)
+  if augment == 'cub_original':
+    return t.cub_original_train(size), t.resize_center_crop(size)
+  if augment == 'none':
+    return t.resize_center_crop(size), t.resize_center_crop(size)
+  raise ValueError(f"unknown augment {augment!r}; use 'imagenet', 'cub_original' or 'none'")
+
+
+# ----------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------
+def vit_from_config(model_cfg: ml_collections.ConfigDict) -> vit.ViTConfig:
+  return vit.vit_config(model_cfg.variant, image_size=model_cfg.image_size,
+                        num_registers=model_cfg.num_registers, dtype=model_cfg.dtype,
+                        attention=model_cfg.attention,
+                        **dict(model_cfg.vit_overrides))
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The XLA options for this backend's jitted steps (`gpu_compiler_options` on GPUs)."""
+  return dict(config.gpu_compiler_options) if jax.default_backend() == 'gpu' else {}
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
+                rngs: nnx.Rngs) -> nnx.Module:
+  """IFAM, or the plain ViT classifier for kind='baseline'; DINOv2 weights if configured."""
+  cfg = vit_from_config(model_cfg)
+  if model_cfg.kind == 'baseline':
+    model = vit.ViTClassifier(cfg, num_classes=num_classes, rngs=rngs)
+    backbones = [model.backbone]
+  elif model_cfg.kind == 'ifam':
+    model = ifam.IFAM(num_classes=num_classes, num_parts=model_cfg.num_parts, stage1=cfg,
+                      stage2=cfg, gumbel_tau=model_cfg.gumbel_tau,
+                      part_dropout=model_cfg.part_dropout,
+                      mask_part_dropout=model_cfg.mask_part_dropout,
+                      mask_gradient=model_cfg.mask_gradient,
+                      eval_gumbel_noise=model_cfg.eval_gumbel_noise,
+                      soft_mask=model_cfg.soft_mask, rngs=rngs)
+    backbones = [model.stage1.backbone, model.stage2.backbone]
+  else:
+    raise ValueError(f"model.kind must be 'ifam' or 'baseline', got {model_cfg.kind!r}")
+  if model_cfg.init_weights:
+    state_dict = checkpoints.read_state_dict(model_cfg.init_weights)
+    for backbone in backbones:
+      checkpoints.load_dinov2(backbone, state_dict)
+  return model
+
+
+def abstract_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+  """The model of `model_cfg` without materialised weights, for restoring saved ones into."""
+  model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  model_cfg.init_weights = ''
+  return nnx.eval_shape(lambda: build_model(model_cfg, num_classes, nnx.Rngs(0)))
