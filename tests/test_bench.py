@@ -16,7 +16,7 @@ from flax import nnx
 
 from ifam_jax import bench, factory, optim, sharding
 from ifam_jax.models import ifam
-from test_train import get_config
+from fixtures.tiny_config import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING = dict(warmup=1, windows=1, steps=1)
@@ -161,7 +161,8 @@ def test_data_mode_from_generated_jpegs(tmp_path):
 
 def test_command_line_prints_json_lines():
   out = subprocess.run(
-      [sys.executable, '-m', 'ifam_jax.bench', f'--config={REPO / "tests" / "test_train.py"}',
+      [sys.executable, '-m', 'ifam_jax.bench',
+       f'--config={REPO / "tests" / "fixtures" / "tiny_config.py"}',
        '--mode=infer', '--fg_fraction=0.5', '--batch=2', '--num_classes=4', '--warmup=1',
        '--windows=1', '--steps=1', '--peak_flops=1e12'],
       cwd=REPO, capture_output=True, text=True, check=True,

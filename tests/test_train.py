@@ -1,14 +1,13 @@
 """Train loop: exact resume after SIGKILL, 1 vs 8 devices, divergence, checkpoints and saved
 parameters, logs, frozen parameters, eval alignment across processes.
 
-Training runs the real entry point (`python -m ifam_jax.main`) in subprocesses, with this file as
-its config: `get_config` below is configs/demo.py shrunk to a one-block 32 px iFAM with the
-reference's parameter groups. To fit a 2-core CI budget the subprocesses share a persistent
+Training runs the real entry point (`python -m ifam_jax.main`) in subprocesses, with
+tests/fixtures/tiny_config.py as its config: configs/demo.py shrunk to a one-block 32 px iFAM
+with the reference's parameter groups. To fit a 2-core CI budget the subprocesses share a persistent
 compilation cache (runs of one config and device count compile once) and compile with LLVM at
 -O0 (3x faster to compile); runs that are compared always share these flags.
 """
 
-import importlib.util
 import itertools
 import json
 import os
@@ -34,47 +33,12 @@ from ifam_jax import config_lib, evaluate, losses, optim, packed_stage2, shardin
 from ifam_jax import workdir as workdir_lib
 from ifam_jax import data as data_lib
 
+from fixtures.tiny_config import STEPS, get_config
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 16  # 2 epochs of 64 examples in batches of 8
+CONFIG = REPO / 'tests' / 'fixtures' / 'tiny_config.py'
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 TIMING = ('img_per_sec', 'step_time')  # the only train metrics allowed to differ between runs
-
-
-def get_config(arg=None):
-  """configs/demo.py, iFAM only, shrunk; `mesh=DxF` asks for the data=D, fsdp=F mesh."""
-  arg = config_lib.parse_arg(arg, steps=STEPS, mesh='')
-  spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  c = demo.get_config(f'ifam_only,steps={arg.steps}')
-  c.total_epochs = 2
-  c.global_batch_size = 8
-  c.model.image_size = 32
-  c.model.vit_overrides = dict(width=32, depth=1, num_heads=2, mlp_hidden=64, patch_size=8)
-  for source in (c.data.train, *c.data.evals.values()):
-    source.image_size = 32
-    source.num_examples = 16
-  c.data.train.num_examples = 64
-  c.data.eval_batch_size = 8
-  c.data.num_workers = 0
-  c.loss.presence_group_size = 4
-  c.model.stage2_token_tiers = (0.0, 0.5)  # the packed stage 2 with fewer branches to compile
-  # The reference's groups: stage-1 backbone frozen, 1e3-1e4 lr factors on the new parts.
-  c.optim.groups = optim.ifam_groups()
-  c.optim.lr = 1e-5
-  c.optim.lr_schedule_unit = 'step'
-  c.optim.warmup_epochs = 1.0  # from warmup_lr 0: the first update is zero (see divergence test)
-  c.optim.warmup_lr = 0.0
-  c.sharding_rules = (('.*kernel', 'fsdp'), ('.*', 'replicate'))
-  c.fsdp_min_size = 1  # so that even these tiny kernels shard
-  if arg.mesh:
-    data, fsdp = (int(n) for n in arg.mesh.split('x'))
-    c.mesh = (('data', data), ('fsdp', fsdp))
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 2
-  c.keep_checkpoints = STEPS
-  c.eval_every_epochs = 1.0
-  return c
 
 
 # ----------------------------------------------------------------------------
@@ -89,7 +53,7 @@ def env(tmp_path_factory):
 
 
 def command(workdir, arg='', *overrides):
-  config = f'{__file__}:{arg}' if arg else __file__
+  config = f'{CONFIG}:{arg}' if arg else str(CONFIG)
   return [sys.executable, '-m', 'ifam_jax.main', f'--config={config}', f'--workdir={workdir}',
           *overrides]
 
