@@ -35,7 +35,8 @@ from ifam_jax import checkpoints, losses, optim, sharding
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.workdir import absolute, is_local, replace_text
 from ifam_jax import data as data_lib
-from ifam_jax.evaluate import evaluate_source, make_eval_step
+from ifam_jax.evaluators.loop import Classification
+from ifam_jax.evaluators.predict import make_eval_step
 from ifam_jax.models import ifam, vit
 
 SOURCES = {
@@ -445,7 +446,7 @@ class Training:
 
   `state` is {'step', 'params', 'opt_state', 'skipped_images'[, 'ema']}; `abstract_state` is its
   shape tree (for restoring checkpoints). `train_step(state, frozen, batch) -> (state, metrics)`
-  donates `state`; `eval_step(params, frozen, batch, rng)` is `evaluate.make_eval_step`'s.
+  donates `state`; `eval_step(params, frozen, batch, rng)` is `make_eval_step`'s.
   """
 
   graphdef: nnx.GraphDef
@@ -817,8 +818,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     for name, source in eval_sources.items():
       if names is not None and name not in names:
         continue
-      results[name] = evaluate_source(eval_step, params, frozen, source, eval_transform, config,
-                                      batch_sharding)
+      results[name] = Classification(source, eval_transform, config, batch_sharding).run(
+          eval_step, params, frozen)
       writer.write(step, name, results[name])
       announce('eval %s @ step %d: %s', name, step, ', '.join(
           f'{k} {v:.4g}' for k, v in results[name].items() if isinstance(v, (int, float))))
