@@ -30,7 +30,8 @@ from flax import nnx
 from ifam_jax import factory, losses, objective, optim, sharding
 from ifam_jax import data as data_lib
 from ifam_jax import workdir as workdir_lib
-from ifam_jax.evaluate import evaluate_source, make_eval_step
+from ifam_jax.evaluators.loop import Classification
+from ifam_jax.evaluators.predict import make_eval_step
 from ifam_jax.packed_stage2 import (largest_divisor_at_most, packed_stage2, packing_applies,
                                     stage2_capacities)
 from ifam_jax.workdir import absolute
@@ -143,7 +144,7 @@ class Training:
 
   `state` is {'step', 'params', 'opt_state', 'skipped_images'[, 'ema']}; `abstract_state` is its
   shape tree (for restoring checkpoints). `train_step(state, frozen, batch) -> (state, metrics)`
-  donates `state`; `eval_step(params, frozen, batch, rng)` is `evaluate.make_eval_step`'s.
+  donates `state`; `eval_step(params, frozen, batch, rng)` is `make_eval_step`'s.
   """
 
   graphdef: nnx.GraphDef
@@ -360,8 +361,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     for name, source in eval_sources.items():
       if names is not None and name not in names:
         continue
-      results[name] = evaluate_source(eval_step, params, frozen, source, eval_transform, config,
-                                      batch_sharding)
+      results[name] = Classification(source, eval_transform, config, batch_sharding).run(
+          eval_step, params, frozen)
       writer.write(step, name, results[name])
       announce('eval %s @ step %d: %s', name, step, ', '.join(
           f'{k} {v:.4g}' for k, v in results[name].items() if isinstance(v, (int, float))))

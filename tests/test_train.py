@@ -29,9 +29,10 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from ifam_jax import config_lib, evaluate, losses, optim, packed_stage2, sharding, train
+from ifam_jax import config_lib, losses, optim, packed_stage2, sharding, train
 from ifam_jax import workdir as workdir_lib
 from ifam_jax import data as data_lib
+from ifam_jax.evaluators import loop as loop_lib
 
 from fixtures.tiny_config import STEPS, get_config
 
@@ -247,7 +248,7 @@ def test_eight_devices_match_one_device(env, reference, tmp_path, mesh):
 
 
 def eval_alignment(devices):
-  """`evaluate.evaluate` over a 'model' that is right except on group 0, with padding.
+  """`loop_lib.evaluate` over a 'model' that is right except on group 0, with padding.
 
   The image of example j holds its prediction; labels, groups and valid flags come from the
   per-process batches, as the eval pipeline yields them (process p reads j = p, p + P, ...).
@@ -269,7 +270,7 @@ def eval_alignment(devices):
   batches = [batch(i) for i in range(-(-num_examples // (2 * len(devices))))]
   eval_step = jax.jit(lambda params, frozen, b, rng: {'logits': jax.nn.one_hot(
       b['image'][:, 0, 0, 0], 3)}, out_shardings=replicated)
-  metrics = evaluate.evaluate(eval_step, {}, {}, batches, len(batches),
+  metrics = loop_lib.evaluate(eval_step, {}, {}, batches, len(batches),
                               sharding.batch_sharding(mesh),
                               [f'g{g}' for g in range(num_groups)], seed=0)
   return {k: metrics[k] for k in EXPECTED_ALIGNMENT}

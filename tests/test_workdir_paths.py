@@ -20,8 +20,9 @@ from etils.epath import backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from ifam_jax import checkpoints, evaluate, export, visualize
+from ifam_jax import checkpoints, export, visualize
 from ifam_jax import workdir as workdir_lib
+from ifam_jax.evaluators import thresholds as thresholds_lib
 
 WORKDIR = 'gs://bucket/run'
 
@@ -171,7 +172,7 @@ def test_params_info_and_train_checkpoints(gcs):
 def test_thresholds_pictures_and_exports(gcs, tmp_path):
   gcs.pipe_file('bucket/run/q99.json', json.dumps({'rule': 'distance',
                                                    'thresholds': [0.5, 2]}).encode())
-  assert evaluate.load_thresholds(f'{WORKDIR}/q99.json', 2) == ((0.5, 2.0), 'distance')
+  assert thresholds_lib.load_thresholds(f'{WORKDIR}/q99.json', 2) == ((0.5, 2.0), 'distance')
 
   tile = np.zeros((8, 8, 3), np.uint8)
   path = visualize.save_grid([[tile, tile]], f'{WORKDIR}/pictures/g.png')

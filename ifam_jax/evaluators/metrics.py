@@ -1,0 +1,157 @@
+"""Metrics: one function per metric, on host numpy (reference section 7).
+
+`summarize_predictions` reduces the gathered per-example outputs of `make_eval_step`;
+`fg_overlap` is counted on device, inside the predict function, so that per-pixel masks never
+leave it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifam_jax import data as data_lib
+
+
+# ----------------------------------------------------------------------------
+# Host metrics
+# ----------------------------------------------------------------------------
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+  """Area under the ROC curve: the Mann-Whitney U statistic / (n_pos * n_neg).
+
+  Tied scores count one half (average ranks), which is what the trapezoidal ROC of
+  torchmetrics' BinaryAUROC computes. NaN unless both classes occur.
+  """
+  scores = np.asarray(scores, np.float64)
+  positive = np.asarray(positive, bool)
+  n_pos = int(positive.sum())
+  n_neg = positive.size - n_pos
+  if not n_pos or not n_neg:
+    return float('nan')
+  order = np.argsort(scores, kind='stable')
+  ordered = scores[order]
+  starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+  ends = np.r_[starts[1:], ordered.size]
+  ranks = np.empty(ordered.size)
+  ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)  # 1-based, ties averaged
+  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _accuracy_by(correct: np.ndarray, index: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+  """Accuracy per value of `index` that occurs, keyed by its name (or the value)."""
+  return {(names[i] if len(names) else str(i)): float(correct[index == i].mean())
+          for i in np.unique(index)}
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray, *,
+                           class_names: Sequence[str] = (), group_names: Sequence[str] = (),
+                           minority_groups: Sequence[int] = (),
+                           class_map: np.ndarray | None = None) -> dict[str, Any]:
+  """Metrics of one stage's logits [N, C] on N (valid) examples.
+
+  Top-5 when C > 5, AUROC of softmax(logits)[:, 1] when C = 2 (reference 7.1). Group metrics
+  cover the groups present; `worst_group_accuracy_minority` is the reference's Waterbirds WGA,
+  the minimum over `minority_groups` only. `class_map` sends the model's classes to the eval's
+  (ImageNet -> IN-9, -1 never right); top-5 and AUROC are then undefined and left out.
+  """
+  pred = np.argmax(logits, axis=-1)
+  if class_map is not None:
+    pred = class_map[pred]
+  correct = pred == labels
+  per_class = _accuracy_by(correct, labels, class_names)
+  metrics = {'accuracy': float(correct.mean()),
+             'macro_accuracy': float(np.mean(list(per_class.values()))),
+             'class_accuracy': per_class}
+  num_classes = logits.shape[-1]
+  if class_map is None and num_classes > 5:
+    top5 = np.argpartition(logits, -5, axis=-1)[:, -5:]
+    metrics['top5_accuracy'] = float(np.any(top5 == labels[:, None], axis=-1).mean())
+  if class_map is None and num_classes == 2 and np.unique(labels).size == 2:
+    z = logits.astype(np.float64)
+    metrics['auroc'] = auroc(1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1])), labels == 1)
+  if len(group_names):
+    per_group = _accuracy_by(correct, groups, group_names)
+    metrics.update(group_accuracy=per_group,
+                   mean_group_accuracy=float(np.mean(list(per_group.values()))),
+                   worst_group_accuracy=min(per_group.values()))
+    minority = [per_group[group_names[g]] for g in minority_groups
+                if group_names[g] in per_group]
+    if minority:
+      metrics['worst_group_accuracy_minority'] = min(minority)
+  return metrics
+
+
+def summarize_predictions(outputs: Mapping[str, np.ndarray], *, class_names: Sequence[str] = (),
+                          group_names: Sequence[str] = (), minority_groups: Sequence[int] = (),
+                          class_map: np.ndarray | None = None) -> dict[str, Any]:
+  """The eval metrics of gathered per-example outputs (see `make_eval_step`), valid ones only.
+
+  Stage 2 at the top level, stage 1 under 'stage1'; the mean foreground fraction; with
+  ground-truth masks the dataset-level foreground IoU (sum of intersections / sum of unions, as
+  the reference) and the mean of per-image IoUs (images with an empty union left out).
+  """
+  keep = outputs['valid'] > 0
+  metrics: dict[str, Any] = {'num_examples': int(keep.sum())}
+  if not keep.any():
+    return {**metrics, 'accuracy': float('nan')}
+  labels, groups = outputs['label'][keep], outputs['group'][keep]
+  names = dict(class_names=class_names, group_names=group_names,
+               minority_groups=minority_groups, class_map=class_map)
+  metrics.update(classification_metrics(outputs['logits'][keep], labels, groups, **names))
+  if 'logits1' in outputs:
+    metrics['stage1'] = classification_metrics(outputs['logits1'][keep], labels, groups, **names)
+  if 'fg_fraction' in outputs:
+    metrics['fg_fraction'] = float(outputs['fg_fraction'][keep].mean())
+  if 'fg_union' in outputs:
+    inter = outputs['fg_intersection'][keep].astype(np.float64)
+    union = outputs['fg_union'][keep].astype(np.float64)
+    if union.sum():
+      nonempty = union > 0
+      metrics['fg_iou'] = float(inter.sum() / union.sum())
+      metrics['fg_iou_image_mean'] = float(np.mean(inter[nonempty] / union[nonempty]))
+  return metrics
+
+
+def minority_groups(source: Any) -> tuple[int, ...]:
+  """Groups whose (class, attribute) pairing is the rare one in training, per known source.
+
+  Waterbirds: landbird/water and waterbird/land, the reference's WGA subset (7.2). Synthetic:
+  a shape on another class's background. Other sources define none (MetaShift's test set holds
+  one group per class, so its worst-group accuracy already is the reference's).
+  """
+  if isinstance(source, data_lib.WaterbirdsSource):
+    return (1, 2)
+  if isinstance(source, data_lib.SyntheticSpuriousSource):
+    c = source.num_classes
+    return tuple(g for g in range(c * c) if g // c != g % c)
+  return ()
+
+
+def bg_gap(in9_accuracy: Mapping[str, float]) -> float:
+  """BG-GAP = accuracy(mixed_same) - accuracy(mixed_rand) (reference 7.7)."""
+  return in9_accuracy['mixed_same'] - in9_accuracy['mixed_rand']
+
+
+# ----------------------------------------------------------------------------
+# Per-image foreground counts (on device)
+# ----------------------------------------------------------------------------
+def upsample_patches(grid: jax.Array, height: int, width: int) -> jax.Array:
+  """Nearest upsampling of per-patch values [B, h, w] to pixels [B, height, width]."""
+  return jnp.repeat(jnp.repeat(grid, height // grid.shape[1], axis=1), width // grid.shape[2],
+                    axis=2)
+
+
+def fg_overlap(fg_mask: jax.Array, truth: jax.Array) -> dict[str, jax.Array]:
+  """Per-image pixel counts of (patch mask AND truth) and (patch mask OR truth).
+
+  The patch mask is nearest-upsampled, so IoU scores exactly the patches stage 2 sees; the
+  reference upsamples the soft maps bilinearly and then takes the argmax.
+  """
+  pred = upsample_patches(fg_mask > 0.5, truth.shape[1], truth.shape[2])
+  truth = truth > 0
+  return {'fg_intersection': jnp.sum(pred & truth, axis=(1, 2)),
+          'fg_union': jnp.sum(pred | truth, axis=(1, 2))}

@@ -1,0 +1,108 @@
+"""Metrics against hand counts and pairwise AUROC."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ifam_jax import data as data_lib
+from ifam_jax.evaluators import metrics
+from test_data import make_waterbirds
+
+
+def pairwise_auroc(scores, positive):
+  pos, neg = scores[positive][:, None], scores[~positive][None]
+  return (np.sum(pos > neg) + 0.5 * np.sum(pos == neg)) / (pos.size * neg.size)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_auroc_is_the_pairwise_count_with_ties(seed):
+  rng = np.random.default_rng(seed)
+  scores = rng.integers(0, 5, 60).astype(np.float32)  # many ties
+  positive = rng.random(60) < 0.3
+  assert metrics.auroc(scores, positive) == pytest.approx(pairwise_auroc(scores, positive),
+                                                         abs=1e-12)
+  assert metrics.auroc([0.1, 0.2, 0.9], [False, False, True]) == 1.0
+  assert metrics.auroc([0.5, 0.5], [False, True]) == 0.5
+  assert np.isnan(metrics.auroc([0.1, 0.2], [True, True]))
+
+
+def ranked_logits(pred, label, label_rank, num_classes=7):
+  """Logits whose top-1 is `pred` and whose label sits at `label_rank` (0 = top)."""
+  order = [pred] + [c for c in range(num_classes) if c not in (pred, label)]
+  if label != pred:
+    order.insert(label_rank, label)
+  logits = np.zeros(num_classes, np.float32)
+  logits[order] = np.arange(num_classes, 0, -1)
+  return logits
+
+
+def test_metrics_by_hand():
+  # 8 valid examples (right: 0, 2, 3, 4, 6), 2 padding rows that are wrong.
+  labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 0, 1])
+  groups = np.array([0, 1, 0, 1, 2, 3, 2, 3, 3, 3])
+  valid = np.array([1] * 8 + [0, 0])
+  cases = [(0, 0), (4, 3), (1, 0), (1, 0), (2, 0), (5, 6), (3, 0), (0, 1), (6, 1), (6, 1)]
+  logits = np.stack([ranked_logits(p, y, r) for (p, r), y in zip(cases, labels)])
+  inter = np.array([2, 0, 3, 0, 0, 0, 0, 0, 9, 9])
+  union = np.array([4, 0, 3, 1, 0, 0, 0, 0, 9, 9])
+  outputs = {'logits': logits, 'logits1': np.eye(7, dtype=np.float32)[labels], 'label': labels,
+             'group': groups, 'valid': valid, 'fg_fraction': np.arange(10) / 10,
+             'fg_intersection': inter, 'fg_union': union}
+  m = metrics.summarize_predictions(outputs, class_names=[f'c{i}' for i in range(7)],
+                                    group_names=['g0', 'g1', 'g2', 'g3'], minority_groups=(1, 2))
+  assert m['num_examples'] == 8
+  assert m['accuracy'] == 5 / 8
+  assert m['top5_accuracy'] == 7 / 8  # example 5's label is ranked 7th
+  assert m['class_accuracy'] == {'c0': 0.5, 'c1': 1.0, 'c2': 0.5, 'c3': 0.5}
+  assert m['macro_accuracy'] == 0.625
+  assert m['group_accuracy'] == {'g0': 1.0, 'g1': 0.5, 'g2': 1.0, 'g3': 0.0}
+  assert (m['mean_group_accuracy'], m['worst_group_accuracy']) == (0.625, 0.0)
+  assert m['worst_group_accuracy_minority'] == 0.5  # min over g1, g2 only
+  assert 'auroc' not in m  # 7 classes
+  assert m['stage1']['accuracy'] == 1.0 and m['stage1']['worst_group_accuracy'] == 1.0
+  assert m['fg_fraction'] == pytest.approx(np.arange(8).mean() / 10)
+  assert m['fg_iou'] == 5 / 8  # (2 + 3) / (4 + 3 + 1), padding left out
+  assert m['fg_iou_image_mean'] == pytest.approx((0.5 + 1.0 + 0.0) / 3)  # empty unions skipped
+
+  no_groups = metrics.summarize_predictions({k: outputs[k] for k in ('logits', 'label', 'group',
+                                                                     'valid')})
+  assert set(no_groups) == {'num_examples', 'accuracy', 'top5_accuracy', 'macro_accuracy',
+                            'class_accuracy'}
+  assert set(no_groups['class_accuracy']) == {'0', '1', '2', '3'}
+  empty = metrics.summarize_predictions({**outputs, 'valid': np.zeros(10)})
+  assert empty['num_examples'] == 0 and np.isnan(empty['accuracy'])
+
+
+def test_binary_auroc_uses_the_class_1_probability():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(40, 2)).astype(np.float32)
+  logits[:10] = logits[10:20]  # tied scores
+  labels = rng.integers(0, 2, 40)
+  m = metrics.summarize_predictions({'logits': logits, 'label': labels,
+                                     'group': -np.ones(40, int), 'valid': np.ones(40)})
+  z = np.exp(logits.astype(np.float64))
+  prob = z[:, 1] / z.sum(-1)
+  assert m['auroc'] == pytest.approx(pairwise_auroc(prob, labels == 1), abs=1e-12)
+  assert 'top5_accuracy' not in m
+
+
+def test_minority_groups(tmp_path):
+  make_waterbirds(tmp_path)
+  waterbirds = data_lib.WaterbirdsSource(tmp_path, 'test')
+  assert [waterbirds.group_names[g] for g in metrics.minority_groups(waterbirds)] == \
+      ['landbird/water', 'waterbird/land']
+  synthetic = data_lib.SyntheticSpuriousSource(4, 16, num_classes=3)
+  assert metrics.minority_groups(synthetic) == (1, 2, 3, 5, 6, 7)  # background != shape
+  assert metrics.minority_groups(data_lib.SyntheticSpuriousSource(4, 16)) == (1, 2)
+
+
+def test_fg_overlap_by_hand():
+  mask = np.array([[[1, 0], [0, 1]], [[0, 0], [0, 0]], [[1, 1], [1, 1]]], np.float32)
+  truth = np.zeros((3, 4, 4), np.uint8)
+  truth[0, :2] = 1  # top half
+  truth[2] = 1
+  counts = jax.device_get(metrics.fg_overlap(jnp.asarray(mask), jnp.asarray(truth)))
+  # Image 0: 2x2-pixel patches top-left and bottom-right vs the top 8 pixels.
+  np.testing.assert_array_equal(counts['fg_intersection'], [4, 0, 16])
+  np.testing.assert_array_equal(counts['fg_union'], [12, 0, 16])
