@@ -31,7 +31,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ifam_jax import checkpoints, losses, optim, sharding
+from ifam_jax import losses, optim, sharding
+from ifam_jax import weights as weights_lib
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.workdir import absolute, is_local, replace_text
 from ifam_jax import data as data_lib
@@ -142,7 +143,6 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
   cfg = vit_from_config(model_cfg)
   if model_cfg.kind == 'baseline':
     model = vit.ViTClassifier(cfg, num_classes=num_classes, rngs=rngs)
-    backbones = [model.backbone]
   elif model_cfg.kind == 'ifam':
     model = ifam.IFAM(num_classes=num_classes, num_parts=model_cfg.num_parts, stage1=cfg,
                       stage2=cfg, gumbel_tau=model_cfg.gumbel_tau,
@@ -151,13 +151,10 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
                       mask_gradient=model_cfg.mask_gradient,
                       eval_gumbel_noise=model_cfg.eval_gumbel_noise,
                       soft_mask=model_cfg.soft_mask, rngs=rngs)
-    backbones = [model.stage1.backbone, model.stage2.backbone]
   else:
     raise ValueError(f"model.kind must be 'ifam' or 'baseline', got {model_cfg.kind!r}")
   if model_cfg.init_weights:
-    state_dict = checkpoints.read_state_dict(model_cfg.init_weights)
-    for backbone in backbones:
-      checkpoints.load_dinov2(backbone, state_dict)
+    weights_lib.load_dinov2(model, model_cfg.init_weights)
   return model
 
 
