@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from ifam_jax import data as data_lib
-from ifam_jax import factory, optim, sharding
+from ifam_jax import factory, methods, optim, sharding
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.data.sources import IN9_CLASSES
 from ifam_jax.evaluators import audit, in9, loop, metrics, thresholds
@@ -86,8 +86,9 @@ class _Session:
                         jax.device_get(tree), shardings)
 
   def require_ifam(self, what: str) -> None:
-    if self.config.model.kind != 'ifam':
-      raise ValueError(f'{what} needs an iFAM model; model.kind is {self.config.model.kind!r}')
+    if not methods.get(self.config.model.kind).has_mask:
+      raise ValueError(f'{what} needs a model with a foreground mask; model.kind is '
+                       f'{self.config.model.kind!r}')
 
   def header(self) -> dict[str, Any]:
     return {'which': self.which, 'step': self.info.get('step'), 'thresholds': self.thresholds}

@@ -16,9 +16,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from ifam_jax import checkpoints
 from ifam_jax import data as data_lib
-from ifam_jax.models import ifam, vit
+from ifam_jax import methods, weights
+from ifam_jax.models import vit
 
 SOURCES = {
     'folder': data_lib.ImageFolderSource,
@@ -111,26 +111,11 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
                 rngs: nnx.Rngs) -> nnx.Module:
-  """IFAM, or the plain ViT classifier for kind='baseline'; DINOv2 weights if configured."""
-  cfg = vit_from_config(model_cfg)
-  if model_cfg.kind == 'baseline':
-    model = vit.ViTClassifier(cfg, num_classes=num_classes, rngs=rngs)
-    backbones = [model.backbone]
-  elif model_cfg.kind == 'ifam':
-    model = ifam.IFAM(num_classes=num_classes, num_parts=model_cfg.num_parts, stage1=cfg,
-                      stage2=cfg, gumbel_tau=model_cfg.gumbel_tau,
-                      part_dropout=model_cfg.part_dropout,
-                      mask_part_dropout=model_cfg.mask_part_dropout,
-                      mask_gradient=model_cfg.mask_gradient,
-                      eval_gumbel_noise=model_cfg.eval_gumbel_noise,
-                      soft_mask=model_cfg.soft_mask, rngs=rngs)
-    backbones = [model.stage1.backbone, model.stage2.backbone]
-  else:
-    raise ValueError(f"model.kind must be 'ifam' or 'baseline', got {model_cfg.kind!r}")
+  """The model of the configured method (`methods`), with DINOv2 weights if configured."""
+  model = methods.get(model_cfg.kind).build(model_cfg, vit_from_config(model_cfg), num_classes,
+                                            rngs)
   if model_cfg.init_weights:
-    state_dict = checkpoints.read_state_dict(model_cfg.init_weights)
-    for backbone in backbones:
-      checkpoints.load_dinov2(backbone, state_dict)
+    weights.load_dinov2(model, model_cfg.init_weights)
   return model
 
 

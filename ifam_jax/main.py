@@ -15,7 +15,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ifam_jax import demo, evaluate, export, train, visualize
+from ifam_jax import demo, evaluate, train, visualize
+from ifam_jax.weights import exchange
 from ifam_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
@@ -131,11 +132,11 @@ def main(argv: list[str]) -> None:
   elif mode == 'visualize':
     visualize.run_visualize(config, workdir, which, _SPLIT.value)
   elif mode == 'export':
-    for name, path in export.export(config, workdir, which).items():
+    for name, path in exchange.export(config, workdir, which).items():
       print(f'{name}: {path}')
   elif mode == 'import':
     which = which if flags.FLAGS['which'].present else 'imported'
-    print(export.import_to_workdir(_SOURCE.value, config, workdir, which, _OVERWRITE.value))
+    print(exchange.import_to_workdir(_SOURCE.value, config, workdir, which, _OVERWRITE.value))
 
 
 if __name__ == '__main__':

@@ -76,7 +76,7 @@ def ifam_loss_terms(model: ifam.IFAM, images: jax.Array, labels: jax.Array, vali
   return terms, extras
 
 
-def baseline_loss_terms(model: vit.ViTClassifier, images: jax.Array, labels: jax.Array,
+def erm_loss_terms(model: vit.ViTClassifier, images: jax.Array, labels: jax.Array,
                         valid: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   logits = model(images)
   return ({'cls2': losses.cross_entropy(logits, labels, valid)},

@@ -27,9 +27,10 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from ifam_jax import factory, losses, objective, optim, sharding
+from ifam_jax import factory, losses, methods, optim, sharding
 from ifam_jax import data as data_lib
 from ifam_jax import workdir as workdir_lib
+from ifam_jax.apply import apply
 from ifam_jax.evaluators.loop import Classification
 from ifam_jax.evaluators.predict import make_eval_step
 from ifam_jax.packed_stage2 import (largest_divisor_at_most, packed_stage2, packing_applies,
@@ -59,7 +60,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   over the data only (the batch's 'first_pass'), so once. `batch_shards`: how many devices
   the batch is split over; `packed_stage2` sorts each device's slice on its own.
   """
-  baseline = config.model.kind == 'baseline'
+  method = methods.get(config.model.kind)
   weights = config.loss.weights
   accumulation = config.optim.accumulation_steps
   ema_decay = config.optim.ema_decay
@@ -69,26 +70,23 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
                                    factory.vit_from_config(config.model).num_patches)
 
   def loss_fn(params, frozen, images, labels, valid, rng):
-    model = nnx.merge(graphdef, params, frozen, rest)
-    if baseline:
-      terms, extras = objective.baseline_loss_terms(model, images, labels, valid)
-    else:
-      terms, extras = objective.ifam_loss_terms(model, images, labels, valid, rng, config.loss,
-                                      run_stage2=not packed)
+    terms, extras = apply(graphdef, rest, params, frozen, images, method.loss_terms,
+                          labels=labels, valid=valid, rng=rng, loss_cfg=config.loss,
+                          run_stage2=not packed)
     total = sum(weights[k] * v for k, v in terms.items())
     return total, (terms, extras)
 
   def train_step(state, frozen, batch):
     step = state['step']
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
-    images = data_lib.normalize(batch['image'])
+    images = batch['image']
     valid = batch['valid'].astype(jnp.float32)
     (total, (terms, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'], frozen, images, batch['label'], valid, rng)
     if packed:
       def stage2_loss(params, images, patch_mask, keep_index, labels, valid, denominator):
-        model = nnx.merge(graphdef, params, frozen, rest)
-        logits = model.stage2(images, patch_mask, keep_index=keep_index)
+        logits = apply(graphdef, rest, params, frozen, images,
+                       lambda model, x: model.stage2(x, patch_mask, keep_index=keep_index))
         nll = losses.negative_log_likelihood(logits, labels)
         return jnp.sum(nll * valid) / denominator, logits
 

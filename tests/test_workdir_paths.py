@@ -20,7 +20,7 @@ from etils.epath import backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from ifam_jax import checkpoints, export, visualize
+from ifam_jax import visualize, weights
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.evaluators import thresholds as thresholds_lib
 
@@ -182,9 +182,9 @@ def test_thresholds_pictures_and_exports(gcs, tmp_path):
 
   state_dict = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': np.ones(3, np.int64)}
   for name in ('model.safetensors', 'reference_state_dict.pth'):
-    export._write_state_dict(epath.Path(WORKDIR) / 'export' / name, state_dict)
+    weights.write_state_dict(epath.Path(WORKDIR) / 'export' / name, state_dict)
     (tmp_path / name).write_bytes(gcs.cat_file(f'bucket/run/export/{name}'))
-    read = checkpoints.read_state_dict(tmp_path / name)
+    read = weights.read_state_dict(tmp_path / name)
     assert read.keys() == state_dict.keys()
     for key, value in state_dict.items():
       np.testing.assert_array_equal(read[key], value)

@@ -3,7 +3,6 @@
 A method is a small object with
   has_mask     whether it decides a foreground mask (interventions, calibration, audits need one)
   build        (model config, ViT config, num_classes, rngs) -> the nnx module
-  backbones    the module's DINOv2 ViTs, which `model.init_weights` initialises
   loss_terms   (model, normalised images, labels, valid, rng, loss config) -> (terms, extras)
   predict      (model, normalised images, rng, intervention) -> per-example eval outputs
 and is registered here under its `model.kind`. Adding a method adds a file and an entry below;
@@ -21,7 +20,7 @@ from flax import nnx
 from ifam_jax.methods.erm import ERM
 from ifam_jax.methods.ifam import IFAMMethod
 from ifam_jax.models.ifam import Intervention
-from ifam_jax.models.vit import ViTConfig, VisionTransformer
+from ifam_jax.models.vit import ViTConfig
 
 
 class Method(Protocol):
@@ -29,9 +28,6 @@ class Method(Protocol):
 
   def build(self, model_cfg: ml_collections.ConfigDict, vit_cfg: ViTConfig, num_classes: int,
             rngs: nnx.Rngs) -> nnx.Module:
-    ...
-
-  def backbones(self, model: nnx.Module) -> list[VisionTransformer]:
     ...
 
   def loss_terms(self, model: nnx.Module, images: jax.Array, labels: jax.Array,

@@ -18,16 +18,11 @@ class ERM:
     del model_cfg
     return vit.ViTClassifier(vit_cfg, num_classes=num_classes, rngs=rngs)
 
-  def backbones(self, model: vit.ViTClassifier) -> list[vit.VisionTransformer]:
-    return [model.backbone]
-
   def loss_terms(self, model, images, labels, valid, rng, loss_cfg, run_stage2=True):
     del rng, loss_cfg, run_stage2
     return objective.erm_loss_terms(model, images, labels, valid)
 
   def predict(self, model: vit.ViTClassifier, images: jax.Array, rng: jax.Array | None,
               intervention=None) -> dict[str, jax.Array]:
-    if intervention is not None:
-      raise ValueError('interventions edit the iFAM mask; the ERM model has none')
-    del rng
+    del rng, intervention  # no noise, no mask to edit
     return {'logits': model(images)}

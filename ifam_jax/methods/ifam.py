@@ -23,9 +23,6 @@ class IFAMMethod:
                      eval_gumbel_noise=model_cfg.eval_gumbel_noise,
                      soft_mask=model_cfg.soft_mask, rngs=rngs)
 
-  def backbones(self, model: ifam.IFAM) -> list[vit.VisionTransformer]:
-    return [model.stage1.backbone, model.stage2.backbone]
-
   def loss_terms(self, model, images, labels, valid, rng, loss_cfg, run_stage2=True):
     return objective.ifam_loss_terms(model, images, labels, valid, rng, loss_cfg,
                                      run_stage2=run_stage2)

@@ -9,28 +9,18 @@ and writes <workdir>/export/<which>/:
   model.json                 what rebuilds the model: config.model, num_classes, provenance
   reference_state_dict.pth   a PyTorch state dict in the reference's key layout
 
-The reference layout is that of `FullTwoStageModelDoubleClassify` on the timm path (reference
-section 13): each stage's timm `vit_*_patch14_reg4_dinov2` keys under stage_1. / stage_2., the new
-stage_1.{fc_landmarks, modulation, fc_class_landmarks} and stage_2.{fc_norm, head}, and the buffer
-stage_2.prefix_attn_mask (ones [1, P]). A baseline (a bare `ViTClassifier`) maps to the stage-2
-keys without prefix or buffer: timm's ViT keys plus a LayerNorm `fc_norm` and a bias-free `head`,
-the way the reference re-heads timm. `pos_embed` always covers the patches only, the
-`no_embed_class` layout the reference's stage modules assume. The HF (RAD-DINO) variant is not
-covered.
-
-`reference_table` is the single mapping; export and import both read it, and every layout change
-is a transpose or a reshape, so round trips are bit-exact. Importers check what the tensors say
-(architecture, K, C) against the config, then every key and shape, and raise a ValueError that
-names what disagrees before anything is assigned.
+The reference layout is that of `FullTwoStageModelDoubleClassify` on the timm path, described
+by `names.reference_table`, the single mapping: export and import both read it, and every layout
+change is a transpose or a reshape, so round trips are bit-exact. The HF (RAD-DINO) variant is
+not covered. Importers check what the tensors say (architecture, K, C) against the config, then
+every key and shape, and raise a ValueError that names what disagrees before anything is
+assigned.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,67 +31,25 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx, traverse_util
 
-from ifam_jax import checkpoints, factory, optim
+from ifam_jax import factory, optim
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.models import ifam, vit
 from ifam_jax.sharding import path_name
+from ifam_jax.weights.assign import load_params
+from ifam_jax.weights.dinov2 import architecture
+from ifam_jax.weights.formats import TORCH_SUFFIXES, PathLike, read_state_dict
+from ifam_jax.weights.formats import read_torch_checkpoint, write_state_dict
+from ifam_jax.weights.names import LAYOUTS, reference_table
+from ifam_jax.workdir import absolute
 
-PathLike = str | os.PathLike
 FORMATS = ('orbax', 'safetensors', 'reference')
 REFERENCE_FILE = 'reference_state_dict.pth'
-_TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 _TRAINED = ('final', 'best')  # parameters that training reads and writes
-# The DINOv2 importer's tables of timm names, shapes and layouts are reused, not copied.
-_Param = checkpoints._Param
 
 
 # ----------------------------------------------------------------------------
-# The reference layout: one table, read in both directions
+# The reference layout, both ways
 # ----------------------------------------------------------------------------
-def _backbone_table(path: tuple[str, ...], prefix: str, cfg: vit.ViTConfig) -> list[_Param]:
-  """timm's names for `VisionTransformer(cfg)`, at `path` in our tree and `prefix` in theirs."""
-  pos_embed = _Param(('pos_embed',), ('pos_embed',), (1, cfg.num_patches, cfg.width))
-  plan = [*checkpoints._plan(cfg, 'timm'), pos_embed]
-  return [dataclasses.replace(p, path=path + p.path, sources=tuple(prefix + s for s in p.sources))
-          for p in plan]
-
-
-def _classifier_table(path: tuple[str, ...], prefix: str,
-                      model: vit.ViTClassifier) -> list[_Param]:
-  d, c = model.head.in_features, model.head.out_features
-  return [*_backbone_table(path + ('backbone',), prefix, model.backbone.cfg),
-          *checkpoints._layer_norm(path + ('fc_norm',), prefix + 'fc_norm', d),
-          _Param(path + ('head', 'kernel'), (prefix + 'head.weight',), (c, d), 'linear')]
-
-
-def _classifier(model: nnx.Module) -> vit.ViTClassifier:
-  """The module that produces the class logits: stage 2 of iFAM, or the baseline itself."""
-  return model.stage2 if isinstance(model, ifam.IFAM) else model
-
-
-def reference_table(model: nnx.Module) -> tuple[list[_Param], dict[str, np.ndarray]]:
-  """Each parameter of `model` (IFAM or ViTClassifier) with its reference key, torch shape and
-  layout (`checkpoints.LAYOUTS`), and the reference's buffers with their values."""
-  if isinstance(model, vit.ViTClassifier):
-    return _classifier_table((), '', model), {}
-  if not isinstance(model, ifam.IFAM):
-    raise TypeError(f'expected an IFAM or a ViTClassifier, got {type(model).__name__}')
-  s1 = model.stage1
-  k, d, c = s1.num_parts + 1, s1.backbone.cfg.width, s1.part_classifier.out_features
-  table = [
-      *_backbone_table(('stage1', 'backbone'), 'stage_1.', s1.backbone.cfg),
-      # The prototypes are a 1x1 conv; the modulation LayerNorm's affine is [D, K+1] there.
-      _Param(('stage1', 'prototypes'), ('stage_1.fc_landmarks.weight',), (k, d, 1, 1), 'conv1x1'),
-      _Param(('stage1', 'modulation', 'scale'), ('stage_1.modulation.weight',), (d, k), 'linear'),
-      _Param(('stage1', 'modulation', 'bias'), ('stage_1.modulation.bias',), (d, k), 'linear'),
-      _Param(('stage1', 'part_classifier', 'kernel'), ('stage_1.fc_class_landmarks.weight',),
-             (c, d), 'linear'),
-      *_classifier_table(('stage2',), 'stage_2.', model.stage2),
-  ]
-  prefix_mask = np.ones((1, model.stage2.backbone.cfg.num_prefix), np.float32)
-  return table, {'stage_2.prefix_attn_mask': prefix_mask}
-
-
 def to_reference(model: nnx.Module) -> dict[str, Any]:
   """The model's parameters as the reference's state dict (also traces under jax.eval_shape)."""
   table, buffers = reference_table(model)
@@ -109,7 +57,7 @@ def to_reference(model: nnx.Module) -> dict[str, Any]:
   unmapped = sorted(path_name(p) for p in set(flat) - {p.path for p in table})
   if unmapped:
     raise ValueError(f'parameters without a reference key: {unmapped}')
-  out = {p.sources[0]: checkpoints.LAYOUTS[p.layout][1](flat[p.path][...]) for p in table}
+  out = {p.sources[0]: LAYOUTS[p.layout][1](flat[p.path][...]) for p in table}
   return {**out, **buffers}
 
 
@@ -127,25 +75,13 @@ def from_reference(state_dict: Mapping[str, np.ndarray], model: nnx.Module) -> d
            for k, shape in expected.items() if tuple(state_dict[k].shape) != tuple(shape)]
   if wrong:
     raise ValueError(f'wrong shapes in the reference state dict: {"; ".join(wrong)}')
-  flat = {p.path: checkpoints.LAYOUTS[p.layout][0](np.asarray(state_dict[p.sources[0]]))
-          for p in table}
+  flat = {p.path: LAYOUTS[p.layout][0](np.asarray(state_dict[p.sources[0]])) for p in table}
   return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------
-def _write_state_dict(path: epath.Path, state_dict: Mapping[str, Any]) -> None:
-  """`checkpoints.write_state_dict`, which writes local files, to a local or gs:// path."""
-  if workdir_lib.is_local(path):
-    checkpoints.write_state_dict(path, state_dict)
-    return
-  with tempfile.TemporaryDirectory() as tmp:
-    local = epath.Path(tmp) / path.name
-    checkpoints.write_state_dict(local, state_dict)
-    local.copy(path, overwrite=True)
-
-
 def export(config: ml_collections.ConfigDict, workdir: PathLike, which: str = 'final',
            formats: Sequence[str] = FORMATS) -> dict[str, epath.Path]:
   """Writes <workdir>/params/<which> in `formats` to <workdir>/export/<which>/.
@@ -167,20 +103,20 @@ def export(config: ml_collections.ConfigDict, workdir: PathLike, which: str = 'f
 
   paths = {'model_json': out / 'model.json'}
   description = {'model': config.model.to_dict(), 'num_classes': info['num_classes'],
-                 'source': {'workdir': str(workdir_lib.absolute(workdir)), 'which': which,
+                 'source': {'workdir': str(absolute(workdir)), 'which': which,
                             'step': info.get('step')}}
   paths['model_json'].write_text(json.dumps(description, indent=2) + '\n')
   if 'orbax' in formats:
     paths['orbax'] = out / 'params'
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(workdir_lib.absolute(paths['orbax']), params, force=True)
+      checkpointer.save(absolute(paths['orbax']), params, force=True)
   if 'safetensors' in formats:
     paths['safetensors'] = out / 'model.safetensors'
     named = {path_name(p): v for p, v in traverse_util.flatten_dict(params).items()}
-    _write_state_dict(paths['safetensors'], named)
+    write_state_dict(paths['safetensors'], named)
   if 'reference' in formats:
     paths['reference'] = out / REFERENCE_FILE
-    _write_state_dict(paths['reference'], jax.device_get(to_reference(model)))
+    write_state_dict(paths['reference'], jax.device_get(to_reference(model)))
   return paths
 
 
@@ -192,10 +128,10 @@ def read_reference(source: PathLike | Mapping[str, Any]) -> dict[str, np.ndarray
   bare state dict, from a .pth/.pt file (read without torch), a .safetensors file or a mapping."""
   if isinstance(source, Mapping):
     obj = source
-  elif epath.Path(source).suffix in _TORCH_SUFFIXES:
-    obj = checkpoints.read_torch_checkpoint(source)
+  elif epath.Path(source).suffix in TORCH_SUFFIXES:
+    obj = read_torch_checkpoint(source)
   else:
-    obj = checkpoints.read_state_dict(source)
+    obj = read_state_dict(source)
   if isinstance(obj, Mapping) and 'model_state' in obj:
     obj = obj['model_state']
   if not (isinstance(obj, Mapping) and all(isinstance(v, np.ndarray) for v in obj.values())):
@@ -209,7 +145,7 @@ def _check_config(state_dict: Mapping[str, np.ndarray], model_cfg: ml_collection
                   num_classes: int | None) -> int:
   """The model's number of classes, once what the tensors say agrees with the config.
 
-  Per stage: the ViT architecture (`checkpoints._architecture`) and the image size its patch
+  Per stage: the ViT architecture (`dinov2.architecture`) and the image size its patch
   position embeddings imply; then K (fc_landmarks) and C (head), C also against `num_classes`.
   """
   two_stage = any(k.startswith('stage_1.') for k in state_dict)
@@ -224,7 +160,7 @@ def _check_config(state_dict: Mapping[str, np.ndarray], model_cfg: ml_collection
   inferred = {}
   for prefix in prefixes:
     stage = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    arch = checkpoints._architecture(stage, 'timm')
+    arch = architecture(stage, 'timm')
     pos = stage.get('pos_embed')
     side = math.isqrt(pos.shape[1]) if pos is not None and pos.ndim == 3 else 0
     if 'patch_size' in arch and side and side * side == pos.shape[1]:
@@ -256,7 +192,7 @@ def import_reference(source: PathLike | Mapping[str, Any], config: ml_collection
   state_dict = read_reference(source)
   num_classes = _check_config(state_dict, config.model, num_classes)
   model = factory.abstract_model(config.model, num_classes)
-  checkpoints.load_params(model, from_reference(state_dict, model))
+  load_params(model, from_reference(state_dict, model))
   return model
 
 
@@ -269,22 +205,30 @@ def load_exported(path: PathLike, config: ml_collections.ConfigDict | None = Non
   path = epath.Path(path)
   description = json.loads((path.parent / 'model.json').read_text())
   num_classes = description['num_classes']
-  saved = factory.abstract_model(ml_collections.ConfigDict(description['model']), num_classes)
+  saved_cfg = ml_collections.ConfigDict(description['model'])
+  saved = factory.abstract_model(saved_cfg, num_classes)
   if path.is_dir():
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.to_pure_dict(nnx.state(saved, nnx.Param)))
     with ocp.StandardCheckpointer() as checkpointer:
-      params = checkpointer.restore(workdir_lib.absolute(path), target)
+      params = checkpointer.restore(absolute(path), target)
   elif path.suffix == '.safetensors':
     paths = {path_name(p): p for p, _ in nnx.to_flat_state(nnx.state(saved, nnx.Param))}
-    named = checkpoints.read_state_dict(path)
+    named = read_state_dict(path)
     params = traverse_util.unflatten_dict({paths.get(k, (k,)): v for k, v in named.items()})
   else:
     raise ValueError(f'{path} is neither an exported Orbax params directory nor a .safetensors')
-  model = saved if config is None else factory.abstract_model(config.model, num_classes)
-  checkpoints.load_params(model, params)
+  model = saved
+  if config is not None:
+    model = factory.abstract_model(config.model, num_classes)
+  load_params(model, params)
   return model
+
+
+def _classifier(model: nnx.Module) -> vit.ViTClassifier:
+  """The module that produces the class logits: stage 2 of iFAM, or the baseline itself."""
+  return model.stage2 if isinstance(model, ifam.IFAM) else model
 
 
 def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workdir: PathLike,
@@ -308,7 +252,7 @@ def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workd
     raise FileExistsError(f'{target} already holds parameters; pass --overwrite to replace them')
   if not source.exists():
     raise FileNotFoundError(f'{source} does not exist')
-  if source.suffix in _TORCH_SUFFIXES:
+  if source.suffix in TORCH_SUFFIXES:
     model = import_reference(source, config)
   elif (source.is_dir() or source.suffix == '.safetensors') and (
       source.parent / 'model.json').exists():
@@ -319,7 +263,7 @@ def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workd
                      'model.json beside it)')
   _, params, frozen, _ = optim.split_frozen(model, config.optim.group_rules, config.optim.groups)
   info = {'num_classes': _classifier(model).head.out_features,
-          'imported_from': str(workdir_lib.absolute(source))}
+          'imported_from': str(absolute(source))}
   if which in _TRAINED:
     info['step'] = None
   if which == 'best':

@@ -4,14 +4,9 @@ The fixtures come from tests/fixtures/make_timm_fixture.py (torch + timm); a mis
 failure, not a skip.
 """
 
-import contextlib
 import json
 import pathlib
-import pickle
 import re
-import tracemalloc
-import zipfile
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from ifam_jax import checkpoints
+from ifam_jax import config_lib, factory, weights
 from ifam_jax.models.ifam import IFAM
-from ifam_jax.models.vit import ViTConfig, VisionTransformer, vit_config
+from ifam_jax.models.vit import ViTClassifier, ViTConfig, VisionTransformer, vit_config
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 REG = FIXTURES / 'timm_dinov2_reg_tiny'
@@ -65,10 +60,10 @@ def _hf5(state_dict):
 
 def _state_dict(fmt: str) -> dict[str, np.ndarray]:
   if fmt == 'hf5':
-    return _hf5(checkpoints.read_state_dict(f'{REG}_hf.safetensors'))
+    return _hf5(weights.read_state_dict(f'{REG}_hf.safetensors'))
   path = {'timm': f'{REG}.safetensors', 'hf4': f'{REG}_hf.safetensors',
           'official': f'{REG}_official.pth'}[fmt]
-  return checkpoints.read_state_dict(path)
+  return weights.read_state_dict(path)
 
 
 def _abstract(cfg: ViTConfig) -> VisionTransformer:
@@ -87,7 +82,7 @@ def _random(cfg: ViTConfig, seed: int = 0) -> VisionTransformer:
 def _load(cfg: ViTConfig, source) -> VisionTransformer:
   """Loads into an abstract model: the import needs no random init (and tests run faster)."""
   vit = _abstract(cfg)
-  checkpoints.load_dinov2(vit, source)
+  weights.load_dinov2(vit, source)
   return vit
 
 
@@ -111,10 +106,10 @@ def _assert_features(vit, want, size, keys=('cls', 'registers', 'patches')):
 # Features against timm
 # ----------------------------------------------------------------------------
 def test_detect_format():
-  assert checkpoints.detect_format(_state_dict('timm')) == 'timm'
-  assert checkpoints.detect_format(_state_dict('official')) == 'official'
-  assert checkpoints.detect_format(_state_dict('hf4')) == 'hf'
-  assert checkpoints.detect_format(_state_dict('hf5')) == 'hf'
+  assert weights.detect_format(_state_dict('timm')) == 'timm'
+  assert weights.detect_format(_state_dict('official')) == 'official'
+  assert weights.detect_format(_state_dict('hf4')) == 'hf'
+  assert weights.detect_format(_state_dict('hf5')) == 'hf'
 
 
 @pytest.mark.parametrize('fmt', ['timm', 'hf4', 'hf5', 'official'])
@@ -157,10 +152,37 @@ def test_plain_dinov2_resampling_warns(caplog):
 def test_load_into_both_ifam_backbones():
   model = nnx.eval_shape(lambda: IFAM(num_classes=3, num_parts=2, stage1=_cfg(70),
                                        stage2=_cfg(98), rngs=nnx.Rngs(0)))
-  checkpoints.load_dinov2_into_ifam(model, f'{REG}.safetensors')
+  weights.load_dinov2(model, f'{REG}.safetensors')
   want = np.load(f'{REG}.npz')
   _assert_features(model.stage1.backbone, want, 70)
   _assert_features(model.stage2.backbone, want, 98)
+
+
+def test_load_into_a_classifier_and_refuse_other_modules(tmp_path):
+  """The one loader serves the baseline too; a module without a DINOv2 backbone is refused before
+  the file is read."""
+  model = nnx.eval_shape(lambda: ViTClassifier(_cfg(), num_classes=3, rngs=nnx.Rngs(0)))
+  weights.load_dinov2(model, f'{REG}.safetensors')
+  _assert_features(model.backbone, np.load(f'{REG}.npz'), 70)
+  with pytest.raises(TypeError, match='expected a VisionTransformer, ViTClassifier or IFAM, got '
+                     'Linear'):
+    weights.load_dinov2(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), tmp_path / 'absent.safetensors')
+
+
+@pytest.mark.parametrize('kind', ['ifam', 'baseline'])
+def test_model_builder_loads_init_weights_into_every_backbone(kind):
+  """config.model.init_weights reaches every backbone of either model kind, read once."""
+  c = config_lib.base_config()
+  if kind == 'baseline':
+    config_lib.use_baseline(c)
+  c.model.update(image_size=70, dtype='float32', num_registers=4, attention='xla',
+                 init_weights=f'{REG}.safetensors',
+                 vit_overrides=dict(width=64, depth=2, num_heads=4, mlp_hidden=256))
+  model = factory.build_model(c.model, 3, nnx.Rngs(0))
+  want = np.load(f'{REG}.npz')
+  for backbone in weights.dinov2.backbones(model):
+    _assert_features(backbone, want, 70)
+  assert len(weights.dinov2.backbones(model)) == (2 if kind == 'ifam' else 1)
 
 
 # ----------------------------------------------------------------------------
@@ -180,7 +202,7 @@ def test_real_key_table_maps_one_to_one(name, variant, registers):
   keys = sorted(table)
   state_dict = {k: np.broadcast_to(np.float32(i), table[k]) for i, k in enumerate(keys)}
   cfg = vit_config(variant, image_size=518, num_registers=registers)
-  params = traverse_util.flatten_dict(checkpoints.dinov2_to_vit_params(state_dict, cfg))
+  params = traverse_util.flatten_dict(weights.dinov2_to_vit_params(state_dict, cfg))
 
   shapes = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(_abstract(cfg), nnx.Param))}
   assert {p: v.shape for p, v in params.items()} == shapes
@@ -255,7 +277,7 @@ def test_swiglu_round_trip(fmt):
   sd = _timm_state_dict(vit)
   if fmt != 'timm':
     sd = _from_timm(sd, fmt)
-  params = checkpoints.dinov2_to_vit_params(sd, cfg)
+  params = weights.dinov2_to_vit_params(sd, cfg)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), params, _params(vit))
 
 
@@ -266,33 +288,33 @@ def test_unexpected_missing_and_misshaped_keys_are_named():
   sd = _state_dict('timm')
   with pytest.raises(ValueError, match=re.escape(
       "unexpected keys in timm checkpoint: ['head.weight']; missing: []")):
-    checkpoints.dinov2_to_vit_params({**sd, 'head.weight': np.zeros((3, 64))}, _cfg())
+    weights.dinov2_to_vit_params({**sd, 'head.weight': np.zeros((3, 64))}, _cfg())
   short = {k: v for k, v in sd.items() if k != 'blocks.1.mlp.fc2.bias'}
   with pytest.raises(ValueError, match=re.escape(
       "unexpected keys in timm checkpoint: []; missing: ['blocks.1.mlp.fc2.bias']")):
-    checkpoints.dinov2_to_vit_params(short, _cfg())
+    weights.dinov2_to_vit_params(short, _cfg())
   bad = {**sd, 'blocks.0.attn.proj.weight': np.zeros((64, 65), np.float32)}
   with pytest.raises(ValueError, match=re.escape(
       'blocks.0.attn.proj.weight: checkpoint (64, 65), expected (64, 64)')):
-    checkpoints.dinov2_to_vit_params(bad, _cfg())
+    weights.dinov2_to_vit_params(bad, _cfg())
   hf = _state_dict('hf4')
   hf.pop('encoder.layer.0.attention.attention.key.bias')
   with pytest.raises(ValueError, match=re.escape(
       "missing: ['encoder.layer.0.attention.attention.key.bias']")):
-    checkpoints.dinov2_to_vit_params(hf, _cfg())
+    weights.dinov2_to_vit_params(hf, _cfg())
   with pytest.raises(ValueError, match=re.escape(
       'pos_embed has shape (1, 24, 64); expected (1, h*w or 1 + h*w, 64)')):
-    checkpoints.dinov2_to_vit_params({**sd, 'pos_embed': sd['pos_embed'][:, 1:]}, _cfg())
+    weights.dinov2_to_vit_params({**sd, 'pos_embed': sd['pos_embed'][:, 1:]}, _cfg())
 
 
 def test_architecture_mismatch_is_named():
   sd = _state_dict('official')
   with pytest.raises(ValueError, match=r'depth: checkpoint 2, config 3'):
-    checkpoints.dinov2_to_vit_params(sd, _cfg(depth=3))
+    weights.dinov2_to_vit_params(sd, _cfg(depth=3))
   with pytest.raises(ValueError, match=r'num_registers: checkpoint 4, config 0'):
-    checkpoints.dinov2_to_vit_params(sd, _cfg(num_registers=0))
+    weights.dinov2_to_vit_params(sd, _cfg(num_registers=0))
   with pytest.raises(ValueError, match=r'width: checkpoint 64, config 128'):
-    checkpoints.dinov2_to_vit_params(sd, _cfg(width=128))
+    weights.dinov2_to_vit_params(sd, _cfg(width=128))
 
 
 def test_concrete_model_untouched_on_error_then_loaded():
@@ -300,9 +322,9 @@ def test_concrete_model_untouched_on_error_then_loaded():
   before = _params(vit)
   sd = {**_state_dict('timm'), 'blocks.1.ls2.gamma': np.zeros(65, np.float32)}
   with pytest.raises(ValueError, match='blocks.1.ls2.gamma'):
-    checkpoints.load_dinov2(vit, sd)
+    weights.load_dinov2(vit, sd)
   jax.tree.map(np.testing.assert_array_equal, _params(vit), before)
-  checkpoints.load_dinov2(vit, _state_dict('timm'))
+  weights.load_dinov2(vit, _state_dict('timm'))
   _assert_features(vit, np.load(f'{REG}.npz'), 70)
 
 
@@ -310,189 +332,6 @@ def test_ifam_untouched_when_one_stage_fails():
   model = nnx.eval_shape(lambda: IFAM(num_classes=3, num_parts=2, stage1=_cfg(),
                                        stage2=_cfg(depth=3), rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match='depth: checkpoint 2, config 3'):
-    checkpoints.load_dinov2_into_ifam(model, _state_dict('timm'))
+    weights.load_dinov2(model, _state_dict('timm'))
   stage1 = jax.tree.leaves(_params(model.stage1.backbone))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in stage1)  # still unassigned
-
-
-# ----------------------------------------------------------------------------
-# Readers
-# ----------------------------------------------------------------------------
-def test_torch_reader_dtypes_views_and_parameters():
-  sd = checkpoints.read_state_dict(FIXTURES / 'torch_reader_cases.pth')
-  assert sd['bf16'].dtype == jnp.bfloat16 and sd['f16'].dtype == np.float16
-  np.testing.assert_array_equal(sd['bf16'].astype(np.float32), sd['bf16_f32'])
-  np.testing.assert_array_equal(sd['f16'].astype(np.float32), sd['f16_f32'])
-  np.testing.assert_array_equal(sd['view'], sd['view_f32'])  # strided view of a shared storage
-  np.testing.assert_array_equal(sd['param'], sd['f32'])
-  np.testing.assert_array_equal(sd['int64'], np.arange(5))
-
-
-def test_safetensors_reader_dtypes():
-  sd = checkpoints.read_state_dict(FIXTURES / 'dtype_cases.safetensors')
-  np.testing.assert_array_equal(sd['bf16'].astype(np.float32), sd['bf16_f32'])
-  np.testing.assert_array_equal(sd['f16'].astype(np.float32), sd['f16_f32'])
-  np.testing.assert_array_equal(sd['int64'], np.arange(5))
-
-
-def _torch_zip(path: pathlib.Path, data_pkl: bytes) -> pathlib.Path:
-  with zipfile.ZipFile(path, 'w') as z:
-    z.writestr('archive/data.pkl', data_pkl)
-    z.writestr('archive/version', '3\n')
-  return path
-
-
-def test_torch_reader_refuses_other_globals(tmp_path):
-  marker = tmp_path / 'pwned'
-  command = f'touch {marker}'.encode()
-  # PROTO 2, GLOBAL os.system, BINUNICODE command, TUPLE1, REDUCE, STOP: os.system(command).
-  payload = (b'\x80\x02cos\nsystem\nX' + len(command).to_bytes(4, 'little') + command
-             + b'\x85R.')
-  path = _torch_zip(tmp_path / 'evil.pth', payload)
-  with pytest.raises(pickle.UnpicklingError, match=r'os\.system'):
-    checkpoints.read_state_dict(path)
-  assert not marker.exists()
-
-
-def _tensor_pickle(offset: int, size: tuple[int, ...], stride: tuple[int, ...],
-                   keys: tuple[str, ...] = ()) -> bytes:
-  """data.pkl of a torch.save(tensor) written by hand: _rebuild_tensor_v2(FloatStorage '0', ...),
-  nested in one dict per key ({keys[0]: {keys[1]: tensor}})."""
-  def text(t):
-    return pickle.BINUNICODE + len(t).to_bytes(4, 'little') + t.encode()
-
-  def int_(x):
-    return pickle.BININT + x.to_bytes(4, 'little')
-
-  def ints(xs):
-    return pickle.MARK + b''.join(map(int_, xs)) + pickle.TUPLE
-
-  storage = (pickle.MARK + text('storage') + pickle.GLOBAL + b'torch\nFloatStorage\n' + text('0')
-             + text('cpu') + int_(4) + pickle.TUPLE + pickle.BINPERSID)
-  hooks = pickle.GLOBAL + b'collections\nOrderedDict\n' + pickle.EMPTY_TUPLE + pickle.REDUCE
-  tensor = (pickle.GLOBAL + b'torch._utils\n_rebuild_tensor_v2\n' + pickle.MARK + storage
-            + int_(offset) + ints(size) + ints(stride) + pickle.NEWFALSE + hooks + pickle.TUPLE
-            + pickle.REDUCE)
-  return (pickle.PROTO + b'\x02' + b''.join(pickle.EMPTY_DICT + text(k) for k in keys) + tensor
-          + pickle.SETITEM * len(keys) + pickle.STOP)
-
-
-def write_tensor_pth(path: pathlib.Path, offset: int, size: tuple[int, ...],
-                     stride: tuple[int, ...], keys: tuple[str, ...] = (),
-                     storage: bytes = np.arange(4, dtype='<f4').tobytes(),
-                     compression: int = zipfile.ZIP_STORED) -> pathlib.Path:
-  """A torch zip of one float32 tensor (see `_tensor_pickle`) over the storage bytes `storage`."""
-  path = _torch_zip(path, _tensor_pickle(offset, size, stride, keys))
-  with zipfile.ZipFile(path, 'a') as z:
-    z.writestr('archive/data/0', storage, compress_type=compression)
-  return path
-
-
-def test_torch_reader_bounds_checks_views(tmp_path):
-  def read(name, *args):
-    return checkpoints.read_torch_checkpoint(write_tensor_pth(tmp_path / name, *args))
-
-  np.testing.assert_array_equal(read('ok.pth', 1, (3,), (1,)), [1, 2, 3])
-  np.testing.assert_array_equal(read('t.pth', 0, (2, 2), (1, 2)), [[0, 2], [1, 3]])
-  with pytest.raises(ValueError, match='past_end.pth: the top-level tensor .* does not fit its '
-                     'storage of 4 elements'):
-    read('past_end.pth', 1, (2, 2), (2, 1))
-
-
-@contextlib.contextmanager
-def allocates_at_most(limit: int) -> Iterator[None]:
-  """Fails if the block's peak of traced allocations (numpy's included) exceeds `limit` bytes."""
-  tracemalloc.start()
-  try:
-    yield
-    peak = tracemalloc.get_traced_memory()[1]
-  finally:
-    tracemalloc.stop()
-  assert peak <= limit, f'allocated {peak} bytes'
-
-
-def test_torch_reader_refuses_tensors_larger_than_their_storage(tmp_path):
-  """Stride 0 passes a bounds check of the last element but asks for size elements (16 MiB here,
-  37 GiB for (100000, 100000)); the check must name the key and come before any allocation."""
-  path = write_tensor_pth(tmp_path / 'expanded.pth', 0, (2048, 2048), (0, 0), keys=('big',))
-  message = (r"expanded.pth: tensor 'big' has 4194304 elements, more than its storage holds "
-             r'\(4\)')
-  with allocates_at_most(2**20), pytest.raises(ValueError, match=message):
-    checkpoints.read_state_dict(path)
-  nested = write_tensor_pth(tmp_path / 'nested.pth', 0, (2048, 2048), (0, 0),
-                            keys=('model_state', 'blocks.0.w'))
-  with allocates_at_most(2**20), pytest.raises(ValueError, match="'model_state/blocks.0.w'"):
-    checkpoints.read_torch_checkpoint(nested)
-
-
-def test_torch_reader_refuses_storage_records_larger_than_the_file(tmp_path):
-  """A deflated record of 16 MiB of zeros takes 16 KiB; torch writes records uncompressed."""
-  path = write_tensor_pth(tmp_path / 'bomb.pth', 0, (4,), (1,), keys=('w',),
-                          storage=bytes(2**24), compression=zipfile.ZIP_DEFLATED)
-  message = (r"bomb.pth: tensor 'w': its storage record archive/data/0 unpacks to 16777216 "
-             r'bytes, more than the whole file')
-  with allocates_at_most(2**20), pytest.raises(ValueError, match=message):
-    checkpoints.read_state_dict(path)
-
-
-def test_missing_checkpoint_files_are_named(tmp_path):
-  for name in ('absent.pth', 'absent.safetensors'):
-    with pytest.raises(FileNotFoundError, match=re.escape(f'{tmp_path / name} does not exist')):
-      checkpoints.read_state_dict(tmp_path / name)
-  with pytest.raises(FileNotFoundError, match='absent.pth does not exist'):
-    checkpoints.read_torch_checkpoint(tmp_path / 'absent.pth')
-
-
-NOT_A_TENSOR = r"tensor 'w' needs dtype, shape \(non-negative ints\) and data_offsets \(two\)"
-
-
-def _safetensors_bytes(header: object, data: bytes = b'') -> bytes:
-  raw = json.dumps(header).encode()
-  return len(raw).to_bytes(8, 'little') + raw + data
-
-
-@pytest.mark.parametrize('content, why', [
-    (np.random.default_rng(0).bytes(1000), 'header length .* exceeds the 992 bytes after it'),
-    (b'\x01\x02', '2 bytes, shorter than the 8-byte header length'),
-    (b'\x05' + bytes(7) + b'{"a":', 'header is not JSON'),
-    (b'\x02' + bytes(7) + b'\xff\xfe', 'header is not JSON'),
-    (_safetensors_bytes([1, 2]), 'header is not a JSON object'),
-    (_safetensors_bytes({'w': [1]}), NOT_A_TENSOR),
-    (_safetensors_bytes({'w': {'dtype': 'F32', 'shape': [-1], 'data_offsets': [0, 4]}}, bytes(4)),
-     NOT_A_TENSOR),
-    (_safetensors_bytes({'w': {'dtype': 'C64', 'shape': [1], 'data_offsets': [0, 8]}}, bytes(8)),
-     "tensor 'w' has unsupported dtype C64"),
-    (_safetensors_bytes({'w': {'dtype': 'F32', 'shape': [2], 'data_offsets': [4, 12]}}, bytes(8)),
-     r"tensor 'w': data_offsets \[4, 12\] outside the 8 data bytes"),
-    (_safetensors_bytes({'w': {'dtype': 'F32', 'shape': [2], 'data_offsets': [6, 2]}}, bytes(8)),
-     r"tensor 'w': data_offsets \[6, 2\] outside the 8 data bytes"),
-    (_safetensors_bytes({'w': {'dtype': 'F32', 'shape': [100000, 100000],
-                               'data_offsets': [0, 8]}}, bytes(8)),
-     r"tensor 'w': data_offsets \[0, 8\] hold 8 bytes; shape \[100000, 100000\] of F32 needs "
-     '40000000000'),
-], ids=['random', 'short', 'bad_json', 'not_utf8', 'not_object', 'not_tensor', 'negative_shape',
-        'dtype', 'past_end', 'reversed', 'shape_mismatch'])
-def test_safetensors_reader_refuses_invalid_files(tmp_path, content, why):
-  path = tmp_path / 'bad.safetensors'
-  path.write_bytes(content)
-  with pytest.raises(ValueError, match=f'{re.escape(str(path))} is not a valid safetensors file: '
-                     f'{why}'):
-    checkpoints.read_state_dict(path)
-
-
-def test_safetensors_reader_refuses_truncated_files(tmp_path):
-  path = tmp_path / 'cut.safetensors'
-  checkpoints.write_state_dict(path, {'a': np.zeros(4, np.float32), 'b': np.ones(4, np.float32)})
-  path.write_bytes(path.read_bytes()[:-10])
-  with pytest.raises(ValueError, match=r"cut.safetensors is not a valid safetensors file: tensor "
-                     r"'b': data_offsets \[16, 32\] outside the 22 data bytes"):
-    checkpoints.read_state_dict(path)
-
-
-def test_torch_reader_rejects_nested_checkpoints(tmp_path):
-  path = _torch_zip(tmp_path / 'train.pth', pickle.dumps({'model': {}, 'epoch': 3}, protocol=2))
-  assert checkpoints.read_torch_checkpoint(path) == {'model': {}, 'epoch': 3}
-  with pytest.raises(ValueError, match='flat state dict'):
-    checkpoints.read_state_dict(path)
-  with pytest.raises(ValueError, match='unknown checkpoint type'):
-    checkpoints.read_state_dict(tmp_path / 'weights.npz')

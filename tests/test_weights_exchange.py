@@ -1,5 +1,5 @@
 """Export and import of trained weights: bit-exact round trips, the reference's key table, errors,
-and the torch-free writers.
+and the reference state dict as a torch zip that torch loads.
 
 The tiny models (D=32, depth 2, 2 heads, K=2, C=3; iFAM at 56 px, baseline at 28 px, every
 parameter N(0, 1)) come from tests/fixtures/check_reference_layout.py, whose `check` half proves
@@ -13,21 +13,20 @@ import json
 import pathlib
 import pickletools
 import re
-import struct
 import sys
 import zipfile
 
 import jax
 import numpy as np
 import pytest
-import safetensors.numpy
 from flax import nnx
 
-from ifam_jax import checkpoints, export
+from ifam_jax import weights
 from ifam_jax import workdir as workdir_lib
+from ifam_jax.weights import exchange
 from ifam_jax.models import ifam
 from ifam_jax.sharding import path_name
-from test_checkpoints import allocates_at_most, write_tensor_pth
+from test_weights_formats import allocates_at_most, assert_bit_exact, write_tensor_pth
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 _spec = importlib.util.spec_from_file_location('check_reference_layout',
@@ -41,13 +40,6 @@ TORCH_GLOBALS = {'collections OrderedDict', 'torch._utils _rebuild_tensor_v2', '
 
 def _params(model: nnx.Module) -> dict[tuple, np.ndarray]:
   return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def assert_bit_exact(actual: dict, expected: dict) -> None:
-  assert actual.keys() == expected.keys()
-  for key, value in expected.items():
-    assert actual[key].dtype == value.dtype, key
-    np.testing.assert_array_equal(actual[key], value, err_msg=str(key), strict=True)
 
 
 @nnx.jit
@@ -66,7 +58,7 @@ def exported(request, tmp_path_factory):
   config = layout.tiny_config(request.param, IMAGE_SIZE[request.param])
   workdir = tmp_path_factory.mktemp(request.param)
   layout.save_random_params(config, workdir)
-  return config, workdir, export.export(config, workdir)
+  return config, workdir, exchange.export(config, workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -77,21 +69,21 @@ def test_export_writes_every_format(exported):
   out = workdir / 'export' / 'final'
   assert paths == {'model_json': out / 'model.json', 'orbax': out / 'params',
                    'safetensors': out / 'model.safetensors',
-                   'reference': out / export.REFERENCE_FILE}
+                   'reference': out / exchange.REFERENCE_FILE}
   description = json.loads(paths['model_json'].read_text())
   assert description['model'] == json.loads(json.dumps(config.model.to_dict()))  # tuples: lists
   assert description['num_classes'] == layout.NUM_CLASSES
   assert description['source']['which'] == 'final' and description['source']['step'] == 1
-  names = set(checkpoints.read_state_dict(paths['safetensors']))
+  names = set(weights.read_state_dict(paths['safetensors']))
   assert {path_name(p) for p in _params(workdir_lib.load_model(config, workdir))} == names
 
 
 def test_every_format_round_trips_bit_exactly(exported):
   config, workdir, paths = exported
   original = _params(workdir_lib.load_model(config, workdir))
-  assert_bit_exact(_params(export.load_exported(paths['orbax'])), original)
-  assert_bit_exact(_params(export.load_exported(paths['safetensors'], config)), original)
-  assert_bit_exact(_params(export.import_reference(paths['reference'], config)), original)
+  assert_bit_exact(_params(exchange.load_exported(paths['orbax'])), original)
+  assert_bit_exact(_params(exchange.load_exported(paths['safetensors'], config)), original)
+  assert_bit_exact(_params(exchange.import_reference(paths['reference'], config)), original)
 
 
 def test_imported_workdir_evaluates_like_the_original(exported, tmp_path):
@@ -99,8 +91,8 @@ def test_imported_workdir_evaluates_like_the_original(exported, tmp_path):
   images = np.random.default_rng(1).standard_normal(
       (4, config.model.image_size, config.model.image_size, 3), np.float32)
   expected = jax.device_get(_outputs(workdir_lib.load_model(config, workdir), images))
-  for fmt in export.FORMATS:
-    target = export.import_to_workdir(paths[fmt], config, tmp_path / fmt)
+  for fmt in exchange.FORMATS:
+    target = exchange.import_to_workdir(paths[fmt], config, tmp_path / fmt)
     assert target == tmp_path / fmt / 'params' / 'imported'
     info = workdir_lib.read_params_info(tmp_path / fmt, 'imported')
     assert info['num_classes'] == layout.NUM_CLASSES
@@ -110,11 +102,11 @@ def test_imported_workdir_evaluates_like_the_original(exported, tmp_path):
 
 def test_reference_snapshot_wrapper_is_unwrapped(exported):
   config, _, paths = exported
-  state_dict = checkpoints.read_torch_checkpoint(paths['reference'])
+  state_dict = weights.read_torch_checkpoint(paths['reference'])
   snapshot = {'model_state': state_dict, 'optimizer_state': {'state': {}, 'param_groups': []},
               'scaler_state': {}, 'finished_epoch': 3}
-  assert_bit_exact(_params(export.import_reference(snapshot, config)),
-                   _params(export.import_reference(state_dict, config)))
+  assert_bit_exact(_params(exchange.import_reference(snapshot, config)),
+                   _params(exchange.import_reference(state_dict, config)))
 
 
 # ----------------------------------------------------------------------------
@@ -122,8 +114,8 @@ def test_reference_snapshot_wrapper_is_unwrapped(exported):
 # ----------------------------------------------------------------------------
 def test_reference_pth_reads_back_exactly(exported):
   config, workdir, paths = exported
-  expected = jax.device_get(export.to_reference(workdir_lib.load_model(config, workdir)))
-  read = checkpoints.read_torch_checkpoint(paths['reference'])
+  expected = jax.device_get(exchange.to_reference(workdir_lib.load_model(config, workdir)))
+  read = weights.read_torch_checkpoint(paths['reference'])
   assert isinstance(read, collections.OrderedDict)
   assert_bit_exact(dict(read), expected)
   assert all(v.dtype == np.float32 for v in read.values())
@@ -160,7 +152,7 @@ def ifam_reference(tmp_path_factory):
   config = layout.tiny_config('ifam', IMAGE_SIZE['ifam'])
   workdir = tmp_path_factory.mktemp('errors')
   layout.save_random_params(config, workdir)
-  return config, jax.device_get(export.to_reference(workdir_lib.load_model(config, workdir)))
+  return config, jax.device_get(exchange.to_reference(workdir_lib.load_model(config, workdir)))
 
 
 @pytest.mark.parametrize('replace, drop, config_change, message', [
@@ -182,15 +174,15 @@ def test_reference_import_errors_name_the_problem(ifam_reference, replace, drop,
   config.model.update(config_change)
   edited = {k: v for k, v in state_dict.items() if k not in drop} | replace
   with pytest.raises(ValueError, match=re.escape(message)):
-    export.import_reference(edited, config)
+    exchange.import_reference(edited, config)
 
 
 def test_num_classes_is_checked_against_the_head(ifam_reference):
   config, state_dict = ifam_reference
   with pytest.raises(ValueError, match=re.escape('num_classes: checkpoint 3, config 5')):
-    export.import_reference(state_dict, config, num_classes=5)
+    exchange.import_reference(state_dict, config, num_classes=5)
   with pytest.raises(ValueError, match=re.escape('missing key stage_2.head.weight')):
-    export.import_reference({k: v for k, v in state_dict.items() if k != 'stage_2.head.weight'},
+    exchange.import_reference({k: v for k, v in state_dict.items() if k != 'stage_2.head.weight'},
                             config)
 
 
@@ -200,15 +192,15 @@ def test_own_export_with_another_architecture_is_refused(exported):
   other.model.vit_overrides.mlp_hidden = 48
   with pytest.raises(ValueError, match=re.escape('mlp.fc1.kernel: converted (32, 64), model '
                                                  '(32, 48)')):
-    export.load_exported(paths['safetensors'], other)
+    exchange.load_exported(paths['safetensors'], other)
 
 
 def test_unknown_format_and_missing_params(tmp_path):
   config = layout.tiny_config()
   with pytest.raises(ValueError, match="unknown export formats \\['onnx'\\]"):
-    export.export(config, tmp_path, formats=('onnx',))
+    exchange.export(config, tmp_path, formats=('onnx',))
   with pytest.raises(FileNotFoundError, match='no saved parameters'):
-    export.export(config, tmp_path)
+    exchange.export(config, tmp_path)
 
 
 def test_import_refuses_oversized_tensors_before_allocating(tmp_path):
@@ -218,29 +210,29 @@ def test_import_refuses_oversized_tensors_before_allocating(tmp_path):
     path = write_tensor_pth(tmp_path / 'crafted.pth', 0, (2048, 2048), (0, 0), keys=keys)
     message = f"tensor '{'/'.join(keys)}' has 4194304 elements, more than its storage holds"
     with allocates_at_most(2**20), pytest.raises(ValueError, match=message):
-      export.read_reference(path)
+      exchange.read_reference(path)
     with allocates_at_most(2**20), pytest.raises(ValueError, match=message):
-      export.import_to_workdir(path, config, tmp_path / 'workdir')
+      exchange.import_to_workdir(path, config, tmp_path / 'workdir')
   assert not (tmp_path / 'workdir' / 'params').exists()
 
 
 def test_import_names_what_it_accepts(tmp_path):
   config = layout.tiny_config()
   foreign = tmp_path / 'foreign.safetensors'
-  checkpoints.write_state_dict(foreign, {'w': np.zeros(2, np.float32)})
+  weights.write_state_dict(foreign, {'w': np.zeros(2, np.float32)})
   accepted = ('is neither a reference PyTorch snapshot (.pth, .pt, .bin) nor an export of this '
               'project (model.safetensors or its params directory, with model.json beside it)')
   for source in (foreign, tmp_path):
     with pytest.raises(ValueError, match=re.escape(f'{source} {accepted}')):
-      export.import_to_workdir(source, config, tmp_path / 'workdir')
+      exchange.import_to_workdir(source, config, tmp_path / 'workdir')
   with pytest.raises(FileNotFoundError, match=re.escape(f'{tmp_path / "absent.pth"} does not')):
-    export.import_to_workdir(tmp_path / 'absent.pth', config, tmp_path / 'workdir')
+    exchange.import_to_workdir(tmp_path / 'absent.pth', config, tmp_path / 'workdir')
 
 
 def test_import_never_overwrites_unless_asked(ifam_reference, tmp_path):
   config, state_dict = ifam_reference
   source = tmp_path / 'snapshot.pth'
-  checkpoints.write_state_dict(source, state_dict)
+  weights.write_state_dict(source, state_dict)
   workdir = tmp_path / 'workdir'
   layout.save_random_params(config, workdir)  # a trained run's params/final
   trained = (workdir / 'params' / 'final.json').read_text()
@@ -248,95 +240,45 @@ def test_import_never_overwrites_unless_asked(ifam_reference, tmp_path):
     with pytest.raises(ValueError, match=re.escape(
         f'--which {which}: {workdir / "params" / which} belongs to training; import into another '
         '--which (default: imported), or pass --overwrite')):
-      export.import_to_workdir(tmp_path / 'absent.pth', config, workdir, which)  # before reading
+      exchange.import_to_workdir(tmp_path / 'absent.pth', config, workdir, which)  # before reading
   assert (workdir / 'params' / 'final.json').read_text() == trained
   assert not (workdir / 'params' / 'best').exists()
 
-  export.import_to_workdir(source, config, workdir)
+  exchange.import_to_workdir(source, config, workdir)
   with pytest.raises(FileExistsError, match=re.escape(
       f'{workdir / "params" / "imported"} already holds parameters; pass --overwrite')):
-    export.import_to_workdir(tmp_path / 'absent.pth', config, workdir)
-  export.import_to_workdir(source, config, workdir, overwrite=True)
+    exchange.import_to_workdir(tmp_path / 'absent.pth', config, workdir)
+  exchange.import_to_workdir(source, config, workdir, overwrite=True)
 
   # Allowed, the parameters carry what training reads of them: the step of params/final (so a
   # later train command does not take the run as done) and the score of params/best (so any
   # validation score replaces parameters that this workdir never scored).
   for which in ('final', 'best'):
-    export.import_to_workdir(source, config, workdir, which, overwrite=True)
+    exchange.import_to_workdir(source, config, workdir, which, overwrite=True)
   final, best = (workdir_lib.read_params_info(workdir, w) for w in ('final', 'best'))
   assert final['step'] is None and final['num_classes'] == layout.NUM_CLASSES
   assert best['step'] is None and best['value'] == -float('inf')
   assert_bit_exact(_params(workdir_lib.load_model(config, workdir, 'best')),
-                   _params(export.import_reference(state_dict, config)))
+                   _params(exchange.import_reference(state_dict, config)))
 
 
 # ----------------------------------------------------------------------------
-# Writers
+# The reference state dict as a torch zip
 # ----------------------------------------------------------------------------
-def _records(path: pathlib.Path) -> dict[str, int]:
-  """{record name: offset of its bytes in the file}."""
-  raw = path.read_bytes()
-  offsets = {}
-  with zipfile.ZipFile(path) as archive:
-    for info in archive.infolist():
-      start = info.header_offset
-      name_len, extra_len = struct.unpack('<HH', raw[start + 26:start + 30])
-      offsets[info.filename] = start + 30 + name_len + extra_len
-  return offsets
-
-
-def _torch_cases() -> dict[str, np.ndarray]:
-  """The first four tensors of torch_reader_cases.pth: each owns a contiguous storage."""
-  cases = checkpoints.read_torch_checkpoint(FIXTURES / 'torch_reader_cases.pth')
-  return {k: cases[k] for k in ('bf16', 'bf16_f32', 'f16', 'f16_f32')}
-
-
-def test_torch_zip_is_what_torch_save_writes(tmp_path):
-  """Our data.pkl is byte for byte torch's (torch 2.x wrote the fixture), storages included."""
-  path = tmp_path / 'ours.pth'
-  checkpoints._write_torch_zip(path, _torch_cases())
-  with zipfile.ZipFile(FIXTURES / 'torch_reader_cases.pth') as theirs, \
-       zipfile.ZipFile(path) as ours:
-    torch_pkl = theirs.read('torch_reader_cases/data.pkl')
-    fifth = torch_pkl.index(b'X\x05\x00\x00\x00param')  # BINUNICODE 'param': the 5th key
-    assert ours.read('archive/data.pkl') == torch_pkl[:fifth] + b'u.'  # SETITEMS, STOP
-    for i in range(4):
-      assert ours.read(f'archive/data/{i}') == theirs.read(f'torch_reader_cases/data/{i}')
-    assert ours.namelist() == ['archive/data.pkl', 'archive/byteorder',
-                               *(f'archive/data/{i}' for i in range(4)), 'archive/version']
-    assert ours.read('archive/version') == b'3\n'
-    assert ours.read('archive/byteorder') == b'little'
-  assert all(offset % 64 == 0 for offset in _records(path).values())
-
-
 def test_torch_zip_of_a_state_dict(exported, tmp_path):
   """Globals are the three torch.load(weights_only=True) allows; no stand-in module lingers."""
   config, workdir, _ = exported
-  state_dict = jax.device_get(export.to_reference(workdir_lib.load_model(config, workdir)))
+  state_dict = jax.device_get(exchange.to_reference(workdir_lib.load_model(config, workdir)))
   path = tmp_path / 'model.pth'
-  checkpoints._write_torch_zip(path, state_dict)
+  weights.write_state_dict(path, state_dict)
   with zipfile.ZipFile(path) as archive:
     names = {arg for op, arg, _ in pickletools.genops(archive.read('archive/data.pkl'))
              if op.name == 'GLOBAL'}
   assert names == TORCH_GLOBALS
-  assert_bit_exact(dict(checkpoints.read_torch_checkpoint(path)), state_dict)
+  assert_bit_exact(dict(weights.read_torch_checkpoint(path)), state_dict)
   if importlib.util.find_spec('torch') is None:
     assert 'torch' not in sys.modules
   else:  # the device machines have torch
     import torch  # pylint: disable=import-outside-toplevel
     loaded = torch.load(path, weights_only=True)
     assert_bit_exact({k: v.numpy() for k, v in loaded.items()}, state_dict)
-
-
-def test_safetensors_writer_round_trips_every_dtype(tmp_path):
-  cases = checkpoints.read_state_dict(FIXTURES / 'dtype_cases.safetensors')  # bf16 included
-  cases['bool'] = np.array([True, False])
-  cases['scalar'] = np.array(2.5)
-  path = tmp_path / 'cases.safetensors'
-  checkpoints.write_state_dict(path, cases)
-  assert_bit_exact(checkpoints.read_state_dict(path), cases)
-  numpy_cases = {k: v for k, v in cases.items() if k != 'bf16'}
-  checkpoints.write_state_dict(path, numpy_cases)  # the safetensors library reads it too
-  assert_bit_exact(safetensors.numpy.load_file(path), numpy_cases)
-  with pytest.raises(ValueError, match='complex64'):
-    checkpoints.write_state_dict(path, {'c': np.zeros(2, np.complex64)})
