@@ -19,9 +19,9 @@ from etils import epath
 from PIL import Image, ImageDraw
 
 from ifam_jax import data as data_lib
-from ifam_jax import factory
+from ifam_jax import factory, methods, optim
 from ifam_jax import workdir as workdir_lib
-from ifam_jax.models import ifam
+from ifam_jax.apply import apply
 
 # Distinct colours for up to 16 parts (background is left transparent).
 PART_COLOURS = np.array([
@@ -127,17 +127,11 @@ def _predict(model, config: ml_collections.ConfigDict, source, indices: Sequence
   rng = np.random.default_rng(0)
   images = np.stack([data_lib.transforms.process(source[i], rng, transform)['image']
                      for i in indices])
-  is_ifam = isinstance(model, ifam.IFAM)
-
-  @jax.jit
-  def forward(x):
-    x = data_lib.normalize(x)
-    if not is_ifam:
-      return {'logits': model(x)}
-    out = model(x, train=False, rng=jax.random.key(config.seed))
-    return {'logits': out.logits, 'stage1_logits': out.stage1_logits,
-            'part_maps': out.part_maps, 'fg_mask': out.fg_mask}
-
+  graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
+                                                      config.optim.groups)
+  predict = methods.get(config.model.kind).predict
+  forward = jax.jit(lambda x: apply(graphdef, rest, params, frozen, x, predict,
+                                    rng=jax.random.key(config.seed)))
   outputs = [jax.device_get(forward(images[i:i + batch_size]))
              for i in range(0, len(images), batch_size)]
   return images, {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
@@ -156,7 +150,7 @@ def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequ
     caption = f'{truth}: stage 2 -> {names[out["logits"][n].argmax()]}'
     row = [images[n]]
     if 'part_maps' in out:
-      caption += f', stage 1 -> {names[out["stage1_logits"][n].argmax()]}'
+      caption += f', stage 1 -> {names[out["logits1"][n].argmax()]}'
       row += [part_overlay(images[n], out['part_maps'][n]),
               mask_overlay(images[n], out['fg_mask'][n])]
     rows.append(row)
@@ -198,7 +192,7 @@ def run_visualize(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   out_dir = workdir / 'pictures' / which
   paths = [example_grid(model, config, source, examples_per_group(source, num_images),
                         out_dir / f'examples_{split}.png')]
-  if isinstance(model, ifam.IFAM):
+  if methods.get(config.model.kind).has_mask:
     paths += part_galleries(model, config, source, gallery_pool, gallery_size, out_dir)
   loo = workdir / 'eval' / which / 'leave_one_out.json'
   if loo.exists():  # written by --mode leave_one_out

@@ -29,6 +29,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, config: ml_collectio
   def eval_step(params, frozen, batch, rng):
     out = apply(graphdef, rest, params, frozen, batch['image'], method.predict, rng=rng,
                 intervention=intervention)
+    out.pop('part_maps', None)  # pictures only
     if 'fg_mask' in out:
       fg_mask = out.pop('fg_mask')
       out['fg_fraction'] = jnp.mean(fg_mask, axis=(1, 2))

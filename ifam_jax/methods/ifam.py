@@ -29,6 +29,7 @@ class IFAMMethod:
 
   def predict(self, model: ifam.IFAM, images: jax.Array, rng: jax.Array | None,
               intervention: ifam.Intervention | None = None) -> dict[str, jax.Array]:
-    """Both stages' logits and the foreground mask [B, h, w] stage 2 saw."""
+    """Both stages' logits, the foreground mask [B, h, w] stage 2 saw and the part maps."""
     out = model(images, train=False, rng=rng, intervention=intervention)
-    return {'logits': out.logits, 'logits1': out.stage1_logits, 'fg_mask': out.fg_mask}
+    return {'logits': out.logits, 'logits1': out.stage1_logits, 'fg_mask': out.fg_mask,
+            'part_maps': out.part_maps}
