@@ -14,7 +14,6 @@ import ml_collections
 from etils import epath
 
 from ifam_jax import config_lib, factory, train, visualize
-from ifam_jax import workdir as workdir_lib
 
 PICTURE_EXAMPLES = 8
 
@@ -34,7 +33,7 @@ def train_and_compare(config: ml_collections.ConfigDict, workdir: epath.Path) ->
   results['ERM baseline'] = train.train_and_evaluate(baseline, workdir / 'baseline')
   source = factory.make_source(config.data.evals[test_split])
   picture = visualize.example_grid(
-      workdir_lib.load_model(config, workdir / 'ifam'), config, source,
+      factory.load_model(config, workdir / 'ifam'), config, source,
       visualize.examples_per_group(source, PICTURE_EXAMPLES), workdir / 'ifam' / 'part_maps.png')
 
   if jax.process_index() == 0:

@@ -59,7 +59,7 @@ class _Session:
     self.config, self.which = config, which
     self.workdir = epath.Path(workdir)
     self.make_source, self.training_classes = factory.make_source, factory.training_classes
-    model = workdir_lib.load_model(config, self.workdir, which)
+    model = factory.load_model(config, self.workdir, which)
     self.info = workdir_lib.read_params_info(self.workdir, which)
     self.num_classes = self.info['num_classes']
     self.eval_transform = factory.make_transforms(config)[1]

@@ -4,6 +4,7 @@
                                     training classes
   make_transforms                   (train, eval) worker transforms of the configured recipe
   build_model / abstract_model      the configured method's model, with DINOv2 weights if set
+  load_model                        that model with the parameters a run saved in its workdir
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Any
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from ifam_jax import data as data_lib
-from ifam_jax import methods, weights
+from ifam_jax import methods, optim, weights
+from ifam_jax import workdir as workdir_lib
 from ifam_jax.models import vit
 
 SOURCES = {
@@ -124,3 +128,32 @@ def abstract_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nn
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   model_cfg.init_weights = ''
   return nnx.eval_shape(lambda: build_model(model_cfg, num_classes, nnx.Rngs(0)))
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+               which: str = 'final') -> nnx.Module:
+  """The model of `config` with the parameters saved under <workdir>/params/<which>.
+
+  which='step_<N>' reads train checkpoint N instead: its EMA where the run had one, else its
+  params, plus frozen; a partial restore that reads no optimizer state.
+  """
+  workdir = epath.Path(workdir)
+  info = workdir_lib.read_params_info(workdir, which)
+  if info is None:
+    raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which}; train first')
+  abstract = abstract_model(config.model, info['num_classes'])
+  graphdef, params, frozen, rest = optim.split_frozen(abstract, config.optim.group_rules,
+                                                      config.optim.groups)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {'params': params, 'frozen': frozen})
+  if (state := workdir_lib.train_checkpoint(workdir, which)) is None:
+    restored = ocp.StandardCheckpointer().restore(workdir_lib.absolute(workdir / 'params' / which), target)
+  else:
+    key = 'ema' if info['ema'] else 'params'
+    item = {'train': {key: target['params']}, 'frozen': target['frozen']}
+    restored = ocp.PyTreeCheckpointHandler().restore(state, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    restored = {'params': restored['train'][key], 'frozen': restored['frozen']}
+  return nnx.merge(graphdef, restored['params'], restored['frozen'], rest)

@@ -20,7 +20,6 @@ from PIL import Image, ImageDraw
 
 from ifam_jax import data as data_lib
 from ifam_jax import factory, methods, optim
-from ifam_jax import workdir as workdir_lib
 from ifam_jax.apply import apply
 
 # Distinct colours for up to 16 parts (background is left transparent).
@@ -187,7 +186,7 @@ def run_visualize(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if split not in config.data.evals:
     raise ValueError(f'no eval split {split!r} to draw from; configured: '
                      f'{sorted(config.data.evals)}')
-  model = workdir_lib.load_model(config, workdir, which)
+  model = factory.load_model(config, workdir, which)
   source = factory.make_source(config.data.evals[split], factory.training_classes(config))
   out_dir = workdir / 'pictures' / which
   paths = [example_grid(model, config, source, examples_per_group(source, num_images),

@@ -4,7 +4,7 @@
   WorkdirLock         one training run per workdir: <workdir>/lock.json names its holder
   check_config_change a rerun's config against the one the workdir was trained with
   MetricWriter        metrics.jsonl, rewritten past the checkpoint a resumed run starts from
-  save_params / load_model / read_params_info
+  save_params / read_params_info
                       params/{final,best,imported}, or train checkpoint N as 'step_<N>'
 
 Workdirs are `epath.Path`s, local or gs://bucket/... (multi-host Cloud TPU); pathlib would turn
@@ -30,10 +30,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
-from ifam_jax import factory, optim
 
 # Folders a run writes below its workdir; each that exists is probed at start.
 OUTPUT_FOLDERS = ('checkpoints', 'params', 'eval', 'thresholds', 'pictures', 'export')
@@ -384,32 +382,3 @@ def save_params(workdir: str | os.PathLike, which: str, params: Any, frozen: Any
   if jax.process_index() == 0:
     replace_text(info_path, json.dumps(dict(info), indent=2) + '\n')
   multihost_utils.sync_global_devices(f'save_params {which}')
-
-
-def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-               which: str = 'final') -> nnx.Module:
-  """The model of `config` with the parameters saved under <workdir>/params/<which>.
-
-  which='step_<N>' reads train checkpoint N instead: its EMA where the run had one, else its
-  params, plus frozen; a partial restore that reads no optimizer state.
-  """
-  workdir = epath.Path(workdir)
-  info = read_params_info(workdir, which)
-  if info is None:
-    raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which}; train first')
-  abstract = factory.abstract_model(config.model, info['num_classes'])
-  graphdef, params, frozen, rest = optim.split_frozen(abstract, config.optim.group_rules,
-                                                      config.optim.groups)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        {'params': params, 'frozen': frozen})
-  if (state := train_checkpoint(workdir, which)) is None:
-    restored = ocp.StandardCheckpointer().restore(absolute(workdir / 'params' / which), target)
-  else:
-    key = 'ema' if info['ema'] else 'params'
-    item = {'train': {key: target['params']}, 'frozen': target['frozen']}
-    restored = ocp.PyTreeCheckpointHandler().restore(state, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-    restored = {'params': restored['train'][key], 'frozen': restored['frozen']}
-  return nnx.merge(graphdef, restored['params'], restored['frozen'], rest)

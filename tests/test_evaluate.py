@@ -79,7 +79,7 @@ def read_json(path):
 def stage1_outputs(config, workdir, spec):
   """Our own eval forward of the saved model over the source `spec` (eval transform):
   (part_maps, part_logits, part_similarity) as numpy."""
-  model = workdir_lib.load_model(config, workdir)
+  model = factory.load_model(config, workdir)
   source = factory.make_source(spec)
   transform = factory.make_transforms(config)[1]
   rng = np.random.default_rng(0)
@@ -250,8 +250,8 @@ def test_load_model_from_a_train_checkpoint(trained):
   assert workdir_lib.read_params_info(workdir, f'step_{last}') == {'step': last, 'num_classes': 2,
                                                              'ema': False}
   # Without EMA, params/final is saved from the state of the last checkpoint.
-  got = nnx.state(workdir_lib.load_model(config, workdir, f'step_{last}'))
-  want = nnx.state(workdir_lib.load_model(config, workdir))
+  got = nnx.state(factory.load_model(config, workdir, f'step_{last}'))
+  want = nnx.state(factory.load_model(config, workdir))
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == b.dtype and np.array_equal(a, b)
@@ -259,7 +259,7 @@ def test_load_model_from_a_train_checkpoint(trained):
   assert report['step'] == last
   assert report['evals']['val'] == read_json(workdir / 'params' / 'final.json')['evals']['val']
   with pytest.raises(FileNotFoundError, match=rf'step {last + 1} .*available steps: \[{last}\]'):
-    workdir_lib.load_model(config, workdir, f'step_{last + 1}')
+    factory.load_model(config, workdir, f'step_{last + 1}')
 
 
 def _eight_device_worker(workdir: str) -> None:

@@ -29,7 +29,7 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from ifam_jax import config_lib, losses, optim, packed_stage2, sharding, train
+from ifam_jax import config_lib, factory, losses, optim, packed_stage2, sharding, train
 from ifam_jax import workdir as workdir_lib
 from ifam_jax import data as data_lib
 from ifam_jax.evaluators import loop as loop_lib
@@ -354,7 +354,7 @@ def test_keeps_latest_checkpoints_and_best_on_val(env, tmp_path):
   scores = [m[config.data.best_metric] for m in vals]
   assert best['value'] == max(scores) and best['step'] == vals[scores.index(max(scores))]['step']
   saved = restore(tmp_path / 'params' / 'best')
-  model = workdir_lib.load_model(config, tmp_path, 'best')
+  model = factory.load_model(config, tmp_path, 'best')
   loaded = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert loaded.keys() == (flat(saved['params']) | flat(saved['frozen'])).keys()
   for path, value in (flat(saved['params']) | flat(saved['frozen'])).items():

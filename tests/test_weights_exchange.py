@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ifam_jax import weights
+from ifam_jax import factory, weights
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 from ifam_jax.models import ifam
@@ -75,12 +75,12 @@ def test_export_writes_every_format(exported):
   assert description['num_classes'] == layout.NUM_CLASSES
   assert description['source']['which'] == 'final' and description['source']['step'] == 1
   names = set(weights.read_state_dict(paths['safetensors']))
-  assert {path_name(p) for p in _params(workdir_lib.load_model(config, workdir))} == names
+  assert {path_name(p) for p in _params(factory.load_model(config, workdir))} == names
 
 
 def test_every_format_round_trips_bit_exactly(exported):
   config, workdir, paths = exported
-  original = _params(workdir_lib.load_model(config, workdir))
+  original = _params(factory.load_model(config, workdir))
   assert_bit_exact(_params(exchange.load_exported(paths['orbax'])), original)
   assert_bit_exact(_params(exchange.load_exported(paths['safetensors'], config)), original)
   assert_bit_exact(_params(exchange.import_reference(paths['reference'], config)), original)
@@ -90,13 +90,13 @@ def test_imported_workdir_evaluates_like_the_original(exported, tmp_path):
   config, workdir, paths = exported
   images = np.random.default_rng(1).standard_normal(
       (4, config.model.image_size, config.model.image_size, 3), np.float32)
-  expected = jax.device_get(_outputs(workdir_lib.load_model(config, workdir), images))
+  expected = jax.device_get(_outputs(factory.load_model(config, workdir), images))
   for fmt in exchange.FORMATS:
     target = exchange.import_to_workdir(paths[fmt], config, tmp_path / fmt)
     assert target == tmp_path / fmt / 'params' / 'imported'
     info = workdir_lib.read_params_info(tmp_path / fmt, 'imported')
     assert info['num_classes'] == layout.NUM_CLASSES
-    imported = workdir_lib.load_model(config, tmp_path / fmt, 'imported')
+    imported = factory.load_model(config, tmp_path / fmt, 'imported')
     assert_bit_exact(jax.device_get(_outputs(imported, images)), expected)
 
 
@@ -114,7 +114,7 @@ def test_reference_snapshot_wrapper_is_unwrapped(exported):
 # ----------------------------------------------------------------------------
 def test_reference_pth_reads_back_exactly(exported):
   config, workdir, paths = exported
-  expected = jax.device_get(exchange.to_reference(workdir_lib.load_model(config, workdir)))
+  expected = jax.device_get(exchange.to_reference(factory.load_model(config, workdir)))
   read = weights.read_torch_checkpoint(paths['reference'])
   assert isinstance(read, collections.OrderedDict)
   assert_bit_exact(dict(read), expected)
@@ -152,7 +152,7 @@ def ifam_reference(tmp_path_factory):
   config = layout.tiny_config('ifam', IMAGE_SIZE['ifam'])
   workdir = tmp_path_factory.mktemp('errors')
   layout.save_random_params(config, workdir)
-  return config, jax.device_get(exchange.to_reference(workdir_lib.load_model(config, workdir)))
+  return config, jax.device_get(exchange.to_reference(factory.load_model(config, workdir)))
 
 
 @pytest.mark.parametrize('replace, drop, config_change, message', [
@@ -258,7 +258,7 @@ def test_import_never_overwrites_unless_asked(ifam_reference, tmp_path):
   final, best = (workdir_lib.read_params_info(workdir, w) for w in ('final', 'best'))
   assert final['step'] is None and final['num_classes'] == layout.NUM_CLASSES
   assert best['step'] is None and best['value'] == -float('inf')
-  assert_bit_exact(_params(workdir_lib.load_model(config, workdir, 'best')),
+  assert_bit_exact(_params(factory.load_model(config, workdir, 'best')),
                    _params(exchange.import_reference(state_dict, config)))
 
 
@@ -268,7 +268,7 @@ def test_import_never_overwrites_unless_asked(ifam_reference, tmp_path):
 def test_torch_zip_of_a_state_dict(exported, tmp_path):
   """Globals are the three torch.load(weights_only=True) allows; no stand-in module lingers."""
   config, workdir, _ = exported
-  state_dict = jax.device_get(exchange.to_reference(workdir_lib.load_model(config, workdir)))
+  state_dict = jax.device_get(exchange.to_reference(factory.load_model(config, workdir)))
   path = tmp_path / 'model.pth'
   weights.write_state_dict(path, state_dict)
   with zipfile.ZipFile(path) as archive:

@@ -95,7 +95,7 @@ def export(config: ml_collections.ConfigDict, workdir: PathLike, which: str = 'f
   if jax.process_count() > 1:
     raise RuntimeError('export runs in a single process; start it without IFAM_MULTIHOST')
   workdir = epath.Path(workdir)
-  model = workdir_lib.load_model(config, workdir, which)
+  model = factory.load_model(config, workdir, which)
   info = workdir_lib.read_params_info(workdir, which)
   out = workdir / 'export' / which
   out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,7 @@ def _classifier(model: nnx.Module) -> vit.ViTClassifier:
 
 def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workdir: PathLike,
                       which: str = 'imported', overwrite: bool = False) -> epath.Path:
-  """Imports weights into <workdir>/params/<which>, for `workdir_lib.load_model(config, workdir, which)`.
+  """Imports weights into <workdir>/params/<which>, for `factory.load_model(config, workdir, which)`.
 
   `source` is a reference checkpoint (.pth/.pt/.bin) or our export (Orbax `params` directory or
   `model.safetensors`, with model.json beside it). Returns the parameters' directory.
