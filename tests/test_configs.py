@@ -264,6 +264,7 @@ def check_run(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: dict,
   assert (workdir / 'params' / 'best').is_dir() == bool(c.data.val_split)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('xla_cache')
 @pytest.mark.parametrize('source', sorted(CASES))
 def test_trains_end_to_end(source, tmp_path):

@@ -705,6 +705,7 @@ def test_eval_padding_sees_every_example_once():
   assert np.concatenate([b['label'] for b in single])[:n].tolist() == list(range(n))
 
 
+@pytest.mark.slow
 def test_eval_with_workers_keeps_static_batches():
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   batches = eval_batches(IndexSource(5), 2, num_workers=2)
@@ -804,7 +805,7 @@ def assert_same_batches(a, b):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-@pytest.mark.parametrize('num_workers', [0, 2])
+@pytest.mark.parametrize('num_workers', [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_checkpoint_state_restores_the_next_batches(num_workers):
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   src = sources.SyntheticSpuriousSource(10, 16, 'train', seed=0)

@@ -274,6 +274,7 @@ def _eight_device_worker(workdir: str) -> None:
   (pathlib.Path(workdir) / 'eight_devices.json').write_text(json.dumps(result))
 
 
+@pytest.mark.slow
 def test_eight_devices_with_fsdp_match_one_device(trained):
   config, workdir = trained
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(pathlib.Path(__file__).parent),

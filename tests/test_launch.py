@@ -128,6 +128,7 @@ def test_run_starts_the_config_on_every_worker(capsys):
           '>> ../ifam_run.log 2>&1') in script
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workdir', ['/tmp/in1k', 'in1k', 'gs:/bucket/in1k'])
 def test_run_refuses_a_workdir_outside_gcs_before_anything_runs(workdir, capsys, fake_gcloud):
   with pytest.raises(SystemExit) as exit_info:
@@ -156,6 +157,7 @@ def test_logs_stop_delete(capsys):
   assert '--force' in argv
 
 
+@pytest.mark.slow
 def test_without_dry_run_exactly_the_printed_commands_run(capsys, fake_gcloud):
   args = ['setup', *WHERE, '--copy=gs://b/w.safetensors', '--mount=/mnt/disks/tfds']
   printed = dry_run(capsys, *args)
@@ -164,6 +166,7 @@ def test_without_dry_run_exactly_the_printed_commands_run(capsys, fake_gcloud):
   assert [['gcloud', *argv] for argv in calls(fake_gcloud)] == printed
 
 
+@pytest.mark.slow
 def test_every_remote_script_is_valid_bash(capsys):
   commands = [
       *dry_run(capsys, 'setup', *WHERE, '--copy=gs://b/w', '--mount=/mnt/d'),
@@ -180,6 +183,7 @@ def test_every_remote_script_is_valid_bash(capsys):
 # ----------------------------------------------------------------------------
 # tpu.py: run and stop, executed here in a fake worker home directory
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_and_stop_scripts_on_a_fake_worker(capsys, tmp_path):
   home = tmp_path / 'home'
   (home / 'ifam_jax').mkdir(parents=True)
@@ -237,6 +241,7 @@ def fanout(fake_ssh, hosts, *command, extra=()):
       capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_fanout_gives_each_host_its_process_id(fake_ssh):
   show = ('import json, os; print(json.dumps({k: os.environ.get(k) for k in ("IFAM_MULTIHOST", '
           '"JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "EXTRA")}))')
@@ -253,6 +258,7 @@ def test_fanout_gives_each_host_its_process_id(fake_ssh):
                   '1 hostB': dict(common, JAX_PROCESS_ID='1')}
 
 
+@pytest.mark.slow
 def test_fanout_stops_everyone_when_one_host_fails(fake_ssh):
   code = ('import os, sys, time\n'
           'sys.exit(3) if os.environ["JAX_PROCESS_ID"] == "1" else time.sleep(60)')
@@ -262,6 +268,7 @@ def test_fanout_stops_everyone_when_one_host_fails(fake_ssh):
   assert time.monotonic() - start < 30
 
 
+@pytest.mark.slow
 def test_fanout_initializes_jax_distributed_through_main(fake_ssh):
   """Two processes on this machine reach jax.distributed through ifam_jax.main's contract."""
   with socket.socket() as s:
@@ -278,6 +285,7 @@ def test_fanout_initializes_jax_distributed_through_main(fake_ssh):
   assert '[1 localhost] process 1 of 2' in result.stdout
 
 
+@pytest.mark.slow
 def test_fanout_dry_run_runs_nothing(tmp_path):
   marker = tmp_path / 'ran'
   result = subprocess.run(
@@ -295,6 +303,7 @@ def test_fanout_dry_run_runs_nothing(tmp_path):
 # ----------------------------------------------------------------------------
 # slurm.sbatch
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sbatch_script(tmp_path):
   script = LAUNCH / 'slurm.sbatch'
   assert subprocess.run(['bash', '-n', str(script)]).returncode == 0

@@ -161,6 +161,7 @@ def test_image_folder_in_process(tmp_path, capsys):
   check_prepared(data_dir, ['validation'], num_shards=2)
 
 
+@pytest.mark.slow
 def test_official_tars_on_the_command_line(tmp_path):
   source, labels = make_tars(tmp_path / 'manual')
   data_dir = tmp_path / 'tfds'

@@ -119,6 +119,7 @@ def reference(env, tmp_path_factory):
 # ----------------------------------------------------------------------------
 # Resume
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise_identical(env, reference, tmp_path):
   """Killed mid-run and rerun, the run ends with the same bits, batches and logs."""
   ref_dir, _ = reference
@@ -165,6 +166,7 @@ def test_sigkill_and_resume_is_bitwise_identical(env, reference, tmp_path):
   assert best == ref_best
 
 
+@pytest.mark.slow
 def test_data_checkpoint_restores_a_worker_iterator(tmp_path):
   """The loop's data item (grain's Orbax handler) resumes an mp_prefetch iterator exactly."""
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
@@ -222,6 +224,7 @@ def assert_params_match(workdir, ref_dir, step):
     np.testing.assert_allclose(got[path], value, rtol=1e-4, atol=1e-5, err_msg=path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', ['8x1', '4x2'])
 def test_eight_devices_match_one_device(env, reference, tmp_path, mesh):
   """Data parallel (8, 1) and data x FSDP (4, 2): losses and parameters of the first steps."""
@@ -297,6 +300,7 @@ def _two_process_worker(process_id: int, port: int, workdir: str) -> None:
   (workdir / f'{process_id}.json').write_text(json.dumps(result))
 
 
+@pytest.mark.slow
 def test_eval_and_saved_params_across_processes(env, tmp_path):
   """Eval labels line up with predictions whatever the device order; save_params is collective."""
   assert eval_alignment(jax.devices()[:1]) == EXPECTED_ALIGNMENT
@@ -324,6 +328,7 @@ def test_eval_and_saved_params_across_processes(env, tmp_path):
 # ----------------------------------------------------------------------------
 # Divergence, checkpoints, saved parameters
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_divergence_stops_without_saving_it(env, tmp_path):
   # lr 0 in the first step (warmup from 0), then 1e30 x 1e4 on the heads: infinite by step 2.
   result = run_main(env, tmp_path, '', '--config.optim.lr=1e30',
@@ -339,6 +344,7 @@ def test_divergence_stops_without_saving_it(env, tmp_path):
     assert np.isfinite(value).all(), path
 
 
+@pytest.mark.slow
 def test_keeps_latest_checkpoints_and_best_on_val(env, tmp_path):
   steps = 6
   overrides = ('--config.checkpoint_every_steps=1', '--config.keep_checkpoints=2',
@@ -376,6 +382,7 @@ def test_keeps_latest_checkpoints_and_best_on_val(env, tmp_path):
 RECORDS = ('metrics.jsonl', 'params/final.json', 'params/best.json')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['finished', 'final_json_deleted', 'killed_in_final_save'])
 def test_a_rerun_leaves_the_records_of_one_run(env, reference, tmp_path, case):
   ref_dir, _ = reference
@@ -393,6 +400,7 @@ def test_a_rerun_leaves_the_records_of_one_run(env, reference, tmp_path, case):
       restore(ref_dir / 'params' / 'final')).keys()
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_refuses_at_start(env, tmp_path):
   (tmp_path / 'lock.json').write_text(json.dumps(
       {'host': socket.gethostname(), 'pid': os.getpid(), 'since': '2026-01-02T03:04:05+00:00'}))
@@ -402,6 +410,7 @@ def test_a_second_run_on_a_workdir_refuses_at_start(env, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['lock.json']
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_refused_or_recorded_on_resume(env, reference, tmp_path):
   ref_dir, _ = reference
   workdir = tmp_path / 'run'
@@ -423,6 +432,7 @@ def test_a_changed_config_is_refused_or_recorded_on_resume(env, reference, tmp_p
     assert (workdir / name).read_text() == (ref_dir / name).read_text(), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('override, key', [
     ('--config.global_batch_size=12', 'global_batch_size=12'),
     ('--config.data.eval_batch_size=12', 'data.eval_batch_size=12'),
@@ -435,6 +445,7 @@ def test_batch_sizes_the_mesh_cannot_split_fail_before_compiling(env, tmp_path, 
   assert not (tmp_path / 'metrics.jsonl').exists() and not (tmp_path / 'checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_a_folder_that_takes_no_file_fails_once_clearly(env, tmp_path):
   # At start: nothing is trained.
   (tmp_path / 'start' / 'checkpoints').parent.mkdir()
@@ -466,6 +477,7 @@ def test_a_folder_that_takes_no_file_fails_once_clearly(env, tmp_path):
 # ----------------------------------------------------------------------------
 # Logs and frozen parameters
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_metrics_and_progress_line(reference):
   workdir, stdout = reference
   weights = get_config().loss.weights
@@ -478,6 +490,7 @@ def test_train_metrics_and_progress_line(reference):
                    stdout, re.MULTILINE), stdout[:2000]
 
 
+@pytest.mark.slow
 def test_frozen_parameters_stay_put_and_have_no_optimizer_state(reference):
   """Stage-1 backbone frozen (the reference's groups): no change, no gradient, no Adam moments."""
   workdir, _ = reference
@@ -526,6 +539,7 @@ def finish(procs):
     assert proc.returncode == 0, stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(env, tmp_path):
   """Per-process data shards and iterator states, a collective checkpoint, a kill of both hosts
   mid-run: the resumed job ends with the same parameters and logs as an uninterrupted one."""
@@ -561,6 +575,7 @@ def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(env, tmp_pa
   assert [m['step'] for m in read_metrics(workdir, 'train')] == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('accumulation', [1, 2])
 def test_train_step_ema_follows_the_optimizer_updates(accumulation):
   """The EMA moves once per optimizer update (every `accumulation` micro-steps), by
@@ -660,6 +675,7 @@ def test_packed_stage2_sorts_each_shard_and_matches_every_token(counts):
   np.testing.assert_allclose(metrics['stage2_tokens'], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_packed_train_step_matches_the_dense_step():
   """The ImageNet recipe's tiers against `stage2_token_tiers=()` (the default): every loss term
   and metric, and the

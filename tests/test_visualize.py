@@ -32,6 +32,7 @@ def test_grid_and_bar_chart(tmp_path):
   assert rows[0] > 2 * rows[1] > 0  # 0.9 is drawn longer than twice 0.4
 
 
+@pytest.mark.slow
 def test_run_visualize_on_a_trained_workdir(tmp_path):
   config = get_config('steps=2')
   train.train_and_evaluate(config, tmp_path)

@@ -118,6 +118,7 @@ def main_on_fake_bucket() -> None:
   assert not os.path.exists('gs:')
 
 
+@pytest.mark.slow
 def test_main_writes_to_a_gs_workdir(tmp_path):
   repo = pathlib.Path(__file__).resolve().parents[1]
   (tmp_path / 'configs').symlink_to(repo / 'configs')
