@@ -1,10 +1,11 @@
 """Pictures: overlays by hand, and --mode visualize on a tiny trained workdir."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from fixtures.tiny_config import get_config
 from ifam_jax import train, visualize
-from test_train import get_config
 
 
 def test_overlays_by_hand():
