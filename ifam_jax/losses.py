@@ -329,7 +329,7 @@ def equivariance_loss(maps: jax.Array, maps_warped_back: jax.Array) -> jax.Array
 def orthogonality_loss(features: jax.Array, kind: OrthogonalityKind = 'ifam') -> jax.Array:
   """L_orth on modulated part features [B, K+1, D].
 
-  'ifam' (the iFAM trainer's quirk, see spec 14.2): each feature channel d is L2-normalised over
+  'ifam' (the iFAM trainer's quirk, reference 14.2): each feature channel d is L2-normalised over
   the K+1 parts (eps 1e-12), giving g_d, and the loss is mean over (b, d, d') of
   (<g_d, g_d'> - delta_dd')^2 on the D x D Gram matrix. It is computed without forming that
   matrix: ||G - I||^2 = ||X X^T||^2 - 2 tr(G) + D, X the [K+1, D] normalised features.
