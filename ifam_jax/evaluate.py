@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from ifam_jax import data as data_lib
 from ifam_jax import optim, sharding
 from ifam_jax.data.sources import IN9_CLASSES
-from ifam_jax.models.ifam import PART_REMOVALS, Intervention
+from ifam_jax.models.ifam import PART_REMOVALS, Intervention, stage2_mask_facts
 
 THRESHOLD_RULES = ('distance', 'dot_product')
 # fold_in tags of the per-batch key, besides the model's own use of it.
@@ -888,8 +888,9 @@ def run_audit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   s = _Session(config, workdir, which)
   s.require_ifam('the audit')
-  if config.model.soft_mask:
-    raise ValueError('the audit checks hard masks; the soft-mask ablation lets every pixel in')
+  if not stage2_mask_facts(config.model.stage2_mask).binary:
+    raise ValueError("the audit checks hard masks; model.stage2_mask='soft' lets every pixel "
+                     'into stage 2')
   stage2_jit = s.jit(make_stage2_fn(s.graphdef, s.rest))
 
   def stage2(params, frozen, images, patch_mask):  # every call: one input sharding, one program

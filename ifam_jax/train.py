@@ -36,7 +36,7 @@ from ifam_jax import workdir as workdir_lib
 from ifam_jax.workdir import absolute, is_local, replace_text
 from ifam_jax import data as data_lib
 from ifam_jax.evaluate import evaluate_source, make_eval_step
-from ifam_jax.models import ifam, vit
+from ifam_jax.models import fast_attention, ifam, vit
 
 SOURCES = {
     'folder': data_lib.ImageFolderSource,
@@ -148,9 +148,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
                       stage2=cfg, gumbel_tau=model_cfg.gumbel_tau,
                       part_dropout=model_cfg.part_dropout,
                       mask_part_dropout=model_cfg.mask_part_dropout,
-                      mask_gradient=model_cfg.mask_gradient,
-                      eval_gumbel_noise=model_cfg.eval_gumbel_noise,
-                      soft_mask=model_cfg.soft_mask, rngs=rngs)
+                      stage2_mask=model_cfg.stage2_mask,
+                      eval_gumbel_noise=model_cfg.eval_gumbel_noise, rngs=rngs)
     backbones = [model.stage1.backbone, model.stage2.backbone]
   else:
     raise ValueError(f"model.kind must be 'ifam' or 'baseline', got {model_cfg.kind!r}")
@@ -232,8 +231,9 @@ def stage2_capacities(fractions: Sequence[float], num_patches: int) -> tuple[int
 def packing_applies(model_cfg: ml_collections.ConfigDict) -> bool:
   """Whether stage 2 trains on its visible tokens only (`packed_stage2`): the tiers are set,
   and the stage-2 loss reaches stage 1 through nothing (hard mask, no surrogate gradient)."""
+  facts = ifam.stage2_mask_facts(model_cfg.stage2_mask)
   return (model_cfg.kind == 'ifam' and bool(model_cfg.stage2_token_tiers)
-          and model_cfg.mask_gradient == 'none' and not model_cfg.soft_mask)
+          and facts.binary and not facts.trains_stage1)
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
@@ -247,7 +247,7 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
   """Stage 2's cross-entropy and its gradient, computed on the visible tokens only.
 
   Stage 2 never attends to a masked patch, so its output is the same when it runs on the
-  visible patches gathered first (`vit.gather_patches`) at any capacity that holds them all.
+  visible patches gathered first (`gather_patches`) at any capacity that holds them all.
   Each of the `shards` equal slices of the batch (one per device) is sorted by visible-patch
   count and cut into `groups` groups, so group capacities only grow. The trailing groups that
   need every patch run as one batch (a `lax.switch` over their number: fewer, larger kernels);
@@ -289,7 +289,7 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
   denominator = jnp.maximum(jnp.sum(valid), 1.0)
 
   def differentiate(batch, capacity):
-    keep_index = vit.gather_patches(batch['mask'], capacity)
+    keep_index = fast_attention.gather_patches(batch['mask'], capacity)
     (loss, logits), grads = jax.value_and_grad(stage2_loss, has_aux=True)(
         params, batch['images'], batch['mask'], keep_index, batch['labels'], batch['valid'],
         denominator)
