@@ -36,7 +36,6 @@ device (`--peak_flops` overrides; the reference quotes ~800 TFLOP/s as attainabl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import json
@@ -45,7 +44,7 @@ import pathlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -59,7 +58,7 @@ from PIL import Image
 
 from ifam_jax import data as data_lib
 from ifam_jax import factory, optim, sharding, train
-from ifam_jax.models import ifam, parts, vit
+from ifam_jax.models import fast_attention, ifam, vit
 
 # Dense bf16 tensor-core peaks (spec sheets, without sparsity), matched on device_kind.
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12}
@@ -78,7 +77,7 @@ _FG = flags.DEFINE_list('fg_fraction', ['1.0', '0.25'], 'infer: foreground fract
                         'synthetic stage-2 mask; each is measured dense and token-gathered.')
 _TRAIN_FG = flags.DEFINE_list('train_fg_fraction', [], 'train: replace stage 1\'s foreground '
                               'mask by this fraction of random patches (one measurement each; '
-                              'see `forced_foreground`); empty: stage 1\'s own mask.')
+                              'see `ForcedForeground`); empty: stage 1\'s own mask.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'train/infer: classifier width.')
 _PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Peak FLOP/s per device for MFU (0: the spec of '
                            'the device kind if known, else no MFU).')
@@ -279,33 +278,46 @@ def random_train_batch(seed: int, batch: int, size: int, num_classes: int) -> di
           'valid': np.ones((batch,), np.int32), 'first_pass': np.ones((batch,), np.int32)}
 
 
-@contextlib.contextmanager
-def forced_foreground(fraction: float | None) -> Iterator[None]:
-  """While tracing, stage 1's training mask becomes `round(fraction N_p)` random patches per
-  image, and empty with the probability that the mask's part dropout drops every part
-  (`mask_part_dropout ** K`): stage 2's sparsity under control, as real masks would give it,
+class ForcedForeground(ifam.IFAM):
+  """iFAM whose training forward hands stage 2 `round(fraction N_p)` random patches per image as
+  its `fg_mask`, and an empty mask with the probability that the mask's part dropout drops every
+  part (`mask_part_dropout ** K`): stage 2's sparsity under control, as real masks would give it,
   where a randomly initialised model trained on random images drifts to nearly empty masks.
-  Stage 1 still computes its own mask, so its cost is unchanged."""
-  if fraction is None:
-    yield
-    return
-  if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f'train_fg_fraction must be in [0, 1], got {fraction}')
-  original = ifam.IFAM.foreground_mask
+  Stage 1 still computes its own mask, so its cost is unchanged. Built around `model`, whose
+  attributes it takes: the parameter tree, and so the train state, stay the same."""
 
-  def foreground_mask(self, logits, *, noise_rng, dropout_rng):
-    mask, fg_prob = original(self, logits, noise_rng=noise_rng, dropout_rng=dropout_rng)
-    b, h, w = mask.shape
-    rank = jnp.argsort(jax.random.uniform(noise_rng, (b, h * w)), axis=-1).argsort(axis=-1)
-    empty = jax.random.bernoulli(dropout_rng, self.mask_part_dropout**self.num_parts, (b, 1))
-    forced = (rank < round(fraction * h * w)) & ~empty
-    return forced.reshape(b, h, w).astype(mask.dtype), fg_prob
+  def __init__(self, model: ifam.IFAM, fraction: float):
+    for name, value in vars(model).items():
+      if not name.startswith('_'):
+        setattr(self, name, value)
+    self.fraction = fraction
 
-  ifam.IFAM.foreground_mask = foreground_mask
-  try:
-    yield
-  finally:
-    ifam.IFAM.foreground_mask = original
+  def __call__(self, images: jax.Array, *, train: bool, rng: jax.Array | None = None,
+               **kwargs: Any) -> ifam.IFAMOutput:
+    if train:
+      b, hh, ww, _ = images.shape
+      p = self.stage1.backbone.cfg.patch_size
+      n = (hh // p) * (ww // p)
+      noise = jax.random.uniform(jax.random.fold_in(rng, ifam.RNG_MASK_NOISE), (b, n))
+      rank = jnp.argsort(noise, axis=-1).argsort(axis=-1)
+      empty = jax.random.bernoulli(jax.random.fold_in(rng, ifam.RNG_MASK_DROPOUT),
+                                   self.mask_part_dropout**self.num_parts, (b, 1))
+      forced = (rank < round(self.fraction * n)) & ~empty
+      kwargs['fg_mask'] = forced.reshape(b, hh // p, ww // p).astype(jnp.float32)
+    return super().__call__(images, train=train, rng=rng, **kwargs)
+
+
+def forced_train_step(config: ml_collections.ConfigDict, t: train.Training,
+                      mesh: jax.sharding.Mesh, fraction: float, num_classes: int) -> Callable:
+  """`t.train_step` with `ForcedForeground` in place of the model: jitted alike, same state."""
+  model = nnx.eval_shape(lambda: ForcedForeground(
+      train.build_model(config.model, num_classes, nnx.Rngs(0)), fraction))
+  graphdef, *_ = optim.split_frozen(model, config.optim.group_rules, config.optim.groups)
+  return jax.jit(train.make_train_step(graphdef, t.rest, t.tx, config, t.schedule,
+                                       batch_shards=mesh.size),
+                 in_shardings=(t.state_sharding, t.frozen_sharding, t.batch_sharding),
+                 out_shardings=(t.state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=(0,), compiler_options=train.compiler_options(config))
 
 
 # ----------------------------------------------------------------------------
@@ -315,18 +327,21 @@ def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, w
                 windows: int = 5, steps: int = 10, peak: float = 0.0,
                 profile_dir: str = '', fg_fraction: float | None = None) -> dict[str, Any]:
   """The real jitted train step (`train.build_training`) on one resident random batch;
-  `fg_fraction` forces stage 2's mask (`forced_foreground`)."""
+  `fg_fraction` forces stage 2's mask (`ForcedForeground`)."""
+  if fg_fraction is not None and not 0.0 <= fg_fraction <= 1.0:
+    raise ValueError(f'train_fg_fraction must be in [0, 1], got {fg_fraction}')
   config = random_init(config)
   batch_size = config.global_batch_size
   mesh = sharding.make_mesh(config.mesh)
   t = train.build_training(config, num_classes, steps_per_epoch=1000, mesh=mesh)
+  train_step = (t.train_step if fg_fraction is None
+                else forced_train_step(config, t, mesh, fg_fraction, num_classes))
   batch = jax.device_put(random_train_batch(0, batch_size, config.model.image_size, num_classes),
                          t.batch_sharding)
   trainable = jax.tree.leaves(sharding.map_named(lambda name, _: name, t.state['params']))
   with jax.set_mesh(mesh):
     start = time.perf_counter()
-    with forced_foreground(fg_fraction):
-      step = t.train_step.lower(t.state, t.frozen, batch).compile()
+    step = train_step.lower(t.state, t.frozen, batch).compile()
     compile_s = time.perf_counter() - start
     state = t.state
     fg_fractions, token_fractions = [], []
@@ -371,9 +386,9 @@ def train_losses(config: ml_collections.ConfigDict, *, steps: int = 20,
 
 def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State, keep_count: int | None,
                     with_stage1: bool = True) -> Callable:
-  """(params, frozen, images, patch_mask) -> (stage-2 logits, stage-1 logits or None).
+  """(params, frozen, images, patch_mask [B, h*w]) -> (stage-2 logits, stage-1 logits or None).
 
-  The eval forward of `IFAM.__call__` with the foreground mask given instead of derived, so the
+  The eval forward (`IFAM.__call__`) with the foreground mask given as its `fg_mask`, so the
   foreground fraction (and with it the token-gather saving) is controlled. Without stage 1 it
   is the part of the forward that the gather shrinks.
   """
@@ -381,15 +396,15 @@ def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State, keep_count: int | N
   def step(params, frozen, images, patch_mask):
     model = nnx.merge(graphdef, params, frozen, rest)
     images = data_lib.normalize(images)
-    part_scores = None
     if with_stage1:
-      features = model.stage1.features(images)
-      logits, _ = model.stage1.part_logits(features)
-      maps = parts.gumbel_softmax(logits, model.gumbel_tau, None)
-      _, scores = model.stage1.classify(maps, features, part_dropout=0.0, rng=None)
-      part_scores = jnp.mean(scores, 1)
-    keep_index = None if keep_count is None else vit.gather_patches(patch_mask, keep_count)
-    return model.stage2(images, patch_mask, keep_index=keep_index), part_scores
+      grid = (images.shape[1] // model.stage1.backbone.cfg.patch_size, -1)
+      out = model(images, train=False, rng=jax.random.key(0), keep_count=keep_count,
+                  fg_mask=patch_mask.reshape(patch_mask.shape[:1] + grid))
+      return out.logits, out.stage1_logits
+    keep_index = (None if keep_count is None
+                  else fast_attention.gather_patches(patch_mask, keep_count))
+    return model.stage2(images, patch_mask, mask_mode=model.stage2_mask,
+                        keep_index=keep_index), None
 
   return step
 

@@ -65,14 +65,16 @@ def base_config() -> ml_collections.ConfigDict:
       gumbel_tau=1.0,
       part_dropout=0.3,
       mask_part_dropout=0.3,
-      mask_gradient='none',
+      # How the foreground mask reaches stage 2: 'hard' (the reference: no gradient to stage 1),
+      # 'straight_through' (same forward; the stage-2 loss trains stage 1) or 'soft' (the
+      # paper's ablation). ifam_jax/models/ifam.py, `stage2_mask_facts`.
+      stage2_mask='hard',
       eval_gumbel_noise=False,
-      soft_mask=False,
       # Stage 2 trains on the tokens it can see only, exactly (packed_stage2.packed_stage2): each
       # device's batch is sorted by visible-patch count and cut into `stage2_token_groups`
       # groups, each computed at the smallest of these capacities (fractions of the patches;
       # all patches is always one) that holds its visible patches. () computes every token.
-      # Applies to hard masks that pass stage 1 no gradient (mask_gradient 'none', no soft_mask).
+      # Applies with stage2_mask='hard' (a hard mask that passes stage 1 no gradient).
       # It pays with large per-device batches and sparse masks (README, "Performance"), so only
       # the ImageNet recipe turns it on.
       stage2_token_tiers=(),

@@ -36,7 +36,7 @@ from ifam_jax.data.sources import IN9_CLASSES
 from ifam_jax.evaluators import audit, in9, loop, metrics, thresholds
 from ifam_jax.evaluators.predict import make_eval_step
 from ifam_jax.evaluators.tables import format_table, metrics_table
-from ifam_jax.models.ifam import PART_REMOVALS, Intervention
+from ifam_jax.models.ifam import PART_REMOVALS, Intervention, stage2_mask_facts
 
 
 def _print(text: str) -> None:
@@ -299,8 +299,9 @@ def run_audit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   s = _Session(config, workdir, which)
   s.require_ifam('the audit')
-  if config.model.soft_mask:
-    raise ValueError('the audit checks hard masks; the soft-mask ablation lets every pixel in')
+  if not stage2_mask_facts(config.model.stage2_mask).binary:
+    raise ValueError("the audit checks hard masks; model.stage2_mask='soft' lets every pixel "
+                     'into stage 2')
   stage2_jit = s.jit(audit.make_stage2_fn(s.graphdef, s.rest))
 
   def stage2(params, frozen, images, patch_mask):  # every call: one input sharding, one program

@@ -1,7 +1,7 @@
 """The train step's visible-tokens path: stage 2 computed on the patches it can see, exactly.
 
 Stage 2 never attends to a masked patch, so it can run on the visible patches gathered first
-(`vit.gather_patches`) at any capacity that holds them all; `packed_stage2` does so in groups
+(`fast_attention.gather_patches`) at any capacity that holds them all; `packed_stage2` does so in groups
 of similar visible-patch counts, at a few static capacities (README, "Performance").
 """
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ifam_jax.models import vit
+from ifam_jax.models import fast_attention, ifam
 from ifam_jax.objective import accuracy
 
 
@@ -29,8 +29,9 @@ def stage2_capacities(fractions: Sequence[float], num_patches: int) -> tuple[int
 def packing_applies(model_cfg: ml_collections.ConfigDict) -> bool:
   """Whether stage 2 trains on its visible tokens only (`packed_stage2`): the tiers are set,
   and the stage-2 loss reaches stage 1 through nothing (hard mask, no surrogate gradient)."""
+  facts = ifam.stage2_mask_facts(model_cfg.stage2_mask)
   return (model_cfg.kind == 'ifam' and bool(model_cfg.stage2_token_tiers)
-          and model_cfg.mask_gradient == 'none' and not model_cfg.soft_mask)
+          and facts.binary and not facts.trains_stage1)
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
@@ -44,7 +45,7 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
   """Stage 2's cross-entropy and its gradient, computed on the visible tokens only.
 
   Stage 2 never attends to a masked patch, so its output is the same when it runs on the
-  visible patches gathered first (`vit.gather_patches`) at any capacity that holds them all.
+  visible patches gathered first (`fast_attention.gather_patches`) at any capacity that holds them all.
   Each of the `shards` equal slices of the batch (one per device) is sorted by visible-patch
   count and cut into `groups` groups, so group capacities only grow. The trailing groups that
   need every patch run as one batch (a `lax.switch` over their number: fewer, larger kernels);
@@ -86,7 +87,7 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
   denominator = jnp.maximum(jnp.sum(valid), 1.0)
 
   def differentiate(batch, capacity):
-    keep_index = vit.gather_patches(batch['mask'], capacity)
+    keep_index = fast_attention.gather_patches(batch['mask'], capacity)
     (loss, logits), grads = jax.value_and_grad(stage2_loss, has_aux=True)(
         params, batch['images'], batch['mask'], keep_index, batch['labels'], batch['valid'],
         denominator)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from ifam_jax import losses
-from ifam_jax.models import ifam, vit
+from ifam_jax.models import fast_attention, ifam, vit
 
 IMAGE = 56  # 4x4 patch grid
 PATCH = 14
@@ -86,38 +86,22 @@ def test_swiglu_mlp_matches_numpy():
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['fp32', 'bf16'])
-def test_lean_layer_norm_and_gelu_match_autodiff(dtype):
-  """Same values as nnx.LayerNorm / jax.nn.gelu; gradients equal autodiff's (fp32: to rounding)."""
+def test_lean_gelu_matches_autodiff(dtype):
+  """Same values as the erf GELU; gradients equal autodiff's (fp32: to rounding)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(3 * rng.normal(size=(3, 5, 16)), dtype)
   g = jnp.asarray(rng.normal(size=x.shape), dtype)
-  lean = vit.LayerNorm(16, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-  lean.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
-  lean.bias[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
-  plain = nnx.LayerNorm(16, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
-  nnx.update(plain, nnx.state(lean))
-
-  def loss(norm, x):
-    return jnp.sum(norm(x).astype(jnp.float32) * g.astype(jnp.float32))
-
-  np.testing.assert_array_equal(lean(x), plain(x))
   x64 = np.asarray(x, np.float64)
   erf = np.vectorize(math.erf)
   expected = (x64 * 0.5 * (1 + erf(x64 / math.sqrt(2)))).astype(np.float32)
   one_ulp = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2**-7, atol=1e-3)
-  np.testing.assert_allclose(np.asarray(vit.gelu(x), np.float32), expected, **one_ulp)
-  (d_lean, dx_lean), (d_plain, dx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x)
-                                            for m in (lean, plain))
+  np.testing.assert_allclose(np.asarray(fast_attention.gelu(x), np.float32), expected, **one_ulp)
   dgelu = [jax.grad(lambda a, f=f: jnp.sum(f(a).astype(jnp.float32) * g.astype(jnp.float32)))(x)
-           for f in (vit.gelu, lambda a: jax.nn.gelu(a, approximate=False))]
+           for f in (fast_attention.gelu, lambda a: jax.nn.gelu(a, approximate=False))]
   # bf16: autodiff rounds every intermediate to bf16, the lean backward computes in fp32.
   tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=0.1, rtol=0.02)
-  np.testing.assert_allclose(np.asarray(dx_lean, np.float32), np.asarray(dx_plain, np.float32),
-                             **tol)
   np.testing.assert_allclose(np.asarray(dgelu[0], np.float32), np.asarray(dgelu[1], np.float32),
                              **tol)
-  for name in ('scale', 'bias'):
-    np.testing.assert_allclose(getattr(d_lean, name)[...], getattr(d_plain, name)[...], **tol)
 
 
 def _summed_axes(jaxpr):
@@ -171,20 +155,21 @@ def test_resample_pos_embed_identity_and_shape():
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['fp32', 'bf16'])
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 @pytest.mark.parametrize('gather', [False, True], ids=['dense', 'gather'])
-@pytest.mark.parametrize('mask_gradient,attention', [('none', 'xla'), ('none', 'flash'),
-                                                     ('straight_through', 'xla')])
-def test_masked_patches_cannot_change_stage2(dtype, train, gather, mask_gradient, attention):
-  model = tiny_ifam(dtype, mask_gradient=mask_gradient, attention=attention)
+@pytest.mark.parametrize('stage2_mask,attention', [('hard', 'xla'), ('hard', 'flash'),
+                                                   ('straight_through', 'xla')])
+def test_masked_patches_cannot_change_stage2(dtype, train, gather, stage2_mask, attention):
+  model = tiny_ifam(dtype, stage2_mask=stage2_mask, attention=attention)
   x = images()
   out = model(x, train=train, rng=jax.random.key(7))
   mask = np.asarray(out.fg_mask).reshape(x.shape[0], -1)
   if mask.all() or not mask.any():  # make sure the test has something to hide and to show
     mask = mixed_mask()
-  mode = 'straight_through' if mask_gradient == 'straight_through' else 'hard'
-  keep = vit.gather_patches(jnp.asarray(mask), int(mask.sum(1).max())) if gather else None
+  keep = (fast_attention.gather_patches(jnp.asarray(mask), int(mask.sum(1).max())) if gather
+          else None)
 
   def stage2(pixels):
-    return np.asarray(model.stage2(pixels, jnp.asarray(mask), mask_mode=mode, keep_index=keep))
+    return np.asarray(model.stage2(pixels, jnp.asarray(mask), mask_mode=stage2_mask,
+                                   keep_index=keep))
 
   reference = stage2(x)
   noise = 100.0 * jax.random.normal(jax.random.key(99), x.shape)
@@ -218,7 +203,7 @@ def test_token_gather_equals_masked_attention():
   dense = model.stage2(x, mask)
   max_count = int(mask.sum(1).max())
   for keep_count in (max_count, 16):
-    keep = vit.gather_patches(mask, keep_count)
+    keep = fast_attention.gather_patches(mask, keep_count)
     gathered = model.stage2(x, mask, keep_index=keep)
     # Tolerance: fp32, same maths over a shorter sequence (different summation length/order).
     np.testing.assert_allclose(gathered, dense, atol=2e-5, rtol=1e-5)
@@ -228,7 +213,7 @@ def test_token_gather_equals_masked_attention():
 def test_flash_layout_matches_exact_path_forward_and_gradients(monkeypatch, multiple):
   """'flash' (visible first, lengths, trailing pad tokens up to the kernel's multiple: cuDNN's
   is 2) against 'xla' (dense -inf bias) with the same weights."""
-  monkeypatch.setattr(vit, 'sequence_multiple', lambda dtype: multiple)
+  monkeypatch.setattr(fast_attention, 'sequence_multiple', lambda dtype: multiple)
   exact = tiny_ifam()
   flash = tiny_ifam(attention='flash')
   nnx.update(flash, nnx.state(exact))
@@ -272,16 +257,16 @@ def test_flash_attention_padding_and_lengths():
     out, vjp = jax.vjp(attend, q, k, v)
     return out, vjp(g * jnp.asarray(keep)[:, :, None, None])
 
-  exact, exact_grads = run(lambda *a: vit._dot_product_attention(*a, bias))
+  exact, exact_grads = run(lambda *a: vit.key_masked_attention(*a, bias))
   for pad in (1, 64):
-    out, grads = run(lambda *a, pad=pad: vit.flash_attention(*a, lengths, kernel='xla',
-                                                            pad_multiple=pad))
+    out, grads = run(lambda *a, pad=pad: fast_attention.flash_attention(
+        *a, lengths, kernel='xla', pad_multiple=pad))
     assert out.shape == exact.shape
     np.testing.assert_allclose(np.asarray(out)[keep], np.asarray(exact)[keep], atol=1e-6)
     for got, want in zip(grads, exact_grads):
       np.testing.assert_allclose(got, want, atol=1e-5)
-  full = vit.flash_attention(q, k, v, None, kernel='xla', pad_multiple=64)
-  np.testing.assert_allclose(full, vit._dot_product_attention(q, k, v, None), atol=1e-6)
+  full = fast_attention.flash_attention(q, k, v, None, kernel='xla', pad_multiple=64)
+  np.testing.assert_allclose(full, vit.key_masked_attention(q, k, v, None), atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -297,8 +282,9 @@ def test_cudnn_flash_attention_matches_xla_on_gpu():
   g = g * keep[:, :, None, None].astype(g.dtype)
   results = {}
   for kernel in ('cudnn', 'xla'):
-    out, vjp = jax.vjp(lambda *a, kernel=kernel: vit.flash_attention(*a, lengths, kernel=kernel),
-                       q, k, v)
+    out, vjp = jax.vjp(
+        lambda *a, kernel=kernel: fast_attention.flash_attention(*a, lengths, kernel=kernel),
+        q, k, v)
     results[kernel] = [np.asarray(x, np.float32) for x in (out, *vjp(g))]
   valid = np.asarray(keep)
   for got, want in zip(results['cudnn'], results['xla']):
@@ -309,7 +295,7 @@ def test_cudnn_flash_attention_matches_xla_on_gpu():
 
 def test_gather_patches_order():
   mask = jnp.asarray([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 1]], jnp.float32)
-  np.testing.assert_array_equal(vit.gather_patches(mask, 3), [[1, 3, 4], [0, 5, 1]])
+  np.testing.assert_array_equal(fast_attention.gather_patches(mask, 3), [[1, 3, 4], [0, 5, 1]])
 
 
 def test_model_keep_count_matches_dense_eval():
@@ -338,8 +324,8 @@ def stage2_loss_grads(model, x, labels, rng):
   return jax.grad(loss_fn)(params)
 
 
-def test_mask_gradient_none_sends_nothing_to_stage1():
-  model = tiny_ifam(mask_gradient='none')
+def test_hard_stage2_mask_sends_nothing_to_stage1():
+  model = tiny_ifam(stage2_mask='hard')
   grads = stage2_loss_grads(model, images(), jnp.array([0, 1, 2]), jax.random.key(3))
   stage1 = jax.tree.leaves(grads['stage1'])
   assert stage1 and all(np.all(np.asarray(g) == 0) for g in stage1)
@@ -347,7 +333,7 @@ def test_mask_gradient_none_sends_nothing_to_stage1():
 
 
 def test_straight_through_reaches_prototypes_and_masked_tokens():
-  model = tiny_ifam(mask_gradient='straight_through')
+  model = tiny_ifam(stage2_mask='straight_through')
   x, labels, rng = images(), jnp.array([0, 1, 2]), jax.random.key(3)
   grads = stage2_loss_grads(model, x, labels, rng)
   assert np.abs(np.asarray(grads['stage1']['prototypes'][...])).max() > 0
@@ -375,8 +361,8 @@ def test_straight_through_reaches_prototypes_and_masked_tokens():
 
 def test_straight_through_forward_is_bitwise_identical():
   x, rng = images(), jax.random.key(5)
-  a = tiny_ifam(mask_gradient='none')(x, train=True, rng=rng)
-  b = tiny_ifam(mask_gradient='straight_through')(x, train=True, rng=rng)
+  a = tiny_ifam(stage2_mask='hard')(x, train=True, rng=rng)
+  b = tiny_ifam(stage2_mask='straight_through')(x, train=True, rng=rng)
   for name in ('logits', 'stage1_logits', 'part_maps', 'fg_mask', 'part_features'):
     np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
@@ -402,9 +388,85 @@ def test_attention_mask_gradient_is_the_relaxed_derivative():
 
 
 def test_soft_mask_ablation_is_differentiable_into_stage1():
-  model = tiny_ifam(soft_mask=True)
+  model = tiny_ifam(stage2_mask='soft')
   grads = stage2_loss_grads(model, images(), jnp.array([0, 1, 2]), jax.random.key(3))
   assert np.abs(np.asarray(grads['stage1']['prototypes'][...])).max() > 0
+
+
+@pytest.mark.parametrize('stage2_mask', ['hard', 'straight_through', 'soft'])
+def test_stage2_mask_facts_match_the_model(stage2_mask):
+  """What `stage2_mask_facts` says of each mode is what the model does: whether stage 1 gets a
+  stage-2 gradient, and whether stage 2 reads a {0, 1} mask (pixels it masks cannot reach it)."""
+  facts = ifam.stage2_mask_facts(stage2_mask)
+  model = tiny_ifam(stage2_mask=stage2_mask)
+  x, rng = images(), jax.random.key(3)
+  grads = stage2_loss_grads(model, x, jnp.array([0, 1, 2]), rng)
+  assert (np.abs(np.asarray(grads['stage1']['prototypes'][...])).max() > 0) == facts.trains_stage1
+  out = model(x, train=True, rng=rng)
+  read = np.asarray(out.fg_mask if facts.binary else out.fg_prob)
+  assert np.isin(read, (0.0, 1.0)).all() == facts.binary
+
+
+def test_unknown_stage2_mask_names_the_key():
+  for make in (lambda: ifam.stage2_mask_facts('none'), lambda: tiny_ifam(stage2_mask='none')):
+    with pytest.raises(ValueError, match=r'model\.stage2_mask .*\'none\''):
+      make()
+
+
+# ----------------------------------------------------------------------------
+# An explicit foreground mask
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize('stage2_mask,attention', [('hard', 'xla'), ('hard', 'flash'),
+                                                   ('straight_through', 'xla'), ('soft', 'xla')])
+def test_explicit_fg_mask_is_what_stage2_reads(stage2_mask, attention):
+  """Stage 2's logits are `stage2` called directly with the given mask; stage 1 runs as without
+  it, and the output carries the given mask."""
+  model = tiny_ifam(stage2_mask=stage2_mask, attention=attention)
+  x, rng = images(), jax.random.key(7)
+  mask = mixed_mask()
+  if stage2_mask == 'soft':
+    mask = np.random.default_rng(1).random(mask.shape).astype(np.float32)
+  given = jnp.asarray(mask.reshape(3, 4, 4))
+  own = model(x, train=True, rng=rng)
+  out = model(x, train=True, rng=rng, fg_mask=given)
+  direct = np.asarray(model.stage2(x, jnp.asarray(mask), mask_mode=stage2_mask))
+  assert not np.array_equal(np.asarray(own.logits), direct)  # the given mask is not stage 1's
+  np.testing.assert_array_equal(out.logits, direct)
+  np.testing.assert_array_equal(out.fg_prob if stage2_mask == 'soft' else out.fg_mask, given)
+  for name in ('stage1_logits', 'part_maps', 'part_features'):
+    np.testing.assert_array_equal(getattr(out, name), getattr(own, name), err_msg=name)
+  gathered = model(x, train=False, fg_mask=given, keep_count=16)
+  np.testing.assert_allclose(gathered.logits, direct, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('attention', ['xla', 'flash'])
+def test_explicit_fg_mask_hides_masked_pixels_from_stage2(attention):
+  model = tiny_ifam(attention=attention)
+  x, rng = images(), jax.random.key(7)
+  mask = mixed_mask()
+  given = jnp.asarray(mask.reshape(3, 4, 4))
+  noise = 100.0 * jax.random.normal(jax.random.key(99), x.shape)
+  hidden = jnp.where(patch_pixels(mask) > 0, x, noise)
+  visible = np.zeros_like(mask)
+  visible[0, np.flatnonzero(mask[0])[0]] = 1.0
+  shown = jnp.where(patch_pixels(visible) > 0, noise, x)
+  for train in (False, True):
+    reference = model(x, train=train, rng=rng, fg_mask=given)
+    out = model(hidden, train=train, rng=rng, fg_mask=given)
+    assert not np.array_equal(out.stage1_logits, reference.stage1_logits)  # stage 1 saw it
+    np.testing.assert_array_equal(out.logits, reference.logits)
+    moved = np.asarray(model(shown, train=train, rng=rng, fg_mask=given).logits)
+    assert np.abs(moved[0] - reference.logits[0]).max() > 0
+    np.testing.assert_array_equal(moved[1:], reference.logits[1:])
+
+
+def test_explicit_fg_mask_errors():
+  model = tiny_ifam()
+  with pytest.raises(ValueError, match=r'fg_mask has shape \(3, 16\)'):
+    model(images(), train=False, fg_mask=jnp.ones((3, 16)))
+  with pytest.raises(ValueError, match='pass one of them'):
+    model(images(), train=False, fg_mask=jnp.ones((3, 4, 4)),
+          intervention=ifam.Intervention(remove_parts=(0,)))
 
 
 # ----------------------------------------------------------------------------
@@ -557,7 +619,7 @@ def most_used_part(out, num_parts):
 
 def test_part_removal_follows_the_reference_by_default():
   k, x = 3, images()
-  model = tiny_ifam(num_parts=k, soft_mask=True)
+  model = tiny_ifam(num_parts=k, stage2_mask='soft')
   base = model(x, train=False)
   removed = most_used_part(base, k)
   out = model(x, train=False, intervention=ifam.Intervention(remove_parts=(removed,)))
@@ -590,7 +652,7 @@ def test_part_removal_follows_the_reference_by_default():
 
 def test_part_removal_renormalise_rescores_the_edited_maps():
   k, x = 3, images()
-  model = tiny_ifam(num_parts=k, soft_mask=True)
+  model = tiny_ifam(num_parts=k, stage2_mask='soft')
   base = model(x, train=False)
   removed = most_used_part(base, k)
   out = model(x, train=False, intervention=ifam.Intervention(remove_parts=(removed,),

@@ -710,7 +710,7 @@ def test_packed_train_step_matches_the_dense_step():
 
   config = get_config()
   assert packed_stage2.packing_applies(config.model)
-  config.model.mask_gradient = 'straight_through'
+  config.model.stage2_mask = 'straight_through'
   assert not packed_stage2.packing_applies(config.model)
   with pytest.raises(ValueError, match='fractions'):
     train.stage2_capacities((0.5, 1.5), 16)

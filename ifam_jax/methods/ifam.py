@@ -19,9 +19,8 @@ class IFAMMethod:
                      stage2=vit_cfg, gumbel_tau=model_cfg.gumbel_tau,
                      part_dropout=model_cfg.part_dropout,
                      mask_part_dropout=model_cfg.mask_part_dropout,
-                     mask_gradient=model_cfg.mask_gradient,
-                     eval_gumbel_noise=model_cfg.eval_gumbel_noise,
-                     soft_mask=model_cfg.soft_mask, rngs=rngs)
+                     stage2_mask=model_cfg.stage2_mask,
+                     eval_gumbel_noise=model_cfg.eval_gumbel_noise, rngs=rngs)
 
   def loss_terms(self, model, images, labels, valid, rng, loss_cfg, run_stage2=True):
     return objective.ifam_loss_terms(model, images, labels, valid, rng, loss_cfg,

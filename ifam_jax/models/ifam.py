@@ -18,16 +18,39 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from ifam_jax.models.fast_attention import gather_patches
 from ifam_jax.models.parts import PartDiscovery, gumbel_softmax
-from ifam_jax.models.vit import ViTClassifier, ViTConfig, gather_patches
+from ifam_jax.models.vit import MASK_MODES, MaskMode, ViTClassifier, ViTConfig
 
-MaskGradient = Literal['none', 'straight_through']
 ThresholdRule = Literal['distance', 'dot_product']
 PartRemoval = Literal['reference', 'renormalise']
 PART_REMOVALS = ('reference', 'renormalise')
 
 # fold_in tags, one per source of randomness.
 RNG_MAP_NOISE, RNG_MASK_NOISE, RNG_PART_DROPOUT, RNG_MASK_DROPOUT = range(4)
+
+
+# ----------------------------------------------------------------------------
+# How the foreground mask reaches stage 2
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Stage2MaskFacts:
+  """What a `stage2_mask` value implies for its users (training, packing, audits)."""
+
+  binary: bool  # stage 2 reads a {0, 1} mask: a masked-out pixel cannot reach its logits
+  trains_stage1: bool  # the stage-2 loss sends stage 1 a gradient through the mask
+
+
+def stage2_mask_facts(stage2_mask: str) -> Stage2MaskFacts:
+  """The one place that decides what each `model.stage2_mask` value means.
+
+  'hard' (the reference): the hard mask, no gradient to stage 1. 'straight_through': the same
+  forward values bit for bit; the stage-2 loss trains stage 1 through a surrogate (`IFAM`).
+  'soft' (the paper's ablation): stage 2 adds log(p_fg + 1e-10) to its attention logits.
+  """
+  if stage2_mask not in MASK_MODES:
+    raise ValueError(f'model.stage2_mask must be one of {MASK_MODES}, got {stage2_mask!r}')
+  return Stage2MaskFacts(binary=stage2_mask != 'soft', trains_stage1=stage2_mask != 'hard')
 
 
 @struct.dataclass
@@ -41,7 +64,7 @@ class IFAMOutput:
   part_logits: jax.Array  # [B, h, w, K+1] -distance logits (after any intervention)
   part_similarity: jax.Array  # [B, h, w, K+1] <F, W_k>, what 'dot_product' thresholds compare
   part_features: jax.Array  # [B, K+1, D] modulated pooled features
-  fg_mask: jax.Array  # [B, h, w] in {0, 1}; carries the surrogate gradient if enabled
+  fg_mask: jax.Array  # [B, h, w] in {0, 1}, or the explicit one; the surrogate gradient if on
   fg_prob: jax.Array  # [B, h, w] max over kept foreground parts (the soft mask)
 
 
@@ -70,32 +93,30 @@ class IFAM(nnx.Module):
   """Two-stage iFAM model.
 
   Fidelity switches:
-    mask_gradient: 'none' reproduces the reference, where no stage-2 gradient reaches stage 1.
-      'straight_through' keeps the forward values bit for bit but lets the stage-2 loss train
-      stage 1: the hard mask h gets the straight-through surrogate m = h + S - sg(S), with S the
-      summed probability of the surviving foreground parts, and stage-2 attention passes to m the
-      derivative of its multiplicative relaxation (see `attention_with_mask_gradient`), which is
-      non-zero at masked tokens too.
+    stage2_mask: how the foreground mask reaches stage 2 (`stage2_mask_facts`). 'hard'
+      reproduces the reference, where no stage-2 gradient reaches stage 1. 'straight_through'
+      keeps the forward values bit for bit but lets the stage-2 loss train stage 1: the hard
+      mask h gets the straight-through surrogate m = h + S - sg(S), with S the summed probability
+      of the surviving foreground parts, and stage-2 attention passes to m the derivative of its
+      multiplicative relaxation (see `vit.attention_with_mask_gradient`), which is non-zero at
+      masked tokens too. 'soft', the paper's ablation: stage 2 reads the soft mask p_fg.
     eval_gumbel_noise: False gives deterministic argmax maps and masks at eval; True samples
       them as the reference does.
-    soft_mask: the paper's ablation; stage 2 adds log(p_fg + 1e-10) to its attention logits.
   """
 
   def __init__(self, *, num_classes: int, num_parts: int, stage1: ViTConfig, stage2: ViTConfig,
                gumbel_tau: float = 1.0, part_dropout: float = 0.3,
-               mask_part_dropout: float = 0.3, mask_gradient: MaskGradient = 'none',
-               eval_gumbel_noise: bool = False, soft_mask: bool = False, rngs: nnx.Rngs):
-    if mask_gradient not in ('none', 'straight_through'):
-      raise ValueError(f"mask_gradient must be 'none' or 'straight_through', got {mask_gradient!r}")
+               mask_part_dropout: float = 0.3, stage2_mask: MaskMode = 'hard',
+               eval_gumbel_noise: bool = False, rngs: nnx.Rngs):
+    stage2_mask_facts(stage2_mask)
     if stage1.patch_size != stage2.patch_size:
       raise ValueError('both stages must use the same patch size to share the patch mask')
     self.num_parts = num_parts
     self.gumbel_tau = gumbel_tau
     self.part_dropout = part_dropout
     self.mask_part_dropout = mask_part_dropout
-    self.mask_gradient = mask_gradient
+    self.stage2_mask = stage2_mask
     self.eval_gumbel_noise = eval_gumbel_noise
-    self.soft_mask = soft_mask
     self.stage1 = PartDiscovery(stage1, num_parts=num_parts, num_classes=num_classes, rngs=rngs)
     self.stage2 = ViTClassifier(stage2, num_classes=num_classes, rngs=rngs)
 
@@ -132,7 +153,7 @@ class IFAM(nnx.Module):
       y_fg = jnp.where(keep, y_fg, 0.0)
     fg_prob = jnp.max(y_fg, axis=-1)
     mask = (fg_prob >= y_bg).astype(jnp.float32)
-    if self.mask_gradient == 'straight_through':
+    if self.stage2_mask == 'straight_through':
       surrogate = jnp.sum(y_fg, axis=-1)
       mask = mask + (surrogate - jax.lax.stop_gradient(surrogate))
     return mask, fg_prob
@@ -182,7 +203,8 @@ class IFAM(nnx.Module):
 
   def __call__(self, images: jax.Array, *, train: bool, rng: jax.Array | None = None,
                intervention: Intervention | None = None,
-               keep_count: int | None = None, run_stage2: bool = True) -> IFAMOutput:
+               keep_count: int | None = None, run_stage2: bool = True,
+               fg_mask: jax.Array | None = None) -> IFAMOutput:
     """Both stages on normalised NHWC images.
 
     Args:
@@ -194,9 +216,15 @@ class IFAM(nnx.Module):
         first. Exact when it is >= the largest foreground count in the batch.
       run_stage2: False leaves `logits` None, for a caller that runs stage 2 on the returned
         `fg_mask` itself (`packed_stage2.packed_stage2`).
+      fg_mask: an explicit foreground mask [B, h, w] for stage 2 in place of stage 1's (oracle
+        masks, forced densities): {0, 1}, or probabilities with `stage2_mask='soft'`. Stage 1
+        still runs for its maps and logits; the output's `fg_mask` (`fg_prob` when soft) is this
+        mask, read by stage 2 as given (no surrogate gradient is added).
     """
     if train and (intervention is not None or keep_count is not None):
       raise ValueError('interventions and token gather are eval-only')
+    if fg_mask is not None and intervention is not None:
+      raise ValueError('fg_mask replaces the mask that an intervention edits; pass one of them')
     keys = self._noise_rngs(train, rng)
     features = self.stage1.features(images)
     logits, similarity = self.stage1.part_logits(features)
@@ -216,22 +244,26 @@ class IFAM(nnx.Module):
       fg_prob = jnp.max(fg_maps, axis=-1)
     else:
       maps = scored = gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
-      fg_mask, fg_prob = self.foreground_mask(logits, noise_rng=keys[RNG_MASK_NOISE],
+      derived, fg_prob = self.foreground_mask(logits, noise_rng=keys[RNG_MASK_NOISE],
                                               dropout_rng=keys[RNG_MASK_DROPOUT])
+      if fg_mask is None:
+        fg_mask = derived
+      elif fg_mask.shape != derived.shape:
+        raise ValueError(f'fg_mask has shape {fg_mask.shape}; stage 1 gives masks of shape '
+                         f'{derived.shape} ([B, h, w] patches)')
+      elif self.stage2_mask == 'soft':
+        fg_mask, fg_prob = derived, fg_mask
 
     part_features, part_scores = self.stage1.classify(
         scored, features, part_dropout=self.part_dropout, rng=keys[RNG_PART_DROPOUT])
 
     stage2_logits = None
     if run_stage2:
-      b = images.shape[0]
-      if self.soft_mask:
-        patch_mask, mode = fg_prob.reshape(b, -1), 'soft'
-      else:
-        patch_mask = fg_mask.reshape(b, -1)
-        mode = 'straight_through' if self.mask_gradient == 'straight_through' else 'hard'
+      binary = stage2_mask_facts(self.stage2_mask).binary
+      patch_mask = (fg_mask if binary else fg_prob).reshape(images.shape[0], -1)
       keep_index = None if keep_count is None else gather_patches(patch_mask, keep_count)
-      stage2_logits = self.stage2(images, patch_mask, mask_mode=mode, keep_index=keep_index)
+      stage2_logits = self.stage2(images, patch_mask, mask_mode=self.stage2_mask,
+                                  keep_index=keep_index)
 
     return IFAMOutput(
         logits=stage2_logits,

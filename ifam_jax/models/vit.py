@@ -13,21 +13,27 @@ class token already carries its own position embedding). CLS and registers get n
 Stage 2 of iFAM masks *keys only*: a patch that is not in the mask is never attended to by any
 token, so the CLS output cannot depend on its pixels. Prefix tokens (CLS + registers) are always
 visible, which keeps every attention row finite even when no patch is selected.
+
+This file is the exact maths. Its speed paths (the flash layout, the token permutation, the
+activation-lean GELU) are in `fast_attention.py`, each tested equal to the exact path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ifam_jax.models import fast_attention
+
 LN_EPS = 1e-6
-MaskMode = Literal['hard', 'soft', 'straight_through']
+# How a patch mask reaches the attention (`VisionTransformer.__call__`); iFAM's `stage2_mask`.
+MaskMode = Literal['hard', 'straight_through', 'soft']
+MASK_MODES: tuple[str, ...] = get_args(MaskMode)
 AttentionKind = Literal['xla', 'flash']
 
 # (width, depth, heads, mlp hidden, mlp kind) per DINOv2 size.
@@ -45,7 +51,7 @@ class ViTConfig:
 
   `attention`: 'xla' is the exact path (a dense 0/-inf key bias, XLA's kernel, bit-faithful to
   the reference). 'flash' puts the visible tokens first so that a key mask becomes a per-example
-  length (`flash_attention`), which lets GPUs run cuDNN's fused kernel; the same values up to
+  length (`fast_attention`), which lets GPUs run cuDNN's fused kernel; the same values up to
   summation order. Soft and straight-through masks always take the exact path.
   """
 
@@ -128,49 +134,13 @@ def key_bias_from_mask(keep: jax.Array) -> jax.Array:
   return jnp.where(keep, 0.0, -jnp.inf).astype(jnp.float32)
 
 
-def flash_kernel(dtype: Any) -> Literal['cudnn', 'xla']:
-  """cuDNN's fused flash attention on GPUs for bf16/fp16, XLA's kernel otherwise."""
-  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  return 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
+def key_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                         key_bias: jax.Array | None) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim) + key_bias) v per head, over [B, T, heads, head_dim].
 
-
-def _kernel_multiple(kernel: str) -> int:
-  return 2 if kernel == 'cudnn' else 1
-
-
-def sequence_multiple(dtype: Any) -> int:
-  """What the flash kernel needs the token count divisible by: cuDNN's backward fails on odd
-  lengths (261 = 1 + 4 + 16^2 at 224 px), XLA takes any."""
-  return _kernel_multiple(flash_kernel(dtype))
-
-
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None,
-                    *, kernel: Literal['cudnn', 'xla'] | None = None,
-                    pad_multiple: int | None = None) -> jax.Array:
-  """Attention among the first `lengths[b]` tokens of each example ([B, T, heads, head_dim]).
-
-  Keys at or beyond the length are invisible to every query; query rows beyond it are left
-  unspecified (nothing that reads only visible tokens depends on them). `kernel` defaults to
-  `flash_kernel(q.dtype)`. Inputs are zero-padded to a multiple of `pad_multiple` (default
-  `sequence_multiple`), the padding masked by the lengths; `VisionTransformer` already hands
-  over an even-length sequence, so that copy happens only for direct callers.
+  `key_bias` [B, T] (or None) is added to every query's logit of that key: 0 / -inf for a hard
+  mask, log(m + 1e-10) for the soft one.
   """
-  kernel = kernel or flash_kernel(q.dtype)
-  pad_multiple = pad_multiple or _kernel_multiple(kernel)
-  b, t = q.shape[:2]
-  padded = -(-t // pad_multiple) * pad_multiple
-  if lengths is None and padded != t:
-    lengths = jnp.full((b,), t, jnp.int32)
-  if padded != t:
-    q, k, v = (jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))) for x in (q, k, v))
-  if lengths is not None:
-    lengths = lengths.astype(jnp.int32)
-  out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
-                                     key_value_seq_lengths=lengths, implementation=kernel)
-  return out[:, :t]
-
-
-def _dot_product_attention(q, k, v, key_bias):
   bias = None if key_bias is None else key_bias[:, None, None, :].astype(q.dtype)
   return jax.nn.dot_product_attention(q, k, v, bias=bias)
 
@@ -180,7 +150,7 @@ def attention_with_mask_gradient(q: jax.Array, k: jax.Array, v: jax.Array,
                                  key_weight: jax.Array) -> jax.Array:
   """Hard key-masked attention whose mask receives the gradient of its relaxation.
 
-  Forward: exactly `dot_product_attention` with the bias 0 / -inf from `key_weight` in {0, 1}
+  Forward: exactly `key_masked_attention` with the bias 0 / -inf from `key_weight` in {0, 1}
   (bit-identical to the non-differentiable path). Backward: q, k, v get their usual gradients,
   and `key_weight` gets the derivative of the relaxed attention p_ij = m_j e_ij / sum_l m_l e_il
   with respect to m_j, evaluated at the hard mask:
@@ -191,7 +161,7 @@ def attention_with_mask_gradient(q: jax.Array, k: jax.Array, v: jax.Array,
   how the loss would change if it were let in. The weight e_ij / Z_i is capped at 1 (the most a
   visible key can receive) so a strongly attracted masked key cannot overflow the gradient.
   """
-  return _dot_product_attention(q, k, v, key_bias_from_mask(key_weight > 0))
+  return key_masked_attention(q, k, v, key_bias_from_mask(key_weight > 0))
 
 
 def _attention_mask_fwd(q, k, v, key_weight):
@@ -202,7 +172,7 @@ def _attention_mask_fwd(q, k, v, key_weight):
 def _attention_mask_bwd(res, g):
   q, k, v, key_weight, out = res
   bias = key_bias_from_mask(key_weight > 0)
-  _, vjp = jax.vjp(lambda q_, k_, v_: _dot_product_attention(q_, k_, v_, bias), q, k, v)
+  _, vjp = jax.vjp(lambda q_, k_, v_: key_masked_attention(q_, k_, v_, bias), q, k, v)
   dq, dk, dv = vjp(g)
   f32 = jnp.float32
   scale = 1.0 / math.sqrt(q.shape[-1])
@@ -219,86 +189,8 @@ attention_with_mask_gradient.defvjp(_attention_mask_fwd, _attention_mask_bwd)
 
 
 # ----------------------------------------------------------------------------
-# Activation-lean GELU and LayerNorm
+# Blocks
 # ----------------------------------------------------------------------------
-# Autodiff of the erf GELU and of a LayerNorm keeps several activation-sized intermediates for
-# the backward pass; writing and re-reading them was the largest elementwise cost of a training
-# step. These keep only their input (and the LayerNorm statistics) and recompute the rest.
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU computed in fp32 and rounded to x's dtype, as torch does for bf16.
-
-  (`jax.nn.gelu(approximate=False)` evaluates erfc in the input dtype, which XLA splits into
-  two activation-sized passes.)
-  """
-  x32 = x.astype(jnp.float32)
-  return (x32 * 0.5 * _one_plus_erf(x32)).astype(x.dtype)
-
-
-def _one_plus_erf(x32):
-  return 1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0)))
-
-
-def _gelu_fwd(x):
-  return gelu(x), x
-
-
-def _gelu_bwd(x, g):
-  x32 = x.astype(jnp.float32)
-  cdf = 0.5 * _one_plus_erf(x32)
-  pdf = jnp.exp(-0.5 * jnp.square(x32)) * (1.0 / math.sqrt(2.0 * math.pi))
-  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-def _layer_norm_stats(x, eps):
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean))
-  return x32, mean, jax.lax.rsqrt(var + eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
-               dtype: Any) -> jax.Array:
-  """LayerNorm over the last axis, statistics in fp32, output in `dtype` (flax's arithmetic)."""
-  x, scale, bias = x.astype(dtype), scale.astype(dtype), bias.astype(dtype)
-  x32, mean, rstd = _layer_norm_stats(x, eps)
-  return ((x32 - mean) * (rstd * scale) + bias).astype(dtype)
-
-
-def _layer_norm_fwd(x, scale, bias, eps, dtype):
-  _, mean, rstd = _layer_norm_stats(x.astype(dtype), eps)
-  return layer_norm(x, scale, bias, eps, dtype), (x, mean, rstd, scale, bias)
-
-
-def _layer_norm_bwd(eps, dtype, res, g):
-  del eps
-  x, mean, rstd, scale, bias = res
-  xhat = (x.astype(dtype).astype(jnp.float32) - mean) * rstd
-  g32 = g.astype(jnp.float32)
-  gs = g32 * scale.astype(dtype).astype(jnp.float32)
-  dx = rstd * (gs - jnp.mean(gs, axis=-1, keepdims=True)
-               - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
-  batch_axes = tuple(range(g.ndim - 1))
-  dscale = jnp.sum(g32 * xhat, axis=batch_axes).astype(scale.dtype)
-  dbias = jnp.sum(g32, axis=batch_axes).astype(bias.dtype)
-  return dx.astype(x.dtype), dscale, dbias
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-class LayerNorm(nnx.LayerNorm):
-  """`nnx.LayerNorm` (same parameters and values) with the lean `layer_norm` backward."""
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dtype = self.dtype or jnp.result_type(x, self.scale[...], self.bias[...])
-    return layer_norm(x, self.scale[...], self.bias[...], self.epsilon, dtype)
-
-
 def _linear(din: int, dout: int, cfg: ViTConfig, rngs: nnx.Rngs, use_bias: bool = True):
   return nnx.Linear(din, dout, use_bias=use_bias, dtype=cfg.dtype, param_dtype=jnp.float32,
                     kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
@@ -321,21 +213,26 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, key_bias: jax.Array | None = None,
                key_weight: jax.Array | None = None,
                lengths: jax.Array | None = None) -> jax.Array:
-    """At most one of `key_bias` [B, T], `key_weight` [B, T] and `lengths` [B] (flash only)."""
+    """At most one of `key_bias` [B, T] (0 / -inf or soft), `key_weight` [B, T] (the
+    straight-through mask) and `lengths` [B] (the flash layout, `fast_attention`)."""
     b, t, d = x.shape
     qkv = self.qkv(x.reshape(b * t, d)).reshape(b, t, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if key_weight is not None:
       o = attention_with_mask_gradient(q, k, v, key_weight)
     elif self.flash and key_bias is None:
-      o = flash_attention(q, k, v, lengths)
+      o = fast_attention.flash_attention(q, k, v, lengths)
     else:
-      o = _dot_product_attention(q, k, v, key_bias)
+      o = key_masked_attention(q, k, v, key_bias)
     return self.proj(o.reshape(b * t, d)).reshape(b, t, d)
 
 
 class Mlp(nnx.Module):
-  """fc1 -> exact GELU -> fc2, or the packed SwiGLU of DINOv2 ViT-g (fc1 holds both halves)."""
+  """fc1 -> exact (erf) GELU -> fc2, or the packed SwiGLU of DINOv2 ViT-g (fc1 holds both halves).
+
+  The GELU is `fast_attention.gelu`: x * (1 + erf(x / sqrt 2)) / 2 in fp32, with a backward that
+  keeps only its input.
+  """
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.kind = cfg.mlp
@@ -349,7 +246,7 @@ class Mlp(nnx.Module):
       gate, value = jnp.split(h, 2, axis=-1)
       h = jax.nn.silu(gate) * value
     else:
-      h = gelu(h)
+      h = fast_attention.gelu(h)
     return self.fc2(h)
 
 
@@ -389,38 +286,6 @@ class Block(nnx.Module):
 # ----------------------------------------------------------------------------
 # The ViT
 # ----------------------------------------------------------------------------
-def gather_patches(patch_mask: jax.Array, num_keep: int) -> jax.Array:
-  """Indices [B, num_keep] of the selected patches first, in raster order, then unselected ones.
-
-  Gathering these tokens and masking the unselected ones among them is exact as long as
-  `num_keep` >= the largest number of selected patches in the batch.
-  """
-  n = patch_mask.shape[-1]
-  # Stable sort on (not selected, position): selected patches first, each group in raster order.
-  order_key = jnp.where(patch_mask > 0, 0, n) + jnp.arange(n)
-  return jnp.argsort(order_key, axis=-1)[:, :num_keep]
-
-
-@jax.custom_vjp
-def permute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
-  """x[b, order[b, i]] for a permutation `order` [B, N] of x's tokens [B, N, D].
-
-  Its gradient is the inverse permutation, a gather too, where autodiff of a gather would
-  scatter-add (slower on GPUs, and exact here only because no index repeats)."""
-  return jnp.take_along_axis(x, order[..., None], axis=1)
-
-
-def _permute_tokens_fwd(x, order):
-  return permute_tokens(x, order), order
-
-
-def _permute_tokens_bwd(order, g):
-  return permute_tokens(g, jnp.argsort(order, axis=-1)), None
-
-
-permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
-
-
 class VisionTransformer(nnx.Module):
   """DINOv2 ViT: patch embed + pos embed, [CLS, registers, patches], blocks, final norm."""
 
@@ -470,65 +335,50 @@ class VisionTransformer(nnx.Module):
       patch_mask: optional [B, h*w] key mask over patches (raster order). 'hard': nonzero = visible,
         zero = masked with -inf, no gradient. 'straight_through': float {0, 1} whose gradient comes
         from `attention_with_mask_gradient`. 'soft': probabilities, bias log(m + 1e-10).
-      keep_index: optional [B, M] patch indices (see `gather_patches`); only those patch tokens
-        enter the blocks, and 'patches' holds just them.
+      keep_index: optional [B, M] patch indices (see `fast_attention.gather_patches`); only those
+        patch tokens enter the blocks, and 'patches' holds just them.
 
-    With `cfg.attention == 'flash'` and a hard mask, the visible patches go first (a permutation
-    when no `keep_index` is given, undone on 'patches'), so that the mask becomes a length;
-    'patches' at masked positions is then unspecified: it never reaches a visible token.
+    With `cfg.attention == 'flash'` and a hard mask (or none), the tokens take
+    `fast_attention.lengths_layout`: the mask becomes a length, and 'patches' at masked
+    positions is unspecified (it never reaches a visible token).
     """
+    if patch_mask is not None and mask_mode not in MASK_MODES:
+      raise ValueError(f'unknown mask_mode {mask_mode!r}; expected one of {MASK_MODES}')
     b = images.shape[0]
     patches = self.embed_patches(images)
-    lengths_layout = (self.cfg.attention == 'flash' and patch_mask is not None
-                      and mask_mode == 'hard')
-    permutation = None
-    if lengths_layout and keep_index is None:
-      keep_index = permutation = gather_patches(jax.lax.stop_gradient(patch_mask),
-                                                patches.shape[1])
-    if permutation is not None:
-      patches = permute_tokens(patches, permutation)
-    elif keep_index is not None:
-      patches = jnp.take_along_axis(patches, keep_index[..., None], axis=1)
-    if keep_index is not None:
-      if patch_mask is not None:
-        patch_mask = jnp.take_along_axis(patch_mask, keep_index, axis=1)
-    x = jnp.concatenate([self.prefix_tokens(b), patches], axis=1)
-
-    key_bias = key_weight = lengths = None
-    num_tokens = x.shape[1]
-    if lengths_layout:
-      visible = jnp.sum(jax.lax.stop_gradient(patch_mask) > 0, axis=1)
-      lengths = self.cfg.num_prefix + visible.astype(jnp.int32)
-    if self.cfg.attention == 'flash' and (lengths_layout or patch_mask is None):
-      # Trailing zero tokens up to the kernel's multiple, hidden by the lengths: cheaper than
-      # padding q, k and v inside every attention call.
-      multiple = sequence_multiple(self.cfg.dtype)
-      extra = -num_tokens % multiple
-      if extra:
-        x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
-        if lengths is None:
-          lengths = jnp.full((b,), num_tokens, jnp.int32)
-    elif patch_mask is not None:
-      prefix_visible = jnp.ones((b, self.cfg.num_prefix), jnp.float32)
-      if mask_mode == 'hard':
-        keep = jax.lax.stop_gradient(patch_mask) > 0
-        key_bias = key_bias_from_mask(jnp.concatenate([prefix_visible > 0, keep], axis=1))
-      elif mask_mode == 'soft':
-        soft = jnp.concatenate([prefix_visible, patch_mask.astype(jnp.float32)], axis=1)
-        key_bias = jnp.log(soft + 1e-10)
-      elif mask_mode == 'straight_through':
-        key_weight = jnp.concatenate([prefix_visible, patch_mask.astype(jnp.float32)], axis=1)
-      else:
-        raise ValueError(f'unknown mask_mode {mask_mode!r}')
+    prefix = self.prefix_tokens(b)
+    num_tokens = prefix.shape[1] + (patches.shape[1] if keep_index is None else keep_index.shape[1])
+    layout = None
+    if self.cfg.attention == 'flash' and (patch_mask is None or mask_mode == 'hard'):
+      layout = fast_attention.lengths_layout(prefix, patches, patch_mask, keep_index)
+      x, mask = layout.tokens, {'lengths': layout.lengths}
+    else:
+      if keep_index is not None:
+        patches = jnp.take_along_axis(patches, keep_index[..., None], axis=1)
+        if patch_mask is not None:
+          patch_mask = jnp.take_along_axis(patch_mask, keep_index, axis=1)
+      x = jnp.concatenate([prefix, patches], axis=1)
+      mask = {} if patch_mask is None else self.key_mask(patch_mask, mask_mode)
 
     for block in self.blocks:
-      x = block(x, key_bias, key_weight, lengths)
+      x = block(x, **mask)
     x = self.norm(x[:, :num_tokens])
     r = self.cfg.num_prefix
     patches = x[:, r:]
-    if permutation is not None:
-      patches = permute_tokens(patches, jnp.argsort(permutation, axis=-1))
+    if layout is not None:
+      patches = fast_attention.restore_order(patches, layout.order)
     return {'cls': x[:, 0], 'registers': x[:, 1:r], 'patches': patches}
+
+  def key_mask(self, patch_mask: jax.Array, mask_mode: MaskMode) -> dict[str, jax.Array]:
+    """The blocks' key mask over [prefix, patches] (prefix tokens always visible)."""
+    prefix_visible = jnp.ones((patch_mask.shape[0], self.cfg.num_prefix), jnp.float32)
+    if mask_mode == 'hard':
+      keep = jax.lax.stop_gradient(patch_mask) > 0
+      return {'key_bias': key_bias_from_mask(jnp.concatenate([prefix_visible > 0, keep], axis=1))}
+    weight = jnp.concatenate([prefix_visible, patch_mask.astype(jnp.float32)], axis=1)
+    if mask_mode == 'soft':
+      return {'key_bias': jnp.log(weight + 1e-10)}
+    return {'key_weight': weight}
 
 
 class ViTClassifier(nnx.Module):
@@ -539,7 +389,7 @@ class ViTClassifier(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, num_classes: int, rngs: nnx.Rngs):
     self.backbone = VisionTransformer(cfg, rngs=rngs)
-    self.fc_norm = LayerNorm(cfg.width, epsilon=1e-5, param_dtype=jnp.float32, rngs=rngs)
+    self.fc_norm = nnx.LayerNorm(cfg.width, epsilon=1e-5, param_dtype=jnp.float32, rngs=rngs)
     self.head = nnx.Linear(cfg.width, num_classes, use_bias=False, param_dtype=jnp.float32,
                            kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
 
