@@ -57,7 +57,8 @@ from ml_collections import config_flags
 from PIL import Image
 
 from ifam_jax import data as data_lib
-from ifam_jax import factory, optim, sharding, train
+from ifam_jax import factory, methods, optim, sharding, train
+from ifam_jax.apply import apply
 from ifam_jax.models import fast_attention, ifam, vit
 
 # Dense bf16 tensor-core peaks (spec sheets, without sparsity), matched on device_kind.
@@ -123,7 +124,7 @@ def train_flops_per_image(config: ml_collections.ConfigDict, trainable: Sequence
   """Analytic FLOPs of one training image (module docstring); `trainable`: parameter names;
   `stage2_tokens`: the fraction of patch tokens stage 2's blocks compute."""
   cfg = factory.vit_from_config(config.model)
-  if config.model.kind == 'baseline':
+  if not methods.get(config.model.kind).has_mask:  # one ViT
     return vit_forward_flops(cfg, None, *_backward_factors(trainable, 'backbone/'))
   stage1 = vit_forward_flops(cfg, None, *_backward_factors(trainable, 'stage1/backbone/'))
   stage2 = vit_forward_flops(cfg, stage2_tokens * cfg.num_patches,
@@ -311,13 +312,9 @@ def forced_train_step(config: ml_collections.ConfigDict, t: train.Training,
                       mesh: jax.sharding.Mesh, fraction: float, num_classes: int) -> Callable:
   """`t.train_step` with `ForcedForeground` in place of the model: jitted alike, same state."""
   model = nnx.eval_shape(lambda: ForcedForeground(
-      train.build_model(config.model, num_classes, nnx.Rngs(0)), fraction))
+      factory.build_model(config.model, num_classes, nnx.Rngs(0)), fraction))
   graphdef, *_ = optim.split_frozen(model, config.optim.group_rules, config.optim.groups)
-  return jax.jit(train.make_train_step(graphdef, t.rest, t.tx, config, t.schedule,
-                                       batch_shards=mesh.size),
-                 in_shardings=(t.state_sharding, t.frozen_sharding, t.batch_sharding),
-                 out_shardings=(t.state_sharding, sharding.replicated(mesh)),
-                 donate_argnums=(0,), compiler_options=train.compiler_options(config))
+  return train.jit_train_step(config, t, mesh, graphdef)
 
 
 # ----------------------------------------------------------------------------
@@ -393,9 +390,7 @@ def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State, keep_count: int | N
   is the part of the forward that the gather shrinks.
   """
 
-  def step(params, frozen, images, patch_mask):
-    model = nnx.merge(graphdef, params, frozen, rest)
-    images = data_lib.normalize(images)
+  def forward(model, images, patch_mask):
     if with_stage1:
       grid = (images.shape[1] // model.stage1.backbone.cfg.patch_size, -1)
       out = model(images, train=False, rng=jax.random.key(0), keep_count=keep_count,
@@ -406,6 +401,9 @@ def make_infer_step(graphdef: nnx.GraphDef, rest: nnx.State, keep_count: int | N
     return model.stage2(images, patch_mask, mask_mode=model.stage2_mask,
                         keep_index=keep_index), None
 
+  def step(params, frozen, images, patch_mask):
+    return apply(graphdef, rest, params, frozen, images, forward, patch_mask=patch_mask)
+
   return step
 
 
@@ -414,8 +412,8 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
                 steps: int = 10, peak: float = 0.0,
                 profile_dir: str = '') -> list[dict[str, Any]]:
   """Eval forward at each foreground fraction, dense (masked keys) and token-gathered."""
-  if config.model.kind != 'ifam':
-    raise ValueError('--mode infer measures the iFAM eval forward; model.kind must be ifam')
+  if not methods.get(config.model.kind).has_mask:
+    raise ValueError('--mode infer measures the masked eval forward; model.kind must be ifam')
   config = random_init(config)
   batch = batch or config.data.eval_batch_size
   cfg = factory.vit_from_config(config.model)

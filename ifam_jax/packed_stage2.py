@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ifam_jax import methods
 from ifam_jax.models import fast_attention, ifam
 from ifam_jax.objective import accuracy
 
@@ -30,7 +31,7 @@ def packing_applies(model_cfg: ml_collections.ConfigDict) -> bool:
   """Whether stage 2 trains on its visible tokens only (`packed_stage2`): the tiers are set,
   and the stage-2 loss reaches stage 1 through nothing (hard mask, no surrogate gradient)."""
   facts = ifam.stage2_mask_facts(model_cfg.stage2_mask)
-  return (model_cfg.kind == 'ifam' and bool(model_cfg.stage2_token_tiers)
+  return (methods.get(model_cfg.kind).has_mask and bool(model_cfg.stage2_token_tiers)
           and facts.binary and not facts.trains_stage1)
 
 

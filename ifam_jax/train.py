@@ -159,6 +159,20 @@ class Training:
   eval_step: Callable
 
 
+def jit_train_step(config: ml_collections.ConfigDict, t: Training | Any, mesh: jax.sharding.Mesh,
+                   graphdef: nnx.GraphDef) -> Callable:
+  """`make_train_step` of `graphdef` jitted on `t`'s shardings, donating the state.
+
+  `t` needs only the optimizer, schedule, rest and shardings of a `Training`; the benchmark
+  passes another graphdef of the same parameter tree (a model with a forced mask).
+  """
+  return jax.jit(make_train_step(graphdef, t.rest, t.tx, config, t.schedule,
+                                 batch_shards=mesh.size),
+                 in_shardings=(t.state_sharding, t.frozen_sharding, t.batch_sharding),
+                 out_shardings=(t.state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=(0,), compiler_options=factory.compiler_options(config))
+
+
 def build_training(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
                    mesh: jax.sharding.Mesh) -> Training:
   """Builds the model (DINOv2 weights if configured), optimizer, sharded state and steps."""
@@ -191,19 +205,16 @@ def build_training(config: ml_collections.ConfigDict, num_classes: int, steps_pe
   state = jax.jit(init_state, out_shardings=state_sharding)(params)
   del params
 
-  train_step = jax.jit(make_train_step(graphdef, rest, tx, config, schedule,
-                                       batch_shards=mesh.size),
-                       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,),
-                       compiler_options=factory.compiler_options(config))
   eval_step = jax.jit(make_eval_step(graphdef, rest, config),
                       in_shardings=(state_sharding['params'], frozen_sharding, batch_sharding,
                                     repl), out_shardings=repl,
                       compiler_options=factory.compiler_options(config))
-  return Training(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule,
-                  abstract_state=abstract_state, state=state, frozen=frozen,
-                  state_sharding=state_sharding, frozen_sharding=frozen_sharding,
-                  batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
+  t = Training(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule,
+               abstract_state=abstract_state, state=state, frozen=frozen,
+               state_sharding=state_sharding, frozen_sharding=frozen_sharding,
+               batch_sharding=batch_sharding, train_step=None, eval_step=eval_step)
+  t.train_step = jit_train_step(config, t, mesh, graphdef)
+  return t
 
 
 # ----------------------------------------------------------------------------
