@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -77,8 +78,7 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
   def grouped(x):  # [B, ...] -> [groups, shards * group_size, ...], sorted within each shard
     x = x.reshape((shards, per_shard) + x.shape[1:])
     x = jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
-    x = jnp.swapaxes(x.reshape((shards, groups, group_size) + x.shape[2:]), 0, 1)
-    return x.reshape((groups, shards * group_size) + x.shape[3:])
+    return einops.rearrange(x, 's (g n) ... -> g (s n) ...', g=groups)
 
   inputs = {'images': images, 'mask': patch_mask, 'labels': labels, 'valid': valid}
   inputs = {k: grouped(v) for k, v in inputs.items()}

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ifam_jax import data as data_lib
+from ifam_jax.apply import apply
 from ifam_jax.evaluators import loop
 from ifam_jax.evaluators.metrics import upsample_patches
 from ifam_jax.models.ifam import Intervention
@@ -32,8 +32,7 @@ def make_mask_step(graphdef: nnx.GraphDef, rest: nnx.State,
   [B, h*w], its 'kept_fraction', and the forward's 'logits'."""
 
   def mask_step(params, frozen, batch, rng):
-    model = nnx.merge(graphdef, params, frozen, rest)
-    out = model(data_lib.normalize(batch['image']), train=False, rng=rng,
+    out = apply(graphdef, rest, params, frozen, batch['image'], train=False, rng=rng,
                 intervention=intervention)
     patch_mask = out.fg_mask.reshape(out.fg_mask.shape[0], -1)
     return {'fg_mask': out.fg_mask, 'patch_mask': patch_mask,
@@ -46,8 +45,8 @@ def make_stage2_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable:
   """(params, frozen, images uint8, patch_mask [B, h*w]) -> stage-2 logits, hard mask."""
 
   def stage2(params, frozen, images, patch_mask):
-    model = nnx.merge(graphdef, params, frozen, rest)
-    return model.stage2(data_lib.normalize(images), patch_mask)
+    return apply(graphdef, rest, params, frozen, images,
+                 lambda model, x: model.stage2(x, patch_mask))
 
   return stage2
 

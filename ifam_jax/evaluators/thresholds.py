@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ifam_jax import data as data_lib
+from ifam_jax.apply import apply
 from ifam_jax.evaluators import loop
 from ifam_jax.evaluators.common import read_json_object
 
@@ -65,8 +65,7 @@ def make_calibration_step(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable:
   noisy if the model's eval noise is on, as the reference's), its squared 'distance' and 'dot'."""
 
   def calibration_step(params, frozen, batch, rng):
-    model = nnx.merge(graphdef, params, frozen, rest)
-    out = model(data_lib.normalize(batch['image']), train=False, rng=rng)
+    out = apply(graphdef, rest, params, frozen, batch['image'], train=False, rng=rng)
     assigned = jnp.argmax(out.part_maps, axis=-1)
 
     def pick(x):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -61,10 +62,9 @@ class PartDiscovery(nnx.Module):
 
   def features(self, images: jax.Array) -> jax.Array:
     """Final-normed patch features on the grid, [B, h, w, D] in fp32."""
-    b, hh, ww, _ = images.shape
-    p = self.backbone.cfg.patch_size
     patches = self.backbone(images)['patches']
-    return patches.reshape(b, hh // p, ww // p, -1).astype(jnp.float32)
+    h = images.shape[1] // self.backbone.cfg.patch_size
+    return einops.rearrange(patches, 'b (h w) d -> b h w d', h=h).astype(jnp.float32)
 
   def part_logits(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(-||F - W_k||^2, <F, W_k>), each [B, h, w, K+1] in fp32."""

@@ -24,6 +24,7 @@ import dataclasses
 import math
 from typing import Any, Literal, get_args
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -310,8 +311,8 @@ class VisionTransformer(nnx.Module):
     grid = (hh // p, ww // p)
     # The stride-p convolution as one matmul over flattened (row, col, channel) patches: the same
     # sums, and much faster on GPUs than a convolution with a 14x14 stride-14 kernel.
-    x = images.astype(self.cfg.dtype).reshape(b, grid[0], p, grid[1], p, 3)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, grid[0] * grid[1], p * p * 3)
+    x = einops.rearrange(images.astype(self.cfg.dtype), 'b (h p) (w q) c -> b (h w) (p q c)',
+                         p=p, q=p)
     kernel = self.patch_embed.kernel[...].reshape(p * p * 3, -1).astype(self.cfg.dtype)
     x = x @ kernel + self.patch_embed.bias[...].astype(self.cfg.dtype)
     pos = resample_pos_embed(self.pos_embed[...], grid, (self.cfg.grid, self.cfg.grid))
