@@ -14,7 +14,7 @@ from absl import flags
 from PIL import Image
 
 from ifam_jax import config_lib, factory
-from ifam_jax.data import pipeline, sources, transforms
+from ifam_jax.data import pipeline, sources, synthetic, transforms
 
 
 def jpeg_bytes(value: int, size=(6, 8), mode='RGB') -> bytes:
@@ -443,8 +443,8 @@ def test_tfds_source_without_tensorflow(tmp_path):
 # Synthetic spurious-correlation source
 # ----------------------------------------------------------------------------
 def test_synthetic_is_deterministic():
-  a = sources.SyntheticSpuriousSource(50, 32, 'train', seed=3)
-  b = sources.SyntheticSpuriousSource(50, 32, 'train', seed=3)
+  a = synthetic.SyntheticSpuriousSource(50, 32, 'train', seed=3)
+  b = synthetic.SyntheticSpuriousSource(50, 32, 'train', seed=3)
   for i in (0, 7, 49):
     ra, rb = a[i], b[i]
     assert ra.keys() == rb.keys() == {'image', 'label', 'group', 'fg_mask'}
@@ -452,8 +452,8 @@ def test_synthetic_is_deterministic():
       np.testing.assert_array_equal(ra[k], rb[k])
   assert a[0]['image'].shape == (32, 32, 3) and a[0]['image'].dtype == np.uint8
   assert a[0]['fg_mask'].shape == (32, 32) and a[0]['fg_mask'].dtype == np.uint8
-  other_seed = sources.SyntheticSpuriousSource(50, 32, 'train', seed=4)
-  other_split = sources.SyntheticSpuriousSource(50, 32, 'test', seed=3)
+  other_seed = synthetic.SyntheticSpuriousSource(50, 32, 'train', seed=4)
+  other_split = synthetic.SyntheticSpuriousSource(50, 32, 'test', seed=3)
   assert not np.array_equal(a[1]['image'], other_seed[1]['image'])
   assert not np.array_equal(a[1]['image'], other_split[1]['image'])
   assert repr(a) == repr(b)
@@ -464,13 +464,13 @@ def test_synthetic_is_deterministic():
 @pytest.mark.parametrize('num_classes', [2, 3])
 def test_synthetic_group_statistics(num_classes):
   c = num_classes
-  train = sources.SyntheticSpuriousSource(1500, 16, 'train', seed=0, num_classes=c)
+  train = synthetic.SyntheticSpuriousSource(1500, 16, 'train', seed=0, num_classes=c)
   groups = np.array([train[i]['group'] for i in range(len(train))])
   labels, backgrounds = groups // c, groups % c
   assert np.bincount(labels).tolist() == [1500 // c] * c  # balanced classes
   assert 0.93 < np.mean(labels == backgrounds) < 0.97  # ~95 % majority groups
   assert set(groups[labels != backgrounds]) == {g for g in range(c * c) if g // c != g % c}
-  test = sources.SyntheticSpuriousSource(c * c * 10, 16, 'test', seed=0, num_classes=c)
+  test = synthetic.SyntheticSpuriousSource(c * c * 10, 16, 'test', seed=0, num_classes=c)
   counts = np.bincount([test[i]['group'] for i in range(len(test))], minlength=c * c)
   assert counts.tolist() == [10] * (c * c)  # every group equally often
   assert train.num_groups == c * c and len(train.group_names) == c * c
@@ -478,7 +478,7 @@ def test_synthetic_group_statistics(num_classes):
 
 
 def test_synthetic_fg_mask_covers_the_object():
-  src = sources.SyntheticSpuriousSource(40, 64, 'val', seed=1, num_classes=4)
+  src = synthetic.SyntheticSpuriousSource(40, 64, 'val', seed=1, num_classes=4)
   for i in range(len(src)):
     r = src[i]
     image, mask = r['image'].reshape(-1, 3), r['fg_mask'].reshape(-1).astype(bool)
@@ -503,17 +503,17 @@ def test_synthetic_palette_and_object_size():
       by_type.setdefault(r['group'] % 2, set()).add(brightest)
     return by_type
 
-  own = background_colours(sources.SyntheticSpuriousSource(40, 32, 'test', seed=2))
+  own = background_colours(synthetic.SyntheticSpuriousSource(40, 32, 'test', seed=2))
   assert not own[0] & own[1]  # by default each type has its own colours
-  shared = background_colours(sources.SyntheticSpuriousSource(40, 32, 'test', seed=2,
+  shared = background_colours(synthetic.SyntheticSpuriousSource(40, 32, 'test', seed=2,
                                                               shared_palette=True))
   assert shared[0] & shared[1]  # with a shared palette both types show the same colours
-  small = sources.SyntheticSpuriousSource(20, 64, 'test', object_size=(0.1, 0.12))
-  large = sources.SyntheticSpuriousSource(20, 64, 'test', object_size=(0.3, 0.35))
+  small = synthetic.SyntheticSpuriousSource(20, 64, 'test', object_size=(0.1, 0.12))
+  large = synthetic.SyntheticSpuriousSource(20, 64, 'test', object_size=(0.3, 0.35))
   assert (np.mean([small[i]['fg_mask'].mean() for i in range(20)]) * 4
           < np.mean([large[i]['fg_mask'].mean() for i in range(20)]))
   with pytest.raises(ValueError, match='object_size'):
-    sources.SyntheticSpuriousSource(4, 32, object_size=(0.3, 0.6))
+    synthetic.SyntheticSpuriousSource(4, 32, object_size=(0.3, 0.6))
 
 
 # ----------------------------------------------------------------------------
@@ -606,7 +606,7 @@ def test_transform_shapes_and_determinism(name):
 
 
 def test_cub_original_train_moves_the_mask_with_the_image():
-  src = sources.SyntheticSpuriousSource(12, 64, 'train', seed=2)
+  src = synthetic.SyntheticSpuriousSource(12, 64, 'train', seed=2)
   tr = transforms.cub_original_train(64)
   for i in range(len(src)):
     out = transforms.process(src[i], np.random.default_rng(i), tr)
@@ -752,7 +752,7 @@ def train_dataset(source, seed=0, batch=4, size=16, **kw):
 
 
 def test_train_batches_epochs_and_determinism():
-  src = sources.SyntheticSpuriousSource(6, 16, 'train', seed=0)
+  src = synthetic.SyntheticSpuriousSource(6, 16, 'train', seed=0)
   it = iter(train_dataset(src, batch=2))
   batches = [next(it) for _ in range(9)]  # 3 epochs of 3 batches
   b = batches[0]
@@ -808,7 +808,7 @@ def assert_same_batches(a, b):
 @pytest.mark.parametrize('num_workers', [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_checkpoint_state_restores_the_next_batches(num_workers):
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-  src = sources.SyntheticSpuriousSource(10, 16, 'train', seed=0)
+  src = synthetic.SyntheticSpuriousSource(10, 16, 'train', seed=0)
   ds = train_dataset(src, batch=2, num_workers=num_workers)
   it = iter(ds)
   for _ in range(4):

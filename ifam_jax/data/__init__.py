@@ -7,16 +7,16 @@
     x = normalize(global_batch(batch, sharding)['image'])   # on device
 """
 
-from ifam_jax.data import pipeline, sources, transforms
+from ifam_jax.data import pipeline, sources, synthetic, transforms
 from ifam_jax.data.pipeline import (check_image_size, global_batch, make_dataset, normalize,
                                     num_eval_batches, per_process_batch_size)
 from ifam_jax.data.sources import (CubSource, ImageFolderSource, ImageNet9Source,
-                                   MetaShiftSource, SyntheticSpuriousSource, TfdsSource,
-                                   WaterbirdsSource)
+                                   MetaShiftSource, TfdsSource, WaterbirdsSource)
+from ifam_jax.data.synthetic import SyntheticSpuriousSource
 from ifam_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    'pipeline', 'sources', 'transforms', 'check_image_size', 'global_batch', 'make_dataset',
+    'pipeline', 'sources', 'synthetic', 'transforms', 'check_image_size', 'global_batch', 'make_dataset',
     'normalize', 'num_eval_batches', 'per_process_batch_size', 'CubSource', 'ImageFolderSource',
     'ImageNet9Source', 'MetaShiftSource', 'SyntheticSpuriousSource', 'TfdsSource',
     'WaterbirdsSource', 'IMAGENET_MEAN', 'IMAGENET_STD',

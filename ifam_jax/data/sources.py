@@ -2,9 +2,9 @@
 
 Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'group': int}`, where
 `group` is -1 when the data set defines no groups. File-backed sources add the image's `'path'`
-(which names an undecodable image in its warning); the synthetic source, and CubSource given a
-`segmentation_dir`, add a ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in {0, 1}). Every
-source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0 without groups).
+(which names an undecodable image in its warning); CubSource given a `segmentation_dir`, and the
+demo's source (`synthetic.py`), add a ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in
+{0, 1}). Every source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0 without groups).
 
 Sources validate their inputs when built, with cheap checks only (directory listings, metadata
 files, the existence of every listed file), and every error names the offending path: a wrong
@@ -58,7 +58,7 @@ class Source:
     return self._repr
 
 
-def _describe(cls_name: str, **kwargs: Any) -> str:
+def describe(cls_name: str, **kwargs: Any) -> str:
   return f'{cls_name}(' + ', '.join(f'{k}={v!r}' for k, v in kwargs.items()) + ')'
 
 
@@ -159,7 +159,7 @@ class ImageFolderSource(FileSource):
     self.class_names, paths, labels = _scan_image_folder(root, classes)
     self.group_names = []
     super().__init__(paths, labels, [-1] * len(paths))
-    self._repr = _describe('ImageFolderSource', root=str(root), classes=classes)
+    self._repr = describe('ImageFolderSource', root=str(root), classes=classes)
 
 
 class ImageNet9Source(FileSource):
@@ -172,7 +172,7 @@ class ImageNet9Source(FileSource):
     self.class_names, paths, labels = _scan_image_folder(folder, IN9_CLASSES)
     self.group_names = []
     super().__init__(paths, labels, [-1] * len(paths))
-    self._repr = _describe('ImageNet9Source', root=str(root), variant=variant, split=split)
+    self._repr = describe('ImageNet9Source', root=str(root), variant=variant, split=split)
 
 
 class MetaShiftSource(FileSource):
@@ -200,7 +200,7 @@ class MetaShiftSource(FileSource):
     self.group_names = [ctx if ctx.startswith(cls[y]) else f'{cls[y]}({ctx})' for y, ctx in unique]
     super().__init__(paths, labels, [group_of[k] for k in keys])
     extra = {'classes': classes} if classes is not None else {}  # stable old reprs
-    self._repr = _describe('MetaShiftSource', root=str(root), split=split, **extra)
+    self._repr = describe('MetaShiftSource', root=str(root), split=split, **extra)
 
 
 # ----------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class WaterbirdsSource(FileSource):
     self.class_names = ['landbird', 'waterbird']
     self.group_names = ['landbird/land', 'landbird/water', 'waterbird/land', 'waterbird/water']
     super().__init__(paths, labels, groups)
-    self._repr = _describe('WaterbirdsSource', root=str(root), split=split)
+    self._repr = describe('WaterbirdsSource', root=str(root), split=split)
 
 
 def _read_id_table(path: pathlib.Path) -> dict[int, str]:
@@ -357,7 +357,7 @@ class CubSource(FileSource):
     self.group_names = []
     super().__init__(paths, labels, [-1] * len(paths))
     extra = {'segmentation_dir': segmentation_dir} if segmentation_dir else {}  # stable old reprs
-    self._repr = _describe('CubSource', root=str(root), split=split, image_subdir=image_subdir,
+    self._repr = describe('CubSource', root=str(root), split=split, image_subdir=image_subdir,
                            **extra)
 
   def __getitem__(self, index: int) -> Record:
@@ -403,7 +403,7 @@ class TfdsSource(Source):
     self._keys = (image_key, label_key, group_key)
     self.class_names = list(features[label_key].names)
     self.group_names = list(features[group_key].names) if group_key else []
-    self._repr = _describe('TfdsSource', name=name, split=split, data_dir=str(data_dir),
+    self._repr = describe('TfdsSource', name=name, split=split, data_dir=str(data_dir),
                            image_key=image_key, label_key=label_key, group_key=group_key)
 
   def __len__(self) -> int:
@@ -414,130 +414,3 @@ class TfdsSource(Source):
     image_key, label_key, group_key = self._keys
     group = int(example[group_key]) if group_key else -1
     return {'image': example[image_key], 'label': int(example[label_key]), 'group': group}
-
-
-# ----------------------------------------------------------------------------
-# Synthetic spurious-correlation benchmark (no download)
-# ----------------------------------------------------------------------------
-SYNTHETIC_SHAPES = ('disc', 'plus', 'ring', 'triangle')  # distinct under any rotation
-SYNTHETIC_BACKGROUNDS = ('land', 'water', 'desert', 'night')
-# Two-tone textures: (colour a, colour b) per background type.
-_BACKGROUND_COLOURS = {
-    'land': ((70, 150, 50), (35, 95, 30)),
-    'water': ((45, 100, 210), (20, 55, 145)),
-    'desert': ((215, 185, 125), (175, 140, 85)),
-    'night': ((45, 40, 70), (15, 15, 30)),
-}
-# Object colours, drawn independently of class and background; far from every texture colour.
-_OBJECT_COLOURS = ((225, 45, 45), (230, 60, 210), (245, 245, 245))
-_SPLIT_CODES = {'train': 0, 'val': 1, 'test': 2}
-
-
-def _texture(kind: str, x: np.ndarray, y: np.ndarray, size: int,
-             rng: np.random.Generator) -> np.ndarray:
-  """Boolean [H, W] two-tone pattern of a background type, with a random phase."""
-  phase = rng.uniform(0, size)
-  if kind == 'land':  # diagonal stripes
-    return ((x + y + phase) // (size / 8)) % 2 == 0
-  if kind == 'water':  # horizontal waves
-    wave = (size / 20) * np.sin(2 * np.pi * x / (size / 2) + phase)
-    return ((y + wave + phase) // (size / 10)) % 2 == 0
-  if kind == 'desert':  # dots
-    p = size / 6
-    return ((x + phase) % p - p / 2)**2 + ((y + phase) % p - p / 2)**2 < (p / 4)**2
-  return ((x + phase) // (size / 8) + y // (size / 8)) % 2 == 0  # night: checker
-
-
-def _shape_mask(kind: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
-  """Boolean [H, W] object mask for offsets (dx, dy) from the object centre."""
-  if kind == 'triangle':  # equilateral, apex up, inside all three edges; 1.3 r matches areas
-    normals = np.deg2rad([90.0, 210.0, 330.0])
-    return np.all([dx * np.cos(a) + dy * np.sin(a) <= 0.65 * r for a in normals], axis=0)
-  if kind == 'plus':
-    t = 0.3 * r
-    ax, ay = np.abs(dx), np.abs(dy)
-    return ((ax <= r) & (ay <= t)) | ((ay <= r) & (ax <= t))
-  d2 = dx**2 + dy**2
-  if kind == 'ring':
-    return (d2 <= r**2) & (d2 >= (0.55 * r)**2)
-  return d2 <= r**2  # disc
-
-
-class SyntheticSpuriousSource(Source):
-  """Shapes on textured backgrounds, where the background is a shortcut for the label.
-
-  The label is the object's SHAPE (disc, plus, ring, triangle; `num_classes` of them). Background
-  type b in (land: green stripes, water: blue waves, desert: sand dots, night: dark checker) is
-  the label's own type with probability `majority` in 'train' and any other type otherwise; in
-  'val' and 'test' every (shape, background) group is equally frequent (index % groups).
-  group = label * num_classes + background.
-
-  The background is the easier cue (about 80% of the pixels, one strong colour), so a model
-  looking at the whole image learns it and fails on the minority groups; the shape alone is
-  easy for a small ViT (radius `object_size`, 18-28% of the side by default, centre within 12%
-  of the middle, a random object colour unrelated to label and background). Records are drawn on the fly, fully
-  determined by (seed, split, index), and carry the exact object mask as `'fg_mask'` (uint8
-  [H, W], 1 on the object). Every image has one object colour and two background colours.
-  With `shared_palette`, every background type draws its two colours from the same palette, so
-  only the texture tells the types apart.
-  """
-
-  def __init__(self, num_examples: int, image_size: int = 64, split: str = 'train', seed: int = 0,
-               majority: float = 0.95, num_classes: int = 2,
-               object_size: tuple[float, float] = (0.18, 0.28), shared_palette: bool = False):
-    if split not in _SPLIT_CODES:
-      raise ValueError(f'synthetic split must be one of {list(_SPLIT_CODES)}, got {split!r}')
-    if not 2 <= num_classes <= len(SYNTHETIC_SHAPES):
-      raise ValueError(f'num_classes must be in 2..{len(SYNTHETIC_SHAPES)}, got {num_classes}')
-    if not 0.0 <= majority <= 1.0:
-      raise ValueError(f'majority must be a probability, got {majority}')
-    if not 0.05 <= object_size[0] <= object_size[1] <= 0.4:
-      raise ValueError(f'object_size must be radii within [0.05, 0.4] of the side, got '
-                       f'{object_size}')
-    if num_examples < 1 or image_size < 16:
-      raise ValueError(f'need num_examples >= 1 and image_size >= 16, got {num_examples}, '
-                       f'{image_size}')
-    self.num_examples, self.image_size, self.split = num_examples, image_size, split
-    self.seed, self.majority, self.object_size = seed, majority, tuple(object_size)
-    self.shared_palette = shared_palette
-    self.class_names = list(SYNTHETIC_SHAPES[:num_classes])
-    backgrounds = SYNTHETIC_BACKGROUNDS[:num_classes]
-    self.group_names = [f'{s}/{b}' for s in self.class_names for b in backgrounds]
-    self._repr = _describe('SyntheticSpuriousSource', num_examples=num_examples,
-                           image_size=image_size, split=split, seed=seed, majority=majority,
-                           num_classes=num_classes, object_size=tuple(object_size),
-                           shared_palette=shared_palette)
-
-  def __len__(self) -> int:
-    return self.num_examples
-
-  def _label_background(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
-    c = self.num_classes
-    if self.split != 'train':
-      return divmod(index % (c * c), c)
-    label = index % c
-    if rng.random() < self.majority:
-      return label, label
-    return label, int((label + 1 + rng.integers(c - 1)) % c)
-
-  def __getitem__(self, index: int) -> Record:
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f'index {index} out of range for {self!r}')
-    rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])
-    label, background = self._label_background(index, rng)
-    s = self.image_size
-    y, x = np.mgrid[0:s, 0:s] + 0.5  # pixel centres
-    jitter = rng.integers(-12, 13, size=3)
-    palette = SYNTHETIC_BACKGROUNDS[rng.integers(self.num_classes) if self.shared_palette
-                                    else background]
-    colours = np.clip(np.array(_BACKGROUND_COLOURS[palette]) + jitter, 0, 255)
-    image = np.where(_texture(SYNTHETIC_BACKGROUNDS[background], x, y, s, rng)[..., None],
-                     colours[0], colours[1])
-    r = rng.uniform(*self.object_size) * s
-    cx, cy = s / 2 + rng.uniform(-0.12, 0.12, size=2) * s
-    mask = _shape_mask(SYNTHETIC_SHAPES[label], x - cx, y - cy, r)
-    colour = np.array(_OBJECT_COLOURS[rng.integers(len(_OBJECT_COLOURS))])
-    colour = np.clip(colour + rng.integers(-20, 21, size=3), 0, 255)
-    image = np.where(mask[..., None], colour, image).astype(np.uint8)
-    return {'image': image, 'label': label, 'group': label * self.num_classes + background,
-            'fg_mask': mask.astype(np.uint8)}
