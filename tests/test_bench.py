@@ -43,6 +43,7 @@ def test_keep_count_rounds_up_to_multiple_of_8():
   assert bench.keep_count_for(1.0, 20) == 20
 
 
+@pytest.mark.slow
 def test_train_reports_the_reference_accounting():
   config = get_config()
   result = bench.bench_train(config, num_classes=4, **TIMING)
@@ -130,6 +131,7 @@ def test_profile_summary_reads_device_streams_only(tmp_path):
   assert summary['top_kernels_ms'][0] == ['nvjet_hsh_256x128_gemm', 2.0]
 
 
+@pytest.mark.slow
 def test_train_with_a_forced_foreground_fraction():
   """Every patch, then half of them, in every image (no part dropout): stage 2 computes all
   tokens, then exactly the 0.5 tier; the model's mask is restored afterwards."""
@@ -146,6 +148,7 @@ def test_train_with_a_forced_foreground_fraction():
     bench.bench_train(config, num_classes=4, fg_fraction=1.5, **TIMING)
 
 
+@pytest.mark.slow
 def test_train_profile_on_cpu(tmp_path):
   result = bench.bench_train(get_config(), num_classes=4, profile_dir=str(tmp_path), **TIMING)
   assert result['profile']['traced_wall_ms_per_step'] > 0
@@ -159,6 +162,7 @@ def test_data_mode_from_generated_jpegs(tmp_path):
   assert result['mode'] == 'data' and result['img_per_sec_per_core'] == result['img_per_sec'] > 0
 
 
+@pytest.mark.slow
 def test_command_line_prints_json_lines():
   out = subprocess.run(
       [sys.executable, '-m', 'ifam_jax.bench',
@@ -199,6 +203,7 @@ def test_memory_mode_sizes_the_state_per_mesh():
   assert sharded['total_gib'] < replicated['total_gib']
 
 
+@pytest.mark.slow
 def test_losses_mode_is_reproducible_and_trains():
   first, again = (bench.train_losses(get_config(), steps=3, num_classes=4) for _ in range(2))
   assert first['losses'] == again['losses'] and len(first['losses']) == 3

@@ -209,6 +209,7 @@ def test_token_gather_equals_masked_attention():
     np.testing.assert_allclose(gathered, dense, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('multiple', [1, 2, 64])
 def test_flash_layout_matches_exact_path_forward_and_gradients(monkeypatch, multiple):
   """'flash' (visible first, lengths, trailing pad tokens up to the kernel's multiple: cuDNN's
