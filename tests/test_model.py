@@ -50,6 +50,7 @@ def mixed_mask(batch=3, seed=0):
 # ----------------------------------------------------------------------------
 # ViT basics
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_variants_and_shapes():
   for variant, (width, depth, heads) in {'S/14': (384, 12, 6), 'B/14': (768, 12, 12),
                                          'L/14': (1024, 24, 16), 'g/14': (1536, 40, 24),
@@ -325,6 +326,7 @@ def stage2_loss_grads(model, x, labels, rng):
   return jax.grad(loss_fn)(params)
 
 
+@pytest.mark.slow
 def test_hard_stage2_mask_sends_nothing_to_stage1():
   model = tiny_ifam(stage2_mask='hard')
   grads = stage2_loss_grads(model, images(), jnp.array([0, 1, 2]), jax.random.key(3))
@@ -368,6 +370,7 @@ def test_straight_through_forward_is_bitwise_identical():
     np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
+@pytest.mark.slow
 def test_attention_mask_gradient_is_the_relaxed_derivative():
   """Against autodiff of p_ij = m_j e_ij / sum_l m_l e_il, in a regime where the cap is inactive."""
   b, t, h, d = 2, 7, 2, 4
@@ -503,6 +506,7 @@ def test_stage1_against_numpy():
   np.testing.assert_array_equal(out.fg_mask, expected.argmax(-1) < 3)
 
 
+@pytest.mark.slow
 def test_part_dropout_zeroes_whole_parts():
   model = tiny_ifam(num_parts=4)
   x = images(batch=8)
