@@ -286,6 +286,7 @@ def synthetic_config() -> ml_collections.ConfigDict:
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('xla_cache')
 def test_synthetic_trains_and_resumes(tmp_path, caplog):
   c = tiny(synthetic_config())
