@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = 'bfloat16'
   # Stage 2 on its visible tokens only, in groups of 32 of each GPU's 128 images: on an H100,
   # 13 % faster than computing every token with half of every image visible, 3 % with all of it
-  # (README).
+  # (docs/performance.md).
   c.model.stage2_token_tiers = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
   c.model.stage2_token_groups = 4
   c.optim.ema_decay = 0.9999

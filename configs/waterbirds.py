@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_recipe_arg(arg)
   c = config_lib.paper_recipe(image_size=518, global_batch_size=128, total_epochs=90,
                               augment='cub_original', presence_group_size=16)
-  # At 518 px XLA's merging of dots that share an operand pays: keep its default (README).
+  # At 518 px XLA's merging of dots that share an operand pays: keep its default
+  # (docs/performance.md).
   c.gpu_compiler_options.xla_gpu_dot_merger_threshold_mb = 32
   waterbirds = dict(source='waterbirds', root=arg.root)
   c.data.train = dict(waterbirds, split='train')

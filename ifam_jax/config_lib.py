@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       # groups, each computed at the smallest of these capacities (fractions of the patches;
       # all patches is always one) that holds its visible patches. () computes every token.
       # Applies with stage2_mask='hard' (a hard mask that passes stage 1 no gradient).
-      # It pays with large per-device batches and sparse masks (README, "Performance"), so only
+      # It pays with large per-device batches and sparse masks (docs/performance.md), so only
       # the ImageNet recipe turns it on.
       stage2_token_tiers=(),
       stage2_token_groups=4,
@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = (('data', -1), ('fsdp', 1))
   c.sharding_rules = (('.*', 'replicate'),)
   c.fsdp_min_size = 2**18  # 'fsdp' rules leave tensors with fewer elements replicated
-  # XLA options of the jitted train and eval steps, on GPUs only (README, "Performance"):
+  # XLA options of the jitted train and eval steps, on GPUs only (docs/performance.md):
   # Triton GEMMs for every dot, so XLA can fuse neighbouring elementwise work into them; no
   # merging of dots that share an operand, which concatenates activations (e.g. of the two
   # stage-1 passes, which share weights) only to slice the product apart again; CUDA graphs

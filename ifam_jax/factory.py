@@ -148,7 +148,8 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         {'params': params, 'frozen': frozen})
   if (state := workdir_lib.train_checkpoint(workdir, which)) is None:
-    restored = ocp.StandardCheckpointer().restore(workdir_lib.absolute(workdir / 'params' / which), target)
+    path = workdir_lib.absolute(workdir / 'params' / which)
+    restored = ocp.StandardCheckpointer().restore(path, target)
   else:
     key = 'ema' if info['ema'] else 'params'
     item = {'train': {key: target['params']}, 'frozen': target['frozen']}

@@ -1,8 +1,8 @@
 """The train step's visible-tokens path: stage 2 computed on the patches it can see, exactly.
 
 Stage 2 never attends to a masked patch, so it can run on the visible patches gathered first
-(`fast_attention.gather_patches`) at any capacity that holds them all; `packed_stage2` does so in groups
-of similar visible-patch counts, at a few static capacities (README, "Performance").
+(`fast_attention.gather_patches`) at any capacity that holds them all; `packed_stage2` does so
+in groups of similar visible-patch counts, at a few static capacities (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def packed_stage2(stage2_loss: Callable, params: Any, images: jax.Array, patch_m
   """Stage 2's cross-entropy and its gradient, computed on the visible tokens only.
 
   Stage 2 never attends to a masked patch, so its output is the same when it runs on the
-  visible patches gathered first (`fast_attention.gather_patches`) at any capacity that holds them all.
+  visible patches gathered first (`fast_attention.gather_patches`) at any capacity that holds
+  them all.
   Each of the `shards` equal slices of the batch (one per device) is sorted by visible-patch
   count and cut into `groups` groups, so group capacities only grow. The trailing groups that
   need every patch run as one batch (a `lax.switch` over their number: fewer, larger kernels);

@@ -87,22 +87,39 @@ def test_swiglu_mlp_matches_numpy():
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['fp32', 'bf16'])
-def test_lean_gelu_matches_autodiff(dtype):
-  """Same values as the erf GELU; gradients equal autodiff's (fp32: to rounding)."""
+def test_lean_layer_norm_and_gelu_match_autodiff(dtype):
+  """Same values as nnx.LayerNorm / jax.nn.gelu; gradients equal autodiff's (fp32: to rounding)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(3 * rng.normal(size=(3, 5, 16)), dtype)
   g = jnp.asarray(rng.normal(size=x.shape), dtype)
+  lean = fast_attention.LeanLayerNorm(16, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                                      rngs=nnx.Rngs(0))
+  lean.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  lean.bias[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  plain = nnx.LayerNorm(16, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+  nnx.update(plain, nnx.state(lean))
+
+  def loss(norm, x):
+    return jnp.sum(norm(x).astype(jnp.float32) * g.astype(jnp.float32))
+
+  np.testing.assert_array_equal(lean(x), plain(x))
   x64 = np.asarray(x, np.float64)
   erf = np.vectorize(math.erf)
   expected = (x64 * 0.5 * (1 + erf(x64 / math.sqrt(2)))).astype(np.float32)
   one_ulp = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2**-7, atol=1e-3)
   np.testing.assert_allclose(np.asarray(fast_attention.gelu(x), np.float32), expected, **one_ulp)
+  (d_lean, dx_lean), (d_plain, dx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x)
+                                            for m in (lean, plain))
   dgelu = [jax.grad(lambda a, f=f: jnp.sum(f(a).astype(jnp.float32) * g.astype(jnp.float32)))(x)
            for f in (fast_attention.gelu, lambda a: jax.nn.gelu(a, approximate=False))]
   # bf16: autodiff rounds every intermediate to bf16, the lean backward computes in fp32.
   tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=0.1, rtol=0.02)
+  np.testing.assert_allclose(np.asarray(dx_lean, np.float32), np.asarray(dx_plain, np.float32),
+                             **tol)
   np.testing.assert_allclose(np.asarray(dgelu[0], np.float32), np.asarray(dgelu[1], np.float32),
                              **tol)
+  for name in ('scale', 'bias'):
+    np.testing.assert_allclose(getattr(d_lean, name)[...], getattr(d_plain, name)[...], **tol)
 
 
 def _summed_axes(jaxpr):

@@ -164,7 +164,8 @@ def test_params_info_and_train_checkpoints(gcs):
 
   for step in (4, 8):
     gcs.pipe_file(f'bucket/run/checkpoints/{step}/state/_METADATA', b'{}')
-  assert str(workdir_lib.train_checkpoint(WORKDIR, 'step_8')) == 'gs://bucket/run/checkpoints/8/state'
+  assert (str(workdir_lib.train_checkpoint(WORKDIR, 'step_8'))
+          == 'gs://bucket/run/checkpoints/8/state')
   with pytest.raises(FileNotFoundError, match=r'step 5 in gs://bucket/run/checkpoints; '
                      r'available steps: \[4, 8\]'):
     workdir_lib.train_checkpoint(WORKDIR, 'step_5')

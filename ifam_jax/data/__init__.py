@@ -16,7 +16,8 @@ from ifam_jax.data.synthetic import SyntheticSpuriousSource
 from ifam_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    'pipeline', 'sources', 'synthetic', 'transforms', 'check_image_size', 'global_batch', 'make_dataset',
+    'pipeline', 'sources', 'synthetic', 'transforms', 'check_image_size', 'global_batch',
+    'make_dataset',
     'normalize', 'num_eval_batches', 'per_process_batch_size', 'CubSource', 'ImageFolderSource',
     'ImageNet9Source', 'MetaShiftSource', 'SyntheticSpuriousSource', 'TfdsSource',
     'WaterbirdsSource', 'IMAGENET_MEAN', 'IMAGENET_STD',

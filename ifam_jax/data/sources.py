@@ -4,7 +4,8 @@ Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'grou
 `group` is -1 when the data set defines no groups. File-backed sources add the image's `'path'`
 (which names an undecodable image in its warning); CubSource given a `segmentation_dir`, and the
 demo's source (`synthetic.py`), add a ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in
-{0, 1}). Every source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0 without groups).
+{0, 1}). Every source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0
+without groups).
 
 Sources validate their inputs when built, with cheap checks only (directory listings, metadata
 files, the existence of every listed file), and every error names the offending path: a wrong

@@ -15,7 +15,8 @@ token, so the CLS output cannot depend on its pixels. Prefix tokens (CLS + regis
 visible, which keeps every attention row finite even when no patch is selected.
 
 This file is the exact maths. Its speed paths (the flash layout, the token permutation, the
-activation-lean GELU) are in `fast_attention.py`, each tested equal to the exact path.
+activation-lean GELU and LayerNorm) are in `fast_attention.py`, each tested equal to the exact
+path.
 """
 
 from __future__ import annotations
@@ -390,7 +391,8 @@ class ViTClassifier(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, num_classes: int, rngs: nnx.Rngs):
     self.backbone = VisionTransformer(cfg, rngs=rngs)
-    self.fc_norm = nnx.LayerNorm(cfg.width, epsilon=1e-5, param_dtype=jnp.float32, rngs=rngs)
+    self.fc_norm = fast_attention.LeanLayerNorm(cfg.width, epsilon=1e-5, param_dtype=jnp.float32,
+                                                rngs=rngs)
     self.head = nnx.Linear(cfg.width, num_classes, use_bias=False, param_dtype=jnp.float32,
                            kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
 

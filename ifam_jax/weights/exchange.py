@@ -233,7 +233,7 @@ def _classifier(model: nnx.Module) -> vit.ViTClassifier:
 
 def import_to_workdir(source: PathLike, config: ml_collections.ConfigDict, workdir: PathLike,
                       which: str = 'imported', overwrite: bool = False) -> epath.Path:
-  """Imports weights into <workdir>/params/<which>, for `factory.load_model(config, workdir, which)`.
+  """Imports weights into <workdir>/params/<which>, read by `factory.load_model`.
 
   `source` is a reference checkpoint (.pth/.pt/.bin) or our export (Orbax `params` directory or
   `model.safetensors`, with model.json beside it). Returns the parameters' directory.
