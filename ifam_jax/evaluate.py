@@ -58,7 +58,6 @@ class _Session:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str):
     self.config, self.which = config, which
     self.workdir = epath.Path(workdir)
-    self.make_source, self.training_classes = factory.make_source, factory.training_classes
     model = factory.load_model(config, self.workdir, which)
     self.info = workdir_lib.read_params_info(self.workdir, which)
     self.num_classes = self.info['num_classes']
@@ -137,11 +136,11 @@ class _Session:
       raise ValueError(f'eval.splits {unknown} are not evals of this config; known: {known} '
                        "('bg_challenge' needs <IN-9 root>/fg_mask/val and only_bg_t/val)")
     splits = {}
-    classes = self.training_classes(cfg)
+    classes = factory.training_classes(cfg)
     for name, (spec, transform) in specs.items():
       if cfg.eval.splits and name not in cfg.eval.splits:
         continue
-      source = self.make_source(spec, classes)
+      source = factory.make_source(spec, classes)
       if spec['source'] == 'in9':
         class_map = None if source.num_classes == self.num_classes else self.in9_map()
         splits[name] = _Split(source, transform, cfg, self.batch_sharding, class_map,
@@ -225,7 +224,7 @@ def run_calibrate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   s = _Session(config, workdir, which)
   s.require_ifam('calibration')
-  source = s.make_source(config.data.train, config.data.classes or None)
+  source = factory.make_source(config.data.train, config.data.classes or None)
   calibration = thresholds.Calibration(source, s.eval_transform, config, s.batch_sharding,
                                        percentiles)
   step = s.jit(thresholds.make_calibration_step(s.graphdef, s.rest))

@@ -16,8 +16,8 @@ from etils import epath
 from ml_collections import config_flags
 
 from ifam_jax import demo, evaluate, train, visualize
-from ifam_jax.weights import exchange
 from ifam_jax import workdir as workdir_lib
+from ifam_jax.weights import exchange
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
                                           lock_config=True)
