@@ -159,7 +159,7 @@ class Training:
   eval_step: Callable
 
 
-def jit_train_step(config: ml_collections.ConfigDict, t: Training | Any, mesh: jax.sharding.Mesh,
+def jit_train_step(config: ml_collections.ConfigDict, t: Training, mesh: jax.sharding.Mesh,
                    graphdef: nnx.GraphDef) -> Callable:
   """`make_train_step` of `graphdef` jitted on `t`'s shardings, donating the state.
 
