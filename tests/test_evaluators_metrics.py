@@ -59,16 +59,25 @@ def test_metrics_by_hand():
   assert m['group_accuracy'] == {'g0': 1.0, 'g1': 0.5, 'g2': 1.0, 'g3': 0.0}
   assert (m['mean_group_accuracy'], m['worst_group_accuracy']) == (0.625, 0.0)
   assert m['worst_group_accuracy_minority'] == 0.5  # min over g1, g2 only
+  assert m['minority_accuracy_pooled'] == 3 / 4  # examples 1, 3 (g1) and 4, 6 (g2)
+  assert m['majority_accuracy_pooled'] == 2 / 4  # examples 0, 2 (g0) and 5, 7 (g3)
+  assert m['worst_class_accuracy'] == 0.5
   assert 'auroc' not in m  # 7 classes
   assert m['stage1']['accuracy'] == 1.0 and m['stage1']['worst_group_accuracy'] == 1.0
   assert m['fg_fraction'] == pytest.approx(np.arange(8).mean() / 10)
   assert m['fg_iou'] == 5 / 8  # (2 + 3) / (4 + 3 + 1), padding left out
   assert m['fg_iou_image_mean'] == pytest.approx((0.5 + 1.0 + 0.0) / 3)  # empty unions skipped
 
+  train_counts = {'g0': 60, 'g1': 10, 'g2': 10, 'g3': 20}  # g3's share 0.2, g1's 0.1
+  assert metrics.train_weighted_accuracy(m['group_accuracy'], train_counts) == pytest.approx(
+      0.6 * 1.0 + 0.1 * 0.5 + 0.1 * 1.0 + 0.2 * 0.0)
+  assert metrics.train_weighted_accuracy({'g0': 1.0, 'g3': 0.0}, train_counts) == pytest.approx(
+      60 / 80)  # shares renormalised over the groups evaluated
+
   no_groups = metrics.summarize_predictions({k: outputs[k] for k in ('logits', 'label', 'group',
                                                                      'valid')})
   assert set(no_groups) == {'num_examples', 'accuracy', 'top5_accuracy', 'macro_accuracy',
-                            'class_accuracy'}
+                            'worst_class_accuracy', 'class_accuracy'}
   assert set(no_groups['class_accuracy']) == {'0', '1', '2', '3'}
   empty = metrics.summarize_predictions({**outputs, 'valid': np.zeros(10)})
   assert empty['num_examples'] == 0 and np.isnan(empty['accuracy'])

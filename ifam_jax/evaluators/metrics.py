@@ -55,8 +55,10 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.nd
 
   Top-5 when C > 5, AUROC of softmax(logits)[:, 1] when C = 2 (reference 7.1). Group metrics
   cover the groups present; `worst_group_accuracy_minority` is the reference's Waterbirds WGA,
-  the minimum over `minority_groups` only. `class_map` sends the model's classes to the eval's
-  (ImageNet -> IN-9, -1 never right); top-5 and AUROC are then undefined and left out.
+  the minimum over `minority_groups` only, and `minority_accuracy_pooled` (DAR's metric) the
+  accuracy over all their examples, `majority_accuracy_pooled` over the others'. `class_map`
+  sends the model's classes to the eval's (ImageNet -> IN-9, -1 never right); top-5 and AUROC
+  are then undefined and left out.
   """
   pred = np.argmax(logits, axis=-1)
   if class_map is not None:
@@ -65,6 +67,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.nd
   per_class = _accuracy_by(correct, labels, class_names)
   metrics = {'accuracy': float(correct.mean()),
              'macro_accuracy': float(np.mean(list(per_class.values()))),
+             'worst_class_accuracy': min(per_class.values()),
              'class_accuracy': per_class}
   num_classes = logits.shape[-1]
   if class_map is None and num_classes > 5:
@@ -82,7 +85,23 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.nd
                 if group_names[g] in per_group]
     if minority:
       metrics['worst_group_accuracy_minority'] = min(minority)
+      in_minority = np.isin(groups, minority_groups)
+      metrics['minority_accuracy_pooled'] = float(correct[in_minority].mean())
+      if (~in_minority).any():
+        metrics['majority_accuracy_pooled'] = float(correct[~in_minority].mean())
   return metrics
+
+
+def train_weighted_accuracy(group_accuracy: Mapping[str, float],
+                            train_group_counts: Mapping[str, int]) -> float:
+  """Sum over groups of accuracy x the group's share of the training set: the "average accuracy"
+  of Waterbirds papers after GroupDRO and JTT (the plain test mean over-weights its balanced
+  minority groups). Groups absent from the eval set are left out and the shares renormalised."""
+  shared = [g for g in group_accuracy if train_group_counts.get(g, 0) > 0]
+  if not shared:
+    return float('nan')
+  total = sum(train_group_counts[g] for g in shared)
+  return float(sum(group_accuracy[g] * train_group_counts[g] / total for g in shared))
 
 
 def summarize_predictions(outputs: Mapping[str, np.ndarray], *, class_names: Sequence[str] = (),
