@@ -145,6 +145,31 @@ def base_config() -> ml_collections.ConfigDict:
       calibration_sample=2**20,  # tokens kept per part (a uniform sample) for the percentiles
   )
 
+  # The comparison (`--mode compare`, ifam_jax/compare.py): each method (a training preset of
+  # ifam_jax/presets.py, or a post-hoc peer: 'dfr', 'dar', 'a2') and seed in
+  # <workdir>/<method>/seed_<s>, one table on `split` ('' = 'test' if an eval, else the last).
+  c.compare = dict(methods=(), seeds=(0,), split='', which='final')
+
+  # The post-hoc peers (ifam_jax/peers/, specified in docs/peers.md). `extractor`: the frozen
+  # features DFR and DAR fit on: 'erm' (the comparison's ERM run of the same seed, the original
+  # DFR), 'ifam' (its iFAM run's stage 2 under the mask) or 'dinov2' (model.init_weights, as A²
+  # ran DFR).
+  c.peers = dict(
+      extractor='erm',
+      # DFR(Val) on data.val_split, or DFR(Train) (a 20 % holdout of train tunes C) without one.
+      dfr=dict(c_grid=(1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01), n_retrain=20, tune_fraction=0.5,
+               train_holdout=0.2, scaler_fit_on='val', backend='jax'),
+      # Trained on a group-balanced half of the validation split, selected on the other half.
+      dar=dict(num_queries=4, num_heads=4, head_dim=0, depth=2, lr=1e-3,
+               weight_decay_grid=(1e-4, 1e-3, 1e-2), batch_size=64, epochs=100),
+      # attention_weights: a small DINOv2 file (the paper's ViT-S/14) for the CLS attention;
+      # embedding_weights: the larger one for the crops ('' = model.init_weights). Without
+      # files, the comparison's ERM run stands in for both (labelled so in the table).
+      a2=dict(attention_weights='', attention_variant='S/14', attention_registers=4, block=-1,
+              renormalise=False, crop_sizes=(64,), tie_break='first', resize_method='bilinear',
+              embedding_weights='', C=1.0, max_iter=1000, backend='jax'),
+  )
+
   # Loop.
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0

@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ifam_jax import demo, evaluate, train, visualize
+from ifam_jax import compare, demo, evaluate, train, visualize
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 
@@ -25,8 +25,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the re
                                 'a local directory or gs://bucket/path.')
 _MODE = flags.DEFINE_enum(
     'mode', 'train',
-    ['train', 'eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export', 'import'],
-    'What to run.')
+    ['train', 'compare', 'eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export',
+     'import'],
+    "What to run. 'compare' trains and fits every method of --methods in its own subfolder "
+    '(ifam_jax/compare.py); a config with compare.methods set runs it in train mode too.')
 _WHICH = flags.DEFINE_string('which', 'final', 'Parameters to use outside training: '
                              "<workdir>/params/<which> ('final', 'best', 'imported'), or "
                              "'step_<N>' for the train checkpoint of step N (EMA if any).")
@@ -39,6 +41,9 @@ _FIXED_PARTS = flags.DEFINE_list('fixed_parts', [], '--mode leave_one_out: parts
                                  'every row (each other part is then removed in turn).')
 _PERCENTILES = flags.DEFINE_list('percentiles', ['97', '99'], '--mode calibrate: percentiles q.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 64, '--mode audit: images audited per split.')
+_METHODS = flags.DEFINE_list('methods', [], '--mode compare: the methods, e.g. '
+                             'erm,ifam,late_mask,dfr,dar,a2 (default: the config\'s '
+                             'compare.methods).')
 _SPLIT = flags.DEFINE_string('split', '', 'Eval split to draw pictures from (default: the '
                              'validation split, else the first eval).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -97,12 +102,25 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   mode = _MODE.value
   check_flags(mode, config.model.num_parts)
+  methods = _METHODS.value or list(config.compare.methods)
+  if mode == 'train' and config.compare.methods:
+    mode = 'compare'
+  if mode == 'compare':
+    compare.check_methods(methods, config)
   initialize_multihost()
   workdir = epath.Path(_WORKDIR.value)
   which = _WHICH.value
-  if mode not in ('train', 'import'):
+  if mode not in ('train', 'compare', 'import'):
     check_saved_params(workdir, which)
   lead = jax.process_index() == 0
+  if mode == 'compare':
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.check_writable(workdir)
+    with workdir_lib.WorkdirLock(workdir) if lead else contextlib.nullcontext():
+      if lead:
+        (workdir / 'config_compare.json').write_text(workdir_lib.config_as_json(config))
+      compare.run_compare(config, workdir, methods)
+    return
   if mode == 'train':
     workdir.mkdir(parents=True, exist_ok=True)
     workdir_lib.check_writable(workdir)

@@ -475,6 +475,8 @@ def test_synthetic_group_statistics(num_classes):
   assert counts.tolist() == [10] * (c * c)  # every group equally often
   assert train.num_groups == c * c and len(train.group_names) == c * c
   assert train.group_names[1] == 'disc/water'
+  np.testing.assert_array_equal(train.groups, groups)  # the records' groups, without drawing
+  np.testing.assert_array_equal(test.groups, [test[i]['group'] for i in range(len(test))])
 
 
 def test_synthetic_fg_mask_covers_the_object():

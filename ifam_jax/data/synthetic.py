@@ -110,6 +110,15 @@ class SyntheticSpuriousSource(Source):
       return label, label
     return label, int((label + 1 + rng.integers(c - 1)) % c)
 
+  @property
+  def groups(self) -> np.ndarray:
+    """Every example's group, without drawing the images (as `FileSource.groups`)."""
+    c = self.num_classes
+    pairs = [self._label_background(i, np.random.default_rng([self.seed,
+                                                              _SPLIT_CODES[self.split], i]))
+             for i in range(self.num_examples)]
+    return np.asarray([label * c + background for label, background in pairs], np.int64)
+
   def __getitem__(self, index: int) -> Record:
     if not 0 <= index < self.num_examples:
       raise IndexError(f'index {index} out of range for {self!r}')
