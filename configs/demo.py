@@ -10,13 +10,21 @@ of the patches at the object's edge, which stage 2 does see.
 
 Arguments (`configs/demo.py:steps=200,baseline`): `steps` caps training, `baseline` trains only
 the ERM model, `ifam_only` skips it.
+
+`compare` puts iFAM beside every peer that needs no pretrained weights (ifam_jax/compare.py):
+late masking, early and late masking with the ground-truth masks, DFR and DAR on the ERM run's
+features, A² with the ERM ViT standing in for DINOv2, and the paper's ablations; `seeds=3` runs
+seeds 0-2 and reports mean ± std.
+
+  python -m ifam_jax.main --config configs/demo.py:compare,seeds=3 --workdir /tmp/ifam_compare
 """
 
 from ifam_jax import config_lib, optim
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, steps=0, baseline=False, ifam_only=False)
+  arg = config_lib.parse_arg(arg, steps=0, baseline=False, ifam_only=False, compare=False,
+                             seeds=1)
   c = config_lib.base_config()
   c.seed = 0
   c.global_batch_size = 64
@@ -53,6 +61,19 @@ def get_config(arg: str | None = None):
   c.log_every_steps = 25
   c.eval_every_epochs = 2.0
   c.checkpoint_every_steps = 100
+  if arg.compare:
+    c.compare_with_baseline = False
+    c.compare.methods = COMPARE_METHODS
+    c.compare.seeds = tuple(range(arg.seeds))
+    c.peers.a2.crop_sizes = (24,)  # about A²'s 64 px crop in a 224 px image, at 64 px
+    c.peers.dar.epochs = 30
   if arg.baseline:
     config_lib.use_baseline(c)
   return c
+
+
+# Every method that needs no pretrained weights; the demo's data carries ground-truth masks.
+COMPARE_METHODS = ('erm', 'ifam', 'late_mask', 'early_mask_gt', 'late_mask_gt', 'dfr', 'dar',
+                   'a2', 'ifam_no_stage2', 'ifam_soft_mask', 'ifam_k1_no_shaping',
+                   'ifam_no_stage1_classifier', 'ifam_frozen_stage2', 'ifam_part_dropout_0',
+                   'ifam_part_dropout_0.1', 'ifam_part_dropout_0.5', 'ifam_straight_through')
