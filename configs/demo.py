@@ -66,7 +66,6 @@ def get_config(arg: str | None = None):
     c.compare.methods = COMPARE_METHODS
     c.compare.seeds = tuple(range(arg.seeds))
     c.peers.a2.crop_sizes = (24,)  # about A²'s 64 px crop in a 224 px image, at 64 px
-    c.peers.dar.epochs = 30
   if arg.baseline:
     config_lib.use_baseline(c)
   return c
