@@ -133,7 +133,8 @@ def test_l1_weights_concentrate_on_core(backend):
 
 def test_dfr_train_variant():
   """A² App. I: 20 % of train scores C, balanced retraining on the other 80 %; the minority
-  groups (~60 examples in train) still lift the worst group far above ERM's."""
+  groups (~120 examples each in train, ~95 in the 80 %) still lift the worst group far above
+  ERM's (measured 0.885 vs 0.619)."""
   (xt, yt, gt), (xs, ys, gs) = splits()['train'], splits()['test']
   model, report = dfr.run_dfr(xt, yt, gt, num_classes=2, seed=0, variant='train',
                               n_retrain=5, backend='sklearn')
