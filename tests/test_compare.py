@@ -1,0 +1,125 @@
+"""The comparison command: its checks, the order it runs methods in, and its table."""
+
+import json
+
+import numpy as np
+import pytest
+from etils import epath
+from PIL import Image
+
+from ifam_jax import compare
+from ifam_jax.evaluators import metrics
+from fixtures.tiny_config import get_config
+
+
+def demo_like():
+  c = get_config()
+  c.data.val_split = 'val'
+  return c
+
+
+# ----------------------------------------------------------------------------
+# Checks and order, before any work
+# ----------------------------------------------------------------------------
+def test_check_methods_names_the_problem():
+  c = demo_like()
+  with pytest.raises(ValueError, match=r"unknown \['dfrr'\]"):
+    compare.check_methods(['erm', 'dfrr'], c)
+  with pytest.raises(ValueError, match='twice'):
+    compare.check_methods(['erm', 'erm'], c)
+  with pytest.raises(ValueError, match='empty'):
+    compare.check_methods([], c)
+  c.peers.extractor = 'dinov2'
+  with pytest.raises(ValueError, match='model.init_weights'):
+    compare.check_methods(['dfr'], c)
+  c.peers.extractor = 'erm'
+  c.data.val_split = ''
+  with pytest.raises(ValueError, match='data.val_split'):
+    compare.check_methods(['dar'], c)
+  c.compare.split = 'nope'
+  with pytest.raises(ValueError, match="compare.split 'nope'"):
+    compare.check_methods(['erm'], c)
+
+
+def test_dependencies_run_first():
+  c = demo_like()
+  assert compare.dependencies(['ifam', 'dfr'], c) == ['erm', 'ifam', 'dfr']
+  assert compare.dependencies(['dfr', 'erm'], c) == ['dfr', 'erm']  # listed: not added again
+  c.peers.extractor = 'ifam'
+  assert compare.dependencies(['dar', 'a2'], c) == ['ifam', 'erm', 'dar', 'a2']
+  c.peers.extractor = 'dinov2'
+  c.model.init_weights = 'vit.safetensors'
+  c.peers.a2.attention_weights = 'small.safetensors'
+  assert compare.dependencies(['dfr', 'a2'], c) == ['dfr', 'a2']  # nothing trained first
+
+
+def test_table_split():
+  c = demo_like()
+  assert compare.table_split(c) == 'test'
+  del c.data.evals['test']
+  assert compare.table_split(c) == 'val'  # the last eval when there is no 'test'
+
+
+# ----------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------
+def result(acc, groups, wall):
+  return {'label': 'X', 'backbone': 'S/8 scratch @64', 'wall_time_s': wall,
+          'evals': {'test': {'accuracy': acc, 'worst_group_accuracy': min(groups.values()),
+                             'group_accuracy': groups}}}
+
+
+def test_summarise_means_and_stds_over_seeds(tmp_path):
+  results = {'a': {0: result(0.8, {'g0': 0.9, 'g1': 0.6}, 60.0),
+                   1: result(0.6, {'g0': 0.7, 'g1': 0.4}, 120.0)},
+             'b': {0: result(0.5, {'g0': 0.5, 'g1': 0.5}, 30.0)}}
+  counts = {'g0': 90, 'g1': 10}
+  rows = compare.summarise(results, 'test', counts)
+  a = rows['a']
+  assert a['seeds'] == [0, 1]
+  assert a['mean']['accuracy'] == pytest.approx(0.7)
+  assert a['std']['accuracy'] == pytest.approx(0.1)  # population std of (0.8, 0.6)
+  assert a['mean']['worst_group_accuracy'] == pytest.approx(0.5)
+  assert a['mean']['group:g1'] == pytest.approx(0.5)
+  # Train-weighted: seed 0 0.9*0.9 + 0.1*0.6 = 0.87, seed 1 0.9*0.7 + 0.1*0.4 = 0.67.
+  assert a['mean']['accuracy_train_weighted'] == pytest.approx(0.77)
+  assert a['mean']['wall_time_s'] == 90.0
+  text = compare.format_rows(rows)
+  lines = text.splitlines()
+  assert lines[0].split('|')[1].strip() == 'method'
+  assert '70.0 ± 10.0' in lines[2] and '1.5 min' in lines[2]
+  assert '| 50.0 ' in lines[3] and '±' not in lines[3]  # one seed: no spread
+  assert 'g1' in lines[0] and 'BG-GAP' not in lines[0]  # no IN-9 eval: no BG-GAP column
+
+  compare.bar_chart(rows, epath.Path(tmp_path) / 'c.png', 'test')
+  image = np.asarray(Image.open(tmp_path / 'c.png').convert('RGB'))
+  assert image.shape[1] > 100 and (image != 255).any()
+
+
+def test_bg_gap_and_train_weighted_in_rows():
+  r = result(0.9, {'g0': 1.0, 'g1': 0.5}, 1.0)
+  r['evals'].update(mixed_same={'accuracy': 0.93}, mixed_rand={'accuracy': 0.91})
+  rows = compare.summarise({'m': {0: r}}, 'test', {'g0': 1, 'g1': 3})
+  assert rows['m']['mean']['bg_gap'] == pytest.approx(0.02)
+  assert rows['m']['mean']['accuracy_train_weighted'] == pytest.approx(
+      metrics.train_weighted_accuracy({'g0': 1.0, 'g1': 0.5}, {'g0': 1, 'g1': 3}))
+  assert 'BG-GAP' in compare.format_rows(rows)
+
+
+def test_finished_method_is_not_rerun(tmp_path, monkeypatch):
+  c = demo_like()
+  workdir = epath.Path(tmp_path)
+  calls = []
+
+  def fake_dfr(config, workdir, sub, seed):
+    calls.append(seed)
+    return {'label': 'DFR', 'backbone': 'b', 'evals': {}, 'report': {}}
+
+  monkeypatch.setattr(compare, 'run_dfr', fake_dfr)
+  first = compare.run_method(c, workdir, 'dfr', 3)
+  assert compare.run_method(c, workdir, 'dfr', 3) == first and calls == [3]
+  saved = json.loads((tmp_path / 'dfr' / 'seed_3' / 'result.json').read_text())
+  assert saved['settings']['dfr']['n_retrain'] == c.peers.dfr.n_retrain
+  c.peers.dfr.n_retrain = 5  # a changed setting reruns the peer
+  compare.run_method(c, workdir, 'dfr', 3)
+  assert calls == [3, 3]
