@@ -11,19 +11,24 @@ with MH(Q, K, V) = Concat_i softmax(Q W_i^Q (K W_i^K)^T / sqrt(d_k)) V W_i^V  W^
 (here a ViT's final-normed patch tokens, a CNN's flattened activation map in the paper) are both
 keys and values. There is no positional encoding, so the head is invariant to the order of the
 tokens; ViT tokens already carry their position embeddings, which the paper's CNN maps do not.
+The pooling is more than a selection of tokens: from layer 2 on the queries depend on the image,
+so how sharply the softmax picks tokens is itself a nonlinear feature of the content (on
+synthetic maps where every token holds the same signal plus its own noise, this alone can solve
+labels no linear head on the average can; see the overlap control in the tests).
 
 Choices the paper leaves open, each a keyword argument with the default named here:
-  - `residual_norm=False`: no residual, LayerNorm or MLP around the attention layers (App. E as
-    written); True is the transformer-decoder ablation q <- LayerNorm(q + MH(q, A, A)) (post-norm,
-    eps 1e-5, no MLP), adding 2*D parameters per layer;
-  - projections W^{Q,K,V,O} without biases, so the parameter count is
-      n_q*D + depth*(3*D*h*d_k + h*d_k*D) + D*C + C,
-    and with `identity_values` n_q*D + depth*(2*D*h*d_k) + D*C + C;
   - `identity_values=False`: full multi-head attention (App. E). True is the Eq. 5 reading, where
     z_c = sum_n alpha_{c,n} A_{n,c} pools the backbone channels themselves: head i weights the
     channel block i*D/h .. (i+1)*D/h - 1 (no W^V, no W^O);
+  - `residual_norm=False`: no residual, LayerNorm or MLP around the attention layers (App. E as
+    written); True is the transformer-decoder ablation q <- LayerNorm(q + MH(q, A, A)) (post-norm,
+    eps 1e-5, no MLP);
+  - projections W^{Q,K,V,O} without biases, so the parameter count is
+      n_q*D + depth*(3*D*h*d_k + h*d_k*D) + D*C + C,
+    with `identity_values` n_q*D + depth*(2*D*h*d_k) + D*C + C, plus 2*D per layer with
+    `residual_norm`;
   - n_q=4, h=4, d_k=D/h; AdamW lr 1e-3, weight decay tuned over {1e-4, 1e-3, 1e-2}, batch 64,
-    100 epochs; decay on matrices only (the queries included), never on the head's bias;
+    100 epochs; decay on matrices only (the queries included), never on vectors (the head's bias);
   - learned queries start from N(0, 1) (torch's nn.Embedding, as DETR's query embedding); the
     projections and the head from nnx.Linear's default (LeCun normal kernels, zero bias).
 
