@@ -245,12 +245,10 @@ def _val_scores(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray,
                 minority_groups: Sequence[int]) -> dict[str, float]:
   """Validation accuracy, worst-group accuracy and pooled minority-group accuracy."""
   names = [str(g) for g in range(int(groups.max()) + 1)]
-  m = metrics_lib.classification_metrics(logits, labels, groups, group_names=names)
-  scores = {'accuracy': m['accuracy'], 'worst_group_accuracy': m['worst_group_accuracy']}
-  minority = np.isin(groups, np.asarray(minority_groups, dtype=groups.dtype))
-  if minority.any():
-    scores['minority_accuracy_pooled'] = float((logits.argmax(-1) == labels)[minority].mean())
-  return scores
+  m = metrics_lib.classification_metrics(logits, labels, groups, group_names=names,
+                                         minority_groups=minority_groups)
+  keys = ('accuracy', 'worst_group_accuracy', 'minority_accuracy_pooled')
+  return {k: m[k] for k in keys if k in m}
 
 
 def train_dar(tokens: Any, labels: Any, *, num_classes: int, key_mask: Any = None,
