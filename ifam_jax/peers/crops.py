@@ -107,7 +107,7 @@ def _greedy(attention: jax.Array, sizes: tuple[int, ...],
       dist = (y + s / 2 - cy[:, None, None])**2 + (x + s / 2 - cx[:, None, None])**2
       index = jnp.argmin(jnp.where(free & (sums == best), dist, jnp.inf).reshape(b, -1), axis=1)
     boxes.append(jnp.stack([index // p, index % p, jnp.full_like(index, s)], -1).astype(jnp.int32))
-    found.append(jnp.isfinite(best[:, 0, 0]))
+    found.append(free.any(axis=(1, 2)))
   return jnp.stack(boxes, axis=1), jnp.stack(found, axis=1)
 
 
@@ -192,15 +192,15 @@ def crop_resize(images: jax.Array, boxes: jax.Array, sizes: Sequence[int], out: 
                        f'match sizes {sizes}')
     if np.any(host[..., :2] < 0) or np.any(host[..., :2] + host[..., 2:] > side):
       raise ValueError(f'boxes: some box reaches outside the {side}x{side} images')
-  x = images if jnp.issubdtype(images.dtype, jnp.floating) else images.astype(jnp.float32)
+  dtype = images.dtype if jnp.issubdtype(images.dtype, jnp.floating) else jnp.float32
 
   def cut(image, y0, x0, s):
     return jax.lax.dynamic_slice(image, (y0, x0, 0), (s, s, c))
 
   crops = []
   for k, s in enumerate(sizes):
-    patch = jax.vmap(functools.partial(cut, s=s))(x, boxes[:, k, 0], boxes[:, k, 1])
-    crops.append(jax.image.resize(patch, (b, out, out, c), method=method))
+    patch = jax.vmap(functools.partial(cut, s=s))(images, boxes[:, k, 0], boxes[:, k, 1])
+    crops.append(jax.image.resize(patch.astype(dtype), (b, out, out, c), method=method))
   return jnp.stack(crops, axis=1)
 
 
