@@ -327,7 +327,8 @@ def _a2_models(config: ml_collections.ConfigDict, workdir: epath.Path, seed: int
   if cfg.attention_weights:
     attention_vit = _dinov2_vit(vit.vit_config(cfg.attention_variant, image_size=size,
                                                num_registers=cfg.attention_registers,
-                                               dtype='float32', attention='xla'),
+                                               dtype='float32', attention='xla',
+                                               **dict(cfg.attention_overrides)),
                                 cfg.attention_weights)
     attention_text = f'DINOv2 {cfg.attention_variant}'
   else:

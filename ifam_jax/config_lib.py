@@ -165,7 +165,8 @@ def base_config() -> ml_collections.ConfigDict:
       # attention_weights: a small DINOv2 file (the paper's ViT-S/14) for the CLS attention;
       # embedding_weights: the larger one for the crops ('' = model.init_weights). Without
       # files, the comparison's ERM run stands in for both (labelled so in the table).
-      a2=dict(attention_weights='', attention_variant='S/14', attention_registers=4, block=-1,
+      a2=dict(attention_weights='', attention_variant='S/14', attention_registers=4,
+              attention_overrides={}, block=-1,
               renormalise=False, crop_sizes=(64,), tie_break='first', resize_method='bilinear',
               embedding_weights='', C=1.0, max_iter=1000, backend='jax'),
   )

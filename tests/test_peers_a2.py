@@ -1,5 +1,5 @@
-"""A²'s pipeline: concatenation order, maps to boxes to embeddings, and the spec's synthetic
-benchmark (peers.md 1.6 item 10 and "Deterministic synthetic benchmark")."""
+"""A²'s pipeline: concatenation order, maps to boxes to embeddings, and the published synthetic
+benchmark."""
 
 import functools
 
@@ -74,7 +74,7 @@ def test_a2_features_from_a_patch_map():
 
 
 # ----------------------------------------------------------------------------
-# The spec's deterministic synthetic benchmark
+# The deterministic synthetic benchmark
 # ----------------------------------------------------------------------------
 SIDE, RADIUS, CROP, N = 112, 12, 24, 2000
 OBJECTS = np.array([[200, 40, 40], [40, 40, 200]], np.float32)  # class 0 red, class 1 blue

@@ -1,4 +1,4 @@
-"""A²'s attention maps on tiny random and hand-built ViTs (peers.md 1.6 items 6-8)."""
+"""A²'s attention maps on tiny random and hand-built ViTs."""
 
 import math
 

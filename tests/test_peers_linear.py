@@ -19,7 +19,7 @@ from ifam_jax.peers import linear
 
 @functools.cache
 def data() -> dict[str, np.ndarray]:
-  """The spec's synthetic val/test sets, standardised by StandardScaler fit on val (x_raw: val
+  """The synthetic val/test sets, standardised by StandardScaler fit on val (x_raw: val
   as generated); 4 classes = the groups."""
   splits = make_splits(0)
   (xv, yv, gv), (xt, yt, gt) = splits['val'], splits['test']

@@ -5,7 +5,7 @@
 
 The attention map comes from `attention.patch_map(attention.cls_attention(...))` or from any
 other source (an oracle mask in tests); `embed_fn` is any batched embedding, A²'s being the
-final-normed CLS of a frozen ViT (spec 1.5-14). A logistic regression on z is A²_LR.
+final-normed CLS of a frozen ViT (docs/peers.md). A logistic regression on z is A²_LR.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def a2_features(images: jax.Array, attention_maps: jax.Array, embed_fn: EmbedFn,
                 method: str = 'bilinear') -> tuple[jax.Array, jax.Array]:
   """A²'s features of images [B, S, S, C]: (z [B, n*D], boxes int32 [B, n, 3]).
 
-  The maps are upsampled to S and the crops cut from these same S x S images (spec default
-  1.5-4: crops of the input image, not of the original one).
+  The maps are upsampled to S and the crops cut from these same S x S images (docs/peers.md:
+  crops of the input image, not of the original one).
 
   Args:
     images: the input images [B, S, S, C], in whatever form `embed_fn` wants its crops.
@@ -51,8 +51,8 @@ def a2_features(images: jax.Array, attention_maps: jax.Array, embed_fn: EmbedFn,
     embed_fn: [B*n, out, out, C] -> [B*n, D].
     sizes: crop sides in pixels of the S x S image, non-increasing (A²_LR on Waterbirds: (64,)).
     out: side the crops are resized to before embedding (A²: 224).
-    tie_break: `crops.greedy_crops`'s rule, 'first' by default (spec 1.5-6).
-    method: `crops.crop_resize`'s interpolation, 'bilinear' by default (spec 1.5-5).
+    tie_break: `crops.greedy_crops`'s rule, 'first' by default (docs/peers.md).
+    method: `crops.crop_resize`'s interpolation, 'bilinear' by default (docs/peers.md).
   """
   if images.ndim != 4 or images.shape[1] != images.shape[2]:
     raise ValueError(f'images must be [B, S, S, C], got shape {images.shape}')

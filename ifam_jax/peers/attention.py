@@ -58,7 +58,7 @@ def patch_map(probs: jax.Array, num_prefix: int, grid: int,
   """The patch part of `cls_attention` [B, heads, T], mean over heads: [B, g, g] fp32.
 
   The first `num_prefix` (1 + R) entries, CLS and registers, are dropped; the rest is in the
-  raster order of `embed_patches` (row-major). `renormalise` (spec ambiguity 1.5-2; default
+  raster order of `embed_patches` (row-major). `renormalise` (docs/peers.md; default
   False, A² App. B as written) divides each head's patch part by its sum before the mean, so
   that every head weighs the same instead of by its share of mass on patches.
   """

@@ -129,7 +129,7 @@ def greedy_crops(attention: jax.Array, sizes: Sequence[int],
   Args:
     attention: [B, M, M] attention of an M x M image (pixel i covers [i, i+1)).
     sizes: crop sides in pixels, non-increasing; they are placed in this order.
-    tie_break: 'first' (default; spec ambiguity 1.5-6) takes the first tied box in raster order,
+    tie_break: 'first' (default; docs/peers.md) takes the first tied box in raster order,
       which puts a point peak at the bottom-right corner of its box. 'centroid' takes the tied
       box whose centre is closest to the centre of mass of the attention outside the earlier
       crops (the image centre if none is left).
@@ -162,13 +162,13 @@ def crop_resize(images: jax.Array, boxes: jax.Array, sizes: Sequence[int], out: 
   """Cuts each box out of `images` [B, S, S, C] and resizes it: [B, n, out, out, C].
 
   Args:
-    images: the images the boxes index (spec 1.5-4: the M x M input image, not the original).
+    images: the images the boxes index (docs/peers.md: the M x M input image, not the original).
       Integer images are resized in fp32; floating ones keep their dtype.
     boxes: int32 [B, n, 3] (y, x, size) as from `greedy_crops`.
     sizes: the n crop sides, static (a box's own size column must equal them; checked when the
       boxes are concrete).
     out: output side.
-    method: `jax.image.resize` method; 'bilinear' (default; spec ambiguity 1.5-5) samples at
+    method: `jax.image.resize` method; 'bilinear' (default; docs/peers.md) samples at
       half-pixel centres, as torch's `align_corners=False`. Shrinking is antialiased
       (`jax.image.resize`'s default); A² only enlarges.
   """

@@ -1,4 +1,4 @@
-"""DFR: retrain the last linear layer on group-balanced held-out features (peers spec 2).
+"""DFR: retrain the last linear layer on group-balanced held-out features (docs/peers.md).
 
 DFR(Val), as the released code (`dfr_on_validation_tune` / `_eval`):
   tune   shuffle the val indices; score on the first `tune_fraction` of them, fit on the rest. For
@@ -29,7 +29,7 @@ from ifam_jax.peers import linear
 VARIANTS = ('val', 'train')
 SCALER_FITS = ('val', 'train')
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
-SMALL_GROUP = 20  # spec 2.5-8: flag results whose balanced sets hold fewer per group
+SMALL_GROUP = 20  # docs/peers.md: flag results whose balanced sets hold fewer per group
 
 
 # ----------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def run_dfr(fit_x: np.ndarray, fit_y: np.ndarray, fit_g: np.ndarray, *, num_clas
   variant        'val': tune on a tune_fraction / rest split of fit_x, retrain on all of it.
                  'train': A² App. I, a train_holdout share of fit_x scores the grid, the rest is
                  tuned on and retrained on.
-  scaler_fit_on  the final model's StandardScaler (spec 2.5-1): 'val' (default; the
+  scaler_fit_on  the final model's StandardScaler (docs/peers.md): 'val' (default; the
                  izmailovpavel code A² used) fits it on all of fit_x, which for variant 'train'
                  is all train, as the original DFR(Train); 'train' fits it on scaler_x, the train
                  features (the original DFR(Val)). Tuning always scales by its balanced fitting

@@ -1,13 +1,13 @@
 """Logistic regression on frozen features: a JAX solver by default, scikit-learn optionally.
 
-Two objectives, each that of the scikit-learn solver the peers' code uses (peers spec 4.2), with
+Two objectives, each that of the scikit-learn solver the peers' code uses (docs/peers.md), with
 per-example weights s_i = class_weight[y_i] (1 without class weights):
 
   'l2'  lbfgs: 1/2 ||W||^2 + C sum_i s_i CE_i, bias not penalised. Multinomial for more than two
         classes; binomial (1/2 ||w||^2 + C sum_i s_i logloss_i on w = one decision vector) for two,
         as scikit-learn fits binary problems.
   'l1'  liblinear: ||w~||_1 + C sum_i s_i logloss_i with the bias inside w~ = [w; b] and penalised
-        (intercept_scaling=1, spec 2.5-3); one-vs-rest, one such problem per class. As in
+        (intercept_scaling=1); one-vs-rest, one such problem per class. As in
         liblinear, a one-vs-rest problem weights its positives by class_weight[k] and its
         negatives by 1; a binary problem weights every example by its own class.
 
