@@ -425,6 +425,9 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
   """Eval forward at each foreground fraction, dense (masked keys) and token-gathered."""
   if not methods.get(config.model.kind).has_mask:
     raise ValueError('--mode infer measures the masked eval forward; model.kind must be ifam')
+  if not ifam.stage2_mask_facts(config.model.stage2_mask).hides_masked:
+    raise ValueError(f'--mode infer measures the token gather, which model.stage2_mask='
+                     f'{config.model.stage2_mask!r} does not allow (stage 2 sees every patch)')
   config = random_init(config)
   batch = batch or config.data.eval_batch_size
   cfg = factory.vit_from_config(config.model)

@@ -154,7 +154,7 @@ def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequ
     if 'part_maps' in out:
       caption += f', stage 1 -> {names[out["logits1"][n].argmax()]}'
       row.append(part_overlay(images[n], out['part_maps'][n]))
-    if 'fg_mask' in out:  # the patches the classifier read
+    if 'fg_mask' in out:  # the foreground mask, in patches
       row.append(mask_overlay(images[n], out['fg_mask'][n]))
     rows.append(row)
     captions.append(caption)
