@@ -271,12 +271,22 @@ def _random_images(rng: np.random.Generator, batch: int, size: int) -> np.ndarra
   return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
 
 
-def random_train_batch(seed: int, batch: int, size: int, num_classes: int) -> dict[str, Any]:
-  """A training batch of random uint8 images and labels, fixed by `seed`."""
+def random_train_batch(seed: int, batch: int, size: int, num_classes: int,
+                       fg_mask: bool = False) -> dict[str, Any]:
+  """A training batch of random uint8 images and labels, fixed by `seed`; `fg_mask` adds a
+  random pixel mask (each pixel foreground with probability 1/2), for the methods that read
+  one."""
   rng = np.random.default_rng(seed)
-  return {'image': _random_images(rng, batch, size),
-          'label': rng.integers(0, num_classes, (batch,), dtype=np.int32),
-          'valid': np.ones((batch,), np.int32), 'first_pass': np.ones((batch,), np.int32)}
+  out = {'image': _random_images(rng, batch, size),
+         'label': rng.integers(0, num_classes, (batch,), dtype=np.int32),
+         'valid': np.ones((batch,), np.int32), 'first_pass': np.ones((batch,), np.int32)}
+  if fg_mask:
+    out['fg_mask'] = rng.integers(0, 2, (batch, size, size), dtype=np.uint8)
+  return out
+
+
+def _reads_fg_mask(config: ml_collections.ConfigDict) -> bool:
+  return 'fg_mask' in methods.get(config.model.kind).batch_inputs
 
 
 class ForcedForeground(ifam.IFAM):
@@ -333,8 +343,8 @@ def bench_train(config: ml_collections.ConfigDict, *, num_classes: int = 1000, w
   t = train.build_training(config, num_classes, steps_per_epoch=1000, mesh=mesh)
   train_step = (t.train_step if fg_fraction is None
                 else forced_train_step(config, t, mesh, fg_fraction, num_classes))
-  batch = jax.device_put(random_train_batch(0, batch_size, config.model.image_size, num_classes),
-                         t.batch_sharding)
+  batch = jax.device_put(random_train_batch(0, batch_size, config.model.image_size, num_classes,
+                                            _reads_fg_mask(config)), t.batch_sharding)
   trainable = jax.tree.leaves(sharding.map_named(lambda name, _: name, t.state['params']))
   with jax.set_mesh(mesh):
     start = time.perf_counter()
@@ -373,7 +383,8 @@ def train_losses(config: ml_collections.ConfigDict, *, steps: int = 20,
   with jax.set_mesh(mesh):
     for i in range(steps):
       batch = jax.device_put(
-          random_train_batch(i, batch_size, config.model.image_size, num_classes),
+          random_train_batch(i, batch_size, config.model.image_size, num_classes,
+                             _reads_fg_mask(config)),
           t.batch_sharding)
       state, metrics = t.train_step(state, t.frozen, batch)
       losses.append(float(metrics['loss']))
@@ -414,6 +425,9 @@ def bench_infer(config: ml_collections.ConfigDict, *, fg_fractions: Sequence[flo
   """Eval forward at each foreground fraction, dense (masked keys) and token-gathered."""
   if not methods.get(config.model.kind).has_mask:
     raise ValueError('--mode infer measures the masked eval forward; model.kind must be ifam')
+  if not ifam.stage2_mask_facts(config.model.stage2_mask).hides_masked:
+    raise ValueError(f'--mode infer measures the token gather, which model.stage2_mask='
+                     f'{config.model.stage2_mask!r} does not allow (stage 2 sees every patch)')
   config = random_init(config)
   batch = batch or config.data.eval_batch_size
   cfg = factory.vit_from_config(config.model)

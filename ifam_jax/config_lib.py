@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.compare_with_baseline = False  # also train the ERM baseline and print both (the demo)
   c.demo_test_split = ''  # the eval the comparison table reports
 
-  # Model. kind 'baseline' is the plain fine-tuned ViT (no stage 1, no mask): the ERM row.
+  # Model. kind 'baseline' is the plain fine-tuned ViT (no stage 1, no mask): the ERM row;
+  # the other kinds are in ifam_jax/methods (ifam_jax/presets.py names the paper's variants).
   c.model = dict(
       kind='ifam',
       variant='B/14',
@@ -66,8 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
       part_dropout=0.3,
       mask_part_dropout=0.3,
       # How the foreground mask reaches stage 2: 'hard' (the reference: no gradient to stage 1),
-      # 'straight_through' (same forward; the stage-2 loss trains stage 1) or 'soft' (the
-      # paper's ablation). ifam_jax/models/ifam.py, `stage2_mask_facts`.
+      # 'straight_through' (same forward; the stage-2 loss trains stage 1), 'soft' (the
+      # paper's ablation) or 'late' (the late-masking baseline: stage 2 sees the whole image and
+      # averages its final patch tokens under the hard mask, over all patches; no gradient to
+      # stage 1). ifam_jax/models/ifam.py, `stage2_mask_facts`.
       stage2_mask='hard',
       eval_gumbel_noise=False,
       # Stage 2 trains on the tokens it can see only, exactly (packed_stage2.packed_stage2): each

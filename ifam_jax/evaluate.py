@@ -141,6 +141,7 @@ class _Session:
       if cfg.eval.splits and name not in cfg.eval.splits:
         continue
       source = factory.make_source(spec, classes)
+      methods.check_sources(cfg.model.kind, {name: source})
       if spec['source'] == 'in9':
         class_map = None if source.num_classes == self.num_classes else self.in9_map()
         splits[name] = _Split(source, transform, cfg, self.batch_sharding, class_map,
@@ -298,9 +299,9 @@ def run_audit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   s = _Session(config, workdir, which)
   s.require_ifam('the audit')
-  if not stage2_mask_facts(config.model.stage2_mask).binary:
-    raise ValueError("the audit checks hard masks; model.stage2_mask='soft' lets every pixel "
-                     'into stage 2')
+  if not stage2_mask_facts(config.model.stage2_mask).hides_masked:
+    raise ValueError(f'the audit checks masks that hide pixels from stage 2; model.stage2_mask='
+                     f'{config.model.stage2_mask!r} lets every pixel into stage 2')
   stage2_jit = s.jit(audit.make_stage2_fn(s.graphdef, s.rest))
 
   def stage2(params, frozen, images, patch_mask):  # every call: one input sharding, one program

@@ -2,7 +2,8 @@
 
 iFAM: the stage-2 and stage-1 cross-entropies and PDiscoFormer's shaping losses, weighted by
 `config.loss.weights` (reference section 5); the equivariance term runs stage 1 again on one
-affine-warped copy of the batch. ERM: the classifier's cross-entropy.
+affine-warped copy of the batch. ERM: the classifier's cross-entropy (under a fixed mask for the
+ground-truth-mask methods).
 """
 
 from __future__ import annotations
@@ -77,10 +78,15 @@ def ifam_loss_terms(model: ifam.IFAM, images: jax.Array, labels: jax.Array, vali
 
 
 def erm_loss_terms(model: vit.ViTClassifier, images: jax.Array, labels: jax.Array,
-                        valid: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  logits = model(images)
-  return ({'cls2': losses.cross_entropy(logits, labels, valid)},
-          {'accuracy': accuracy(logits, labels, valid)})
+                   valid: jax.Array, patch_mask: jax.Array | None = None,
+                   mask_mode: vit.MaskMode = 'hard',
+                   ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """The classifier's cross-entropy, under a fixed patch mask [B, h*w] if one is given."""
+  logits = model(images, patch_mask, mask_mode=mask_mode)
+  extras = {'accuracy': accuracy(logits, labels, valid)}
+  if patch_mask is not None:
+    extras['fg_fraction'] = jnp.mean(patch_mask)
+  return {'cls2': losses.cross_entropy(logits, labels, valid)}, extras
 
 
 def accuracy(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:

@@ -29,11 +29,12 @@ def stage2_capacities(fractions: Sequence[float], num_patches: int) -> tuple[int
 
 
 def packing_applies(model_cfg: ml_collections.ConfigDict) -> bool:
-  """Whether stage 2 trains on its visible tokens only (`packed_stage2`): the tiers are set,
-  and the stage-2 loss reaches stage 1 through nothing (hard mask, no surrogate gradient)."""
+  """Whether stage 2 trains on its visible tokens only (`packed_stage2`): the method leaves its
+  stage 2 to packing, the tiers are set, stage 2 cannot see the masked-out patches, and its
+  loss reaches stage 1 through nothing (hard mask, no surrogate gradient)."""
   facts = ifam.stage2_mask_facts(model_cfg.stage2_mask)
-  return (methods.get(model_cfg.kind).has_mask and bool(model_cfg.stage2_token_tiers)
-          and facts.binary and not facts.trains_stage1)
+  return (methods.get(model_cfg.kind).packs_stage2 and bool(model_cfg.stage2_token_tiers)
+          and facts.hides_masked and not facts.trains_stage1)
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:

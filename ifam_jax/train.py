@@ -55,6 +55,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
                     schedule: Callable[[jax.Array], jax.Array], batch_shards: int = 1) -> Callable:
   """The pure train step: (state, frozen, batch) -> (state, metrics).
 
+  The batch holds 'image', 'label', 'valid', 'first_pass' and the method's `batch_inputs`.
   The state carries everything a resumed run needs to continue exactly, down to the count of
   unreadable (skipped) training images that the logs report: each counted in its first pass
   over the data only (the batch's 'first_pass'), so once. `batch_shards`: how many devices
@@ -69,10 +70,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     capacities = stage2_capacities(config.model.stage2_token_tiers,
                                    factory.vit_from_config(config.model).num_patches)
 
-  def loss_fn(params, frozen, images, labels, valid, rng):
+  def loss_fn(params, frozen, images, labels, valid, rng, inputs):
     terms, extras = apply(graphdef, rest, params, frozen, images, method.loss_terms,
                           labels=labels, valid=valid, rng=rng, loss_cfg=config.loss,
-                          run_stage2=not packed)
+                          run_stage2=not packed, **inputs)
     total = sum(weights[k] * v for k, v in terms.items())
     return total, (terms, extras)
 
@@ -81,8 +82,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
     images = batch['image']
     valid = batch['valid'].astype(jnp.float32)
+    inputs = methods.batch_inputs(config.model.kind, batch, 'the train batch')
     (total, (terms, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], frozen, images, batch['label'], valid, rng)
+        state['params'], frozen, images, batch['label'], valid, rng, inputs)
     if packed:
       def stage2_loss(params, images, patch_mask, keep_index, labels, valid, denominator):
         logits = apply(graphdef, rest, params, frozen, images,
@@ -267,6 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   for name, source in eval_sources.items():
     if source.num_classes != num_classes:
       raise ValueError(f'eval {name!r} has {source.num_classes} classes, train has {num_classes}')
+  methods.check_sources(config.model.kind, {'data.train': train_source, **{
+      f'data.evals.{name}': source for name, source in eval_sources.items()}})
   train_transform, eval_transform = factory.make_transforms(config)
   batch_size = config.global_batch_size
   steps_per_epoch = len(train_source) // batch_size
@@ -383,6 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # diverged state is never logged as good, evaluated or saved. Evals precede the checkpoint,
   # so a checkpoint at step s implies the evals of step s are in metrics.jsonl.
   eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+  step_inputs = ('image', 'label', 'valid', 'first_pass',
+                 *methods.get(config.model.kind).batch_inputs)
   last_log_time, last_log_step = time.perf_counter(), start_step
   metrics = None
   results: dict[str, Any] = {}
@@ -390,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     for step in range(start_step, total_steps):
       batch = next(train_iter)
       state, metrics = train_step(state, frozen, data_lib.global_batch(
-          {k: batch[k] for k in ('image', 'label', 'valid', 'first_pass')}, batch_sharding))
+          {k: batch[k] for k in step_inputs}, batch_sharding))
       if step == start_step:
         freeze_garbage_collector()  # after the step's compilation
       done = step + 1

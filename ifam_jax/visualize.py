@@ -124,14 +124,17 @@ def _predict(model, config: ml_collections.ConfigDict, source, indices: Sequence
   """Eval-transformed uint8 images and the model's outputs for `indices` (host arrays)."""
   _, transform = factory.make_transforms(config)
   rng = np.random.default_rng(0)
-  images = np.stack([data_lib.transforms.process(source[i], rng, transform)['image']
-                     for i in indices])
+  records = [data_lib.transforms.process(source[i], rng, transform) for i in indices]
+  batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
+  inputs = methods.batch_inputs(config.model.kind, batch, repr(source))
+  images = batch['image']
   graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
                                                       config.optim.groups)
   predict = methods.get(config.model.kind).predict
-  forward = jax.jit(lambda x: apply(graphdef, rest, params, frozen, x, predict,
-                                    rng=jax.random.key(config.seed)))
-  outputs = [jax.device_get(forward(images[i:i + batch_size]))
+  forward = jax.jit(lambda x, inputs: apply(graphdef, rest, params, frozen, x, predict,
+                                            rng=jax.random.key(config.seed), **inputs))
+  outputs = [jax.device_get(forward(images[i:i + batch_size],
+                                    {k: v[i:i + batch_size] for k, v in inputs.items()}))
              for i in range(0, len(images), batch_size)]
   return images, {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
@@ -150,8 +153,9 @@ def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequ
     row = [images[n]]
     if 'part_maps' in out:
       caption += f', stage 1 -> {names[out["logits1"][n].argmax()]}'
-      row += [part_overlay(images[n], out['part_maps'][n]),
-              mask_overlay(images[n], out['fg_mask'][n])]
+      row.append(part_overlay(images[n], out['part_maps'][n]))
+    if 'fg_mask' in out:  # the foreground mask, in patches
+      row.append(mask_overlay(images[n], out['fg_mask'][n]))
     rows.append(row)
     captions.append(caption)
   return save_grid(rows, path, captions)

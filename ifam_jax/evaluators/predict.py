@@ -18,8 +18,10 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, config: ml_collectio
                    intervention: Intervention | None = None) -> Callable:
   """(params, frozen, batch, rng) -> per-example outputs: the method's `predict`.
 
-  'logits' [B, C] of the classifier; for a method with a mask also 'logits1' (stage 1),
-  'fg_fraction' and, when the batch carries a ground-truth 'fg_mask', `fg_overlap`'s counts.
+  'logits' [B, C] of the classifier; for a method with a mask also 'logits1' (stage 1); for
+  one whose predict returns its patch mask 'fg_fraction' and, when the batch carries a
+  ground-truth 'fg_mask', `fg_overlap`'s counts. The batch also feeds the method's
+  `batch_inputs`.
   """
   method = methods.get(config.model.kind)
   if intervention is not None and not method.has_mask:
@@ -27,8 +29,9 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, config: ml_collectio
                      f'{config.model.kind!r} has none')
 
   def eval_step(params, frozen, batch, rng):
+    inputs = methods.batch_inputs(config.model.kind, batch, 'the eval batch')
     out = apply(graphdef, rest, params, frozen, batch['image'], method.predict, rng=rng,
-                intervention=intervention)
+                intervention=intervention, **inputs)
     out.pop('part_maps', None)  # pictures only
     if 'fg_mask' in out:
       fg_mask = out.pop('fg_mask')

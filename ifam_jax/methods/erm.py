@@ -12,6 +12,8 @@ from ifam_jax.models import vit
 
 class ERM:
   has_mask = False
+  packs_stage2 = False
+  batch_inputs = ()
 
   def build(self, model_cfg: ml_collections.ConfigDict, vit_cfg: vit.ViTConfig,
             num_classes: int, rngs: nnx.Rngs) -> vit.ViTClassifier:

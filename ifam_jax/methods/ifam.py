@@ -12,6 +12,8 @@ from ifam_jax.models import ifam, vit
 
 class IFAMMethod:
   has_mask = True
+  packs_stage2 = True
+  batch_inputs = ()
 
   def build(self, model_cfg: ml_collections.ConfigDict, vit_cfg: vit.ViTConfig,
             num_classes: int, rngs: nnx.Rngs) -> ifam.IFAM:

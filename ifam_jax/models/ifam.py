@@ -37,8 +37,11 @@ RNG_MAP_NOISE, RNG_MASK_NOISE, RNG_PART_DROPOUT, RNG_MASK_DROPOUT = range(4)
 class Stage2MaskFacts:
   """What a `stage2_mask` value implies for its users (training, packing, audits)."""
 
-  binary: bool  # stage 2 reads a {0, 1} mask: a masked-out pixel cannot reach its logits
+  binary: bool  # stage 2 reads the {0, 1} mask (not the soft probabilities)
   trains_stage1: bool  # the stage-2 loss sends stage 1 a gradient through the mask
+  # No masked-out pixel can reach stage 2's logits: it may run on the visible patches alone
+  # (packing, token gather) and the audit holds.
+  hides_masked: bool
 
 
 def stage2_mask_facts(stage2_mask: str) -> Stage2MaskFacts:
@@ -47,10 +50,14 @@ def stage2_mask_facts(stage2_mask: str) -> Stage2MaskFacts:
   'hard' (the reference): the hard mask, no gradient to stage 1. 'straight_through': the same
   forward values bit for bit; the stage-2 loss trains stage 1 through a surrogate (`IFAM`).
   'soft' (the paper's ablation): stage 2 adds log(p_fg + 1e-10) to its attention logits.
+  'late' (the paper's late-masking baseline): stage 2 sees the whole image and averages its
+  final patch tokens under the hard mask (`vit.late_pool`), no gradient to stage 1.
   """
   if stage2_mask not in MASK_MODES:
     raise ValueError(f'model.stage2_mask must be one of {MASK_MODES}, got {stage2_mask!r}')
-  return Stage2MaskFacts(binary=stage2_mask != 'soft', trains_stage1=stage2_mask != 'hard')
+  return Stage2MaskFacts(binary=stage2_mask != 'soft',
+                         trains_stage1=stage2_mask in ('straight_through', 'soft'),
+                         hides_masked=stage2_mask in ('hard', 'straight_through'))
 
 
 @struct.dataclass
@@ -100,6 +107,7 @@ class IFAM(nnx.Module):
       of the surviving foreground parts, and stage-2 attention passes to m the derivative of its
       multiplicative relaxation (see `vit.attention_with_mask_gradient`), which is non-zero at
       masked tokens too. 'soft', the paper's ablation: stage 2 reads the soft mask p_fg.
+      'late', the late-masking baseline: the same hard mask pools stage 2's patch tokens.
     eval_gumbel_noise: False gives deterministic argmax maps and masks at eval; True samples
       them as the reference does.
   """
@@ -213,7 +221,8 @@ class IFAM(nnx.Module):
       rng: required when training or when `eval_gumbel_noise` is set.
       intervention: eval-only edits of the mask (see `Intervention`).
       keep_count: eval-only token gather: stage 2 runs on this many patch tokens, foreground
-        first. Exact when it is >= the largest foreground count in the batch.
+        first. Exact when it is >= the largest foreground count in the batch. Not with
+        stage2_mask='late', whose stage 2 sees every patch.
       run_stage2: False leaves `logits` None, for a caller that runs stage 2 on the returned
         `fg_mask` itself (`packed_stage2.packed_stage2`).
       fg_mask: an explicit foreground mask [B, h, w] for stage 2 in place of stage 1's (oracle

@@ -33,9 +33,12 @@ from flax import nnx
 from ifam_jax.models import fast_attention
 
 LN_EPS = 1e-6
-# How a patch mask reaches the attention (`VisionTransformer.__call__`); iFAM's `stage2_mask`.
-MaskMode = Literal['hard', 'straight_through', 'soft']
+# How a patch mask reaches the classifier (`ViTClassifier.__call__`); iFAM's `stage2_mask`. The
+# first three mask the attention keys (`VisionTransformer.__call__`); 'late' runs the ViT
+# unmasked and masks the pooling of its patch tokens.
+MaskMode = Literal['hard', 'straight_through', 'soft', 'late']
 MASK_MODES: tuple[str, ...] = get_args(MaskMode)
+KEY_MASK_MODES = ('hard', 'straight_through', 'soft')
 AttentionKind = Literal['xla', 'flash']
 
 # (width, depth, heads, mlp hidden, mlp kind) per DINOv2 size.
@@ -344,8 +347,9 @@ class VisionTransformer(nnx.Module):
     `fast_attention.lengths_layout`: the mask becomes a length, and 'patches' at masked
     positions is unspecified (it never reaches a visible token).
     """
-    if patch_mask is not None and mask_mode not in MASK_MODES:
-      raise ValueError(f'unknown mask_mode {mask_mode!r}; expected one of {MASK_MODES}')
+    if patch_mask is not None and mask_mode not in KEY_MASK_MODES:
+      raise ValueError(f'the ViT masks its attention keys with one of {KEY_MASK_MODES}, got '
+                       f'mask_mode {mask_mode!r} (ViTClassifier pools under a late mask)')
     b = images.shape[0]
     patches = self.embed_patches(images)
     prefix = self.prefix_tokens(b)
@@ -383,10 +387,21 @@ class VisionTransformer(nnx.Module):
     return {'key_weight': weight}
 
 
+def late_pool(patches: jax.Array, patch_mask: jax.Array) -> jax.Array:
+  """sum_j m_j x_j / N over the final-normed patch tokens [B, N, D] and a mask [B, N], in fp32.
+
+  The reference's late masking (`models/late_mask_vit.py`) averages the masked tokens over all
+  N patches, the zeroed ones included, not over the mask's size. The mask gets no gradient.
+  """
+  mask = jax.lax.stop_gradient(patch_mask).astype(jnp.float32)
+  return jnp.einsum('bnd,bn->bd', patches.astype(jnp.float32), mask) / patches.shape[1]
+
+
 class ViTClassifier(nnx.Module):
   """ViT -> CLS (final norm) -> fresh LayerNorm (eps 1e-5) -> linear head without bias.
 
-  Stage 2 of iFAM, and the plain fine-tuned ViT baseline when called without a mask.
+  Stage 2 of iFAM, and the plain fine-tuned ViT baseline when called without a mask. With
+  `mask_mode='late'` the ViT runs unmasked and `late_pool` of its patch tokens replaces the CLS.
   """
 
   def __init__(self, cfg: ViTConfig, *, num_classes: int, rngs: nnx.Rngs):
@@ -398,6 +413,13 @@ class ViTClassifier(nnx.Module):
 
   def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None, *,
                mask_mode: MaskMode = 'hard', keep_index: jax.Array | None = None) -> jax.Array:
-    """Class logits [B, C] in fp32; arguments as `VisionTransformer.__call__`."""
-    cls = self.backbone(images, patch_mask, mask_mode=mask_mode, keep_index=keep_index)['cls']
-    return self.head(self.fc_norm(cls.astype(jnp.float32)))
+    """Class logits [B, C] in fp32; arguments as `VisionTransformer.__call__`, plus 'late'."""
+    if mask_mode == 'late':
+      if patch_mask is None or keep_index is not None:
+        raise ValueError("mask_mode='late' pools the patch tokens under a patch_mask, which it "
+                         'needs; the ViT sees every patch, so no keep_index can leave one out')
+      pooled = late_pool(self.backbone(images)['patches'], patch_mask)
+    else:
+      pooled = self.backbone(images, patch_mask, mask_mode=mask_mode,
+                             keep_index=keep_index)['cls'].astype(jnp.float32)
+    return self.head(self.fc_norm(pooled))

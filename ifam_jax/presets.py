@@ -1,0 +1,111 @@
+"""Named variants of an iFAM recipe: the paper's baselines and ablations (iFAM Tabs. 1, 2, 5).
+
+A preset edits a recipe's config in place and reads nothing else, so every variant keeps the
+recipe's data, schedule, resolution and learning rates:
+
+  erm                        the fine-tuned ViT (`config_lib.use_baseline`)
+  ifam                       the recipe as it is
+  late_mask                  iFAM's stage-1 mask, pooled late (stage2_mask='late')
+  early_mask_gt              a ViT key-masked by the ground-truth foreground ("Early mask_gt")
+  late_mask_gt               a ViT pooled under the ground-truth foreground ("Late mask_gt")
+  ifam_no_stage2             PDiscoFormer: no stage-2 loss, stage 1 predicts
+  ifam_soft_mask             stage 2 reads the soft mask
+  ifam_k1_no_shaping         one part, no part-shaping losses
+  ifam_no_stage1_classifier  no stage-1 cross-entropy
+  ifam_frozen_stage2         the stage-2 backbone frozen (the reference's --freeze_second_stage)
+  ifam_part_dropout_<p>      stage-2 mask part dropout p in {0, 0.1, 0.5} (the recipe has 0.3)
+  ifam_straight_through      the stage-2 loss trains stage 1 through the straight-through mask
+
+  config = get_config(...); presets.apply_preset(config, 'late_mask')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_collections
+
+from ifam_jax import config_lib
+
+# The loss terms that shape the parts (PDiscoFormer's), as opposed to the two cross-entropies.
+SHAPING_LOSSES = ('presence', 'enforced_presence', 'equivariance', 'orthogonality',
+                  'total_variation', 'entropy', 'concentration')
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """label: a short name for tables; description: one line; apply: edits a config in place."""
+
+  label: str
+  description: str
+  apply: Callable[[ml_collections.ConfigDict], None]
+
+
+# ----------------------------------------------------------------------------
+# Edits
+# ----------------------------------------------------------------------------
+def _set_model(**values) -> Callable[[ml_collections.ConfigDict], None]:
+  def apply(c: ml_collections.ConfigDict) -> None:
+    c.model.update(values)
+  return apply
+
+
+def _ground_truth(kind: str) -> Callable[[ml_collections.ConfigDict], None]:
+  def apply(c: ml_collections.ConfigDict) -> None:
+    config_lib.use_baseline(c)  # one ViT trained as the ERM row and iFAM's stage 2 are
+    c.model.kind = kind
+  return apply
+
+
+def _no_shaping(c: ml_collections.ConfigDict) -> None:
+  c.model.num_parts = 1
+  for name in SHAPING_LOSSES:
+    c.loss.weights[name] = 0.0
+
+
+def _no_stage1_classifier(c: ml_collections.ConfigDict) -> None:
+  c.loss.weights.cls1 = 0.0
+
+
+def _frozen_stage2(c: ml_collections.ConfigDict) -> None:
+  c.optim.groups.stage2_backbone.frozen = True
+
+
+PRESETS: dict[str, Preset] = {
+    'erm': Preset('ERM', 'the fine-tuned ViT, no stage 1 and no mask', config_lib.use_baseline),
+    'ifam': Preset('iFAM', 'the recipe as it is', lambda c: None),
+    'late_mask': Preset('Late mask', "iFAM's stage-1 mask applied after the ViT: patch tokens "
+                        'averaged under it', _set_model(stage2_mask='late')),
+    'early_mask_gt': Preset('Early mask_gt', 'a ViT whose attention sees only the ground-truth '
+                            'foreground', _ground_truth('early_mask_gt')),
+    'late_mask_gt': Preset('Late mask_gt', 'a ViT whose patch tokens are averaged under the '
+                           'ground-truth foreground', _ground_truth('late_mask_gt')),
+    'ifam_no_stage2': Preset('No stage 2', 'PDiscoFormer: no stage-2 loss, stage 1 predicts',
+                             _set_model(kind='pdiscoformer')),
+    'ifam_soft_mask': Preset('Soft mask', 'stage 2 reads the soft foreground probability',
+                             _set_model(stage2_mask='soft')),
+    'ifam_k1_no_shaping': Preset('K=1 w/o shaping', 'one part and no part-shaping losses',
+                                 _no_shaping),
+    'ifam_no_stage1_classifier': Preset('No stage-1 classif.', 'no stage-1 cross-entropy',
+                                        _no_stage1_classifier),
+    'ifam_frozen_stage2': Preset('Frozen stage 2', 'the stage-2 backbone frozen; its head and '
+                                 'tokens train', _frozen_stage2),
+    **{f'ifam_part_dropout_{p:g}': Preset(f'Part dropout {p:g}', f'stage-2 mask part dropout '
+                                          f'{p:g}', _set_model(mask_part_dropout=p))
+       for p in (0.0, 0.1, 0.5)},
+    'ifam_straight_through': Preset('Straight-through', 'the stage-2 loss trains stage 1 '
+                                    'through the straight-through mask',
+                                    _set_model(stage2_mask='straight_through')),
+}
+
+
+def apply_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Applies preset `name` to an iFAM recipe's `config` in place; returns it."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown preset {name!r}; known: {sorted(PRESETS)}')
+  if config.model.kind != 'ifam':
+    raise ValueError(f'presets are variants of an iFAM recipe; this config has model.kind '
+                     f'{config.model.kind!r}')
+  PRESETS[name].apply(config)
+  return config
