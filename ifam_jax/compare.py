@@ -34,6 +34,7 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 from ifam_jax import factory, presets, train, weights
+from ifam_jax import methods as methods_lib
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.evaluators import metrics
 from ifam_jax.evaluators.tables import format_table
@@ -74,6 +75,12 @@ def check_methods(methods: Sequence[str], config: ml_collections.ConfigDict) -> 
   if 'dar' in methods and not config.data.val_split:
     raise ValueError('dar trains on a group-balanced half of data.val_split; the config has none')
   table_split(config)
+  kinds = {preset_config(config, m, 0).model.kind for m in methods if m in presets.PRESETS}
+  if any(methods_lib.get(kind).batch_inputs for kind in kinds):  # e.g. ground-truth masks
+    sources = {'data.train': factory.make_source(config.data.train, config.data.classes or None),
+               **{f'data.evals.{k}': v for k, v in factory.make_eval_sources(config).items()}}
+    for kind in kinds:
+      methods_lib.check_sources(kind, sources)
 
 
 def table_split(config: ml_collections.ConfigDict) -> str:
@@ -149,9 +156,7 @@ def run_method(config: ml_collections.ConfigDict, workdir: epath.Path, name: str
     result['settings'] = settings
   result['wall_time_s'] = time.time() - start
   result = json.loads(json.dumps(result, default=_to_builtin))
-  partial = sub / 'result.json.partial'
-  partial.write_text(json.dumps(result, indent=1))
-  partial.rename(done)
+  workdir_lib.replace_text(done, json.dumps(result, indent=1))
   return result
 
 
@@ -515,7 +520,7 @@ def run_compare(config: ml_collections.ConfigDict, workdir: epath.Path,
   report = {'split': split, 'seeds': seeds, 'methods': rows,
             'results': {m: {str(s): r for s, r in results[m].items()} for m in methods}}
   if jax.process_index() == 0:
-    (workdir / 'compare.json').write_text(json.dumps(report, indent=1))
+    workdir_lib.replace_text(workdir / 'compare.json', json.dumps(report, indent=1))
     bar_chart(rows, workdir / 'compare.png',
               f'{split}: average and worst-group accuracy (%), {len(seeds)} seed(s)')
   _print(f'\nComparison on {split!r} ({len(seeds)} seed(s); mean ± std):\n'

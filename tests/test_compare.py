@@ -88,7 +88,7 @@ def test_summarise_means_and_stds_over_seeds(tmp_path):
   lines = text.splitlines()
   assert lines[0].split('|')[1].strip() == 'method'
   assert '70.0 ± 10.0' in lines[2] and '1.5 min' in lines[2]
-  assert '| 50.0 ' in lines[3] and '±' not in lines[3]  # one seed: no spread
+  assert ' 50.0 |' in lines[3] and '±' not in lines[3]  # one seed: no spread
   assert 'g1' in lines[0] and 'BG-GAP' not in lines[0]  # no IN-9 eval: no BG-GAP column
 
   compare.bar_chart(rows, epath.Path(tmp_path) / 'c.png', 'test')

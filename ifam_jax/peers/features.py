@@ -12,6 +12,7 @@ order; `cached` keeps them in an .npz so that a rerun reads them back.
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -151,8 +152,9 @@ def cached(path: epath.Path, compute: Callable[[], dict[str, np.ndarray]]
       return dict(np.load(f))
   arrays = compute()
   path.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
   partial = path.parent / (path.name + '.partial')
-  with partial.open('wb') as f:
-    np.savez(f, **arrays)
-  partial.rename(path)
+  partial.write_bytes(buffer.getvalue())
+  partial.replace(path)
   return arrays
