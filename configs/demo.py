@@ -30,8 +30,9 @@ def get_config(arg: str | None = None):
   c.global_batch_size = 64
   c.total_epochs = 8
   c.max_steps = arg.steps
-  c.compare_with_baseline = not (arg.baseline or arg.ifam_only)
-  c.demo_test_split = 'test'
+  # iFAM against ERM (ifam_jax/compare.py) on the test split, in <workdir>/{ifam,erm}/seed_0.
+  c.compare.methods = () if arg.baseline or arg.ifam_only else ('ifam', 'erm')
+  c.compare.split = 'test'
 
   synthetic = dict(source='synthetic', image_size=64, seed=0, num_classes=2, majority=0.95,
                    object_size=(0.18, 0.28), shared_palette=True)
@@ -62,7 +63,6 @@ def get_config(arg: str | None = None):
   c.eval_every_epochs = 2.0
   c.checkpoint_every_steps = 100
   if arg.compare:
-    c.compare_with_baseline = False
     c.compare.methods = COMPARE_METHODS
     c.compare.seeds = tuple(range(arg.seeds))
     c.peers.a2.crop_sizes = (24,)  # about A²'s 64 px crop in a 224 px image, at 64 px

@@ -33,7 +33,7 @@ from etils import epath
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from ifam_jax import factory, presets, train, weights
+from ifam_jax import factory, presets, train, visualize, weights
 from ifam_jax import methods as methods_lib
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.evaluators import metrics
@@ -43,6 +43,7 @@ from ifam_jax.peers import a2, attention, dar, dfr, features, linear
 
 POSTHOC = ('dfr', 'dar', 'a2')
 POSTHOC_LABELS = {'dfr': 'DFR', 'dar': 'DAR', 'a2': 'A²'}
+PICTURE_EXAMPLES = 8
 
 
 def _print(text: str) -> None:
@@ -114,7 +115,6 @@ def preset_config(config: ml_collections.ConfigDict, name: str,
   with c.unlocked():
     c.seed = seed
     c.compare.methods = ()
-    c.compare_with_baseline = False
     presets.apply_preset(c, name)
   return c
 
@@ -526,4 +526,18 @@ def run_compare(config: ml_collections.ConfigDict, workdir: epath.Path,
   _print(f'\nComparison on {split!r} ({len(seeds)} seed(s); mean ± std):\n'
          + format_rows(rows) + f'\n\nWritten: {workdir / "compare.json"}, '
          f'{workdir / "compare.png"}')
+  if 'ifam' in methods:
+    picture = part_maps_picture(config, workdir, split, seeds[0])
+    _print(f'iFAM part maps (image | parts | what stage 2 sees): {picture}')
   return report
+
+
+def part_maps_picture(config: ml_collections.ConfigDict, workdir: epath.Path, split: str,
+                      seed: int) -> epath.Path:
+  """The iFAM run's part maps on examples of every group of `split`, next to its run."""
+  cfg = preset_config(config, 'ifam', seed)
+  run = workdir / 'ifam' / f'seed_{seed}'
+  source = factory.make_eval_sources(cfg)[split]
+  return visualize.example_grid(factory.load_model(cfg, run, config.compare.which), cfg, source,
+                                visualize.examples_per_group(source, PICTURE_EXAMPLES),
+                                run / 'part_maps.png')

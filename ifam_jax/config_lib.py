@@ -48,8 +48,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_epochs = 90
   c.global_batch_size = 128
   c.max_steps = 0  # > 0 stops early (smoke runs); the schedule still spans total_epochs
-  c.compare_with_baseline = False  # also train the ERM baseline and print both (the demo)
-  c.demo_test_split = ''  # the eval the comparison table reports
 
   # Model. kind 'baseline' is the plain fine-tuned ViT (no stage 1, no mask): the ERM row;
   # the other kinds are in ifam_jax/methods (ifam_jax/presets.py names the paper's variants).

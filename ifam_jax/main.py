@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ifam_jax import compare, demo, evaluate, train, visualize
+from ifam_jax import compare, evaluate, train, visualize
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 
@@ -128,10 +128,7 @@ def main(argv: list[str]) -> None:
       changed = workdir_lib.check_config_change(workdir, config)
       if lead:
         workdir_lib.record_config(workdir, config, changed)
-      if config.compare_with_baseline:
-        demo.train_and_compare(config, workdir)
-      else:
-        train.train_and_evaluate(config, workdir)
+      train.train_and_evaluate(config, workdir)
     return
   workdir.mkdir(parents=True, exist_ok=True)
   if lead:

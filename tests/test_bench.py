@@ -82,6 +82,7 @@ def test_timed_windows_run_with_the_collector_frozen():
   assert len(frozen_at_call) == 8 and all(n > 0 for n in frozen_at_call[2:])
 
 
+@pytest.mark.slow
 def test_infer_gather_costs_less_than_dense():
   dense, gathered = bench.bench_infer(get_config(), fg_fractions=[0.25], batch=4, num_classes=4,
                                       **TIMING)
@@ -91,6 +92,7 @@ def test_infer_gather_costs_less_than_dense():
   assert gathered['flops_per_image'] < dense['flops_per_image']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('keep_count', [None, 8])
 def test_stage2_alone_is_the_eval_forwards_stage2(keep_count):
   """The timed stage-2-only step computes the full eval step's stage-2 logits, without stage 1."""

@@ -55,6 +55,7 @@ def test_dependencies_run_first():
 
 def test_table_split():
   c = demo_like()
+  c.compare.split = ''
   assert compare.table_split(c) == 'test'
   del c.data.evals['test']
   assert compare.table_split(c) == 'val'  # the last eval when there is no 'test'

@@ -21,7 +21,6 @@ def demo_compare_config():
   demo = tiny_config.load_demo_module()
   c = tiny_config.get_config('steps=2')
   c.compare.methods = demo.COMPARE_METHODS
-  c.compare_with_baseline = False
   c.model.stage2_token_tiers = ()
   c.peers.a2.crop_sizes = (8,)
   c.peers.dfr.n_retrain = 2

@@ -152,6 +152,7 @@ def test_eval_splits_are_labelled_by_the_training_classes(trained, tmp_path):
     session.splits()
 
 
+@pytest.mark.slow
 def test_run_calibrate_and_thresholded_eval(trained):
   config, workdir = trained
   paths = ev.run_calibrate(config, workdir)
@@ -191,6 +192,7 @@ def test_run_calibrate_and_thresholded_eval(trained):
   assert dot['thresholds']['rule'] == 'dot_product' and list(dot['evals']) == ['val']
 
 
+@pytest.mark.slow
 def test_run_leave_one_out(trained):
   config, workdir = trained
   report = ev.run_leave_one_out(config, workdir)

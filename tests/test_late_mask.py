@@ -49,6 +49,7 @@ def pixel_mask(patch_mask):
 # ----------------------------------------------------------------------------
 # The pooling
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['xla', 'flash'])
 def test_late_pooling_matches_numpy(attention):
   """logits = head(fc_norm(sum_j m_j x_j / N)), x the unmasked ViT's final-normed patches."""
@@ -109,6 +110,7 @@ def tiny_ifam(stage2_mask):
                    stage2_mask=stage2_mask, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_ifam_late_is_stage1_mask_pooled_late():
   """Stage 2's logits are the classifier's late pooling under stage 1's own hard mask."""
   model = tiny_ifam('late')

@@ -4,7 +4,7 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'ifam_jax'
-ENTRY_POINTS = {'ifam_jax.main', 'ifam_jax.bench', 'ifam_jax.demo', 'ifam_jax.compare'}
+ENTRY_POINTS = {'ifam_jax.main', 'ifam_jax.bench', 'ifam_jax.compare'}
 
 
 def module_name(path: pathlib.Path) -> str:

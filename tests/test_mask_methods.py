@@ -87,6 +87,7 @@ def cross_entropy(logits, labels):
 
 @pytest.mark.parametrize('preset,mask_mode', [('early_mask_gt', 'hard'),
                                               ('late_mask_gt', 'late')])
+@pytest.mark.slow
 def test_ground_truth_mask_methods_train_and_evaluate(preset, mask_mode):
   config, mesh, t = build(preset)
   batch = synthetic_batch()

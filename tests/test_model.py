@@ -264,6 +264,7 @@ def test_flash_layout_matches_exact_path_forward_and_gradients(monkeypatch, mult
                                err_msg=str(key))
 
 
+@pytest.mark.slow
 def test_flash_attention_padding_and_lengths():
   """Padding to a multiple of 64 (what cuDNN's backward needs) changes nothing visible."""
   rng = np.random.default_rng(0)
@@ -352,6 +353,7 @@ def test_hard_stage2_mask_sends_nothing_to_stage1():
   assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads['stage2']))
 
 
+@pytest.mark.slow
 def test_straight_through_reaches_prototypes_and_masked_tokens():
   model = tiny_ifam(stage2_mask='straight_through')
   x, labels, rng = images(), jnp.array([0, 1, 2]), jax.random.key(3)
@@ -408,6 +410,7 @@ def test_attention_mask_gradient_is_the_relaxed_derivative():
   assert np.abs(np.asarray(ours(q, k, v, w)[3])[w == 0]).min() > 0
 
 
+@pytest.mark.slow
 def test_soft_mask_ablation_is_differentiable_into_stage1():
   model = tiny_ifam(stage2_mask='soft')
   grads = stage2_loss_grads(model, images(), jnp.array([0, 1, 2]), jax.random.key(3))

@@ -119,6 +119,7 @@ def features(images, mask, rng, variant):
   return a2.concat_embeddings(quadrant_colours, crops.crop_resize(images, boxes, [CROP], CROP))
 
 
+@pytest.mark.slow
 def test_synthetic_benchmark_a2_beats_every_control():
   """Spec (computed, WGA): full 0.000, centre 0.032, random 0.043, A² 1.000. Its RNG is
   unknown, so only the ordering and bounds are asserted."""

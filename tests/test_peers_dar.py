@@ -258,6 +258,7 @@ def benchmark():
   return out
 
 
+@pytest.mark.slow
 def test_benchmark_dar_recovers_spatially_separable_core(benchmark):
   """Spec: DFR-on-GAP WGA 0.049, DAR 0.999 (seed 1); overlap control DFR 0.026, DAR 0.251."""
   disjoint, overlap = benchmark[False], benchmark[True]
@@ -273,6 +274,7 @@ def test_benchmark_dar_recovers_spatially_separable_core(benchmark):
   assert overlap['dar_wga'] < 0.5
 
 
+@pytest.mark.slow
 def test_report_scores_are_the_returned_heads(benchmark):
   """The report's val scores, recomputed by hand from the returned head's predictions."""
   run = benchmark[False]
@@ -289,6 +291,7 @@ def test_report_scores_are_the_returned_heads(benchmark):
   assert json.loads(json.dumps(report)) == report  # written as report.json
 
 
+@pytest.mark.slow
 def test_trained_head_moved_every_parameter(benchmark):
   """The trainer updates every head parameter (and there is nothing else to update)."""
   head = benchmark[False]['head']
