@@ -63,7 +63,7 @@ def test_late_pooling_matches_numpy(attention):
   expected = normed @ np.asarray(model.head.kernel[...], np.float64)
   got = np.asarray(model(x, jnp.asarray(mask), mask_mode='late'))
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-  # Dividing by the mask's size instead would give other logits: the pitfall the spec names.
+  # Dividing by the mask's size instead would give other logits: the reference's pitfall (docs/peers.md).
   by_size = pooled * tokens.shape[1] / mask.sum(1, keepdims=True)
   assert not np.allclose(vit.late_pool(jnp.asarray(tokens), jnp.asarray(mask)), by_size,
                          atol=1e-3)

@@ -121,7 +121,7 @@ def features(images, mask, rng, variant):
 
 @pytest.mark.slow
 def test_synthetic_benchmark_a2_beats_every_control():
-  """Spec (computed, WGA): full 0.000, centre 0.032, random 0.043, A² 1.000. Its RNG is
+  """Published (computed, WGA): full 0.000, centre 0.032, random 0.043, A² 1.000. Its RNG is
   unknown, so only the ordering and bounds are asserted."""
   train, test = render(0.95, seed=0), render(0.5, seed=1)
   wga = {}

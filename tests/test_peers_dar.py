@@ -260,12 +260,12 @@ def benchmark():
 
 @pytest.mark.slow
 def test_benchmark_dar_recovers_spatially_separable_core(benchmark):
-  """Spec: DFR-on-GAP WGA 0.049, DAR 0.999 (seed 1); overlap control DFR 0.026, DAR 0.251."""
+  """Published: DFR-on-GAP WGA 0.049, DAR 0.999 (seed 1); overlap control DFR 0.026, DAR 0.251."""
   disjoint, overlap = benchmark[False], benchmark[True]
   assert disjoint['report']['steps'] == 600
   assert disjoint['dfr_wga'] < 0.2
   assert disjoint['dar_wga'] > 0.95
-  # Spec: layer-2 mass on core tokens 0.990. Averaged over heads and queries it depends on the
+  # Published: layer-2 mass on core tokens 0.990. Averaged over heads and queries it depends on the
   # seed (0.51 to 0.996 over seeds 1-4), but some head and query always locks onto them.
   test_tokens = jnp.asarray(disjoint['x']['test'][:1000])
   attention = np.asarray(forward(disjoint['head'], test_tokens)[1][-1])

@@ -103,7 +103,7 @@ def test_averaging_identical_fits():
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize('backend', ['sklearn', 'jax'])
 def test_synthetic_benchmark(backend):
-  """Spec 2.6-6: ERM worst group ~0.6; DFR(Val), scaler on train, reaches the core-only Bayes
+  """ERM worst group ~0.6; DFR(Val), scaler on train, reaches the core-only Bayes
   rate Phi(0.6 sqrt 5) = 0.910 (published: ERM 0.596 -> DFR 0.894)."""
   (xt, yt, gt), (xv, yv, gv), (xs, ys, gs) = (splits()[k] for k in ('train', 'val', 'test'))
   erm, _ = linear.fit_logistic(xt, yt, num_classes=2, penalty='l2', C=1.0, backend='sklearn')
@@ -122,7 +122,7 @@ def test_synthetic_benchmark(backend):
 
 @pytest.mark.parametrize('backend', ['sklearn', 'jax'])
 def test_l1_weights_concentrate_on_core(backend):
-  """Spec 2.6: at C = 1 the core dims carry most of the weight (8.07 vs 1.28 spurious)."""
+  """At C = 1 the core dims carry most of the weight (published: 8.07 vs 1.28 spurious)."""
   (xt, _, _), (xv, yv, gv) = splits()['train'], splits()['val']
   scaler = linear.Standardizer.fit(xt)
   model = dfr.fit_final(xv, yv, gv, num_classes=2, C=1.0, n_retrain=5,

@@ -75,7 +75,7 @@ def sklearn_l1(x, y, C, **kw):
 @pytest.mark.parametrize('labels, C, offset', [('y', 1.0, 0.0), ('y', 0.03, 0.0), ('g', 1.0, 0.0),
                                                ('y', 0.1, 5.0)])
 def test_l1_matches_liblinear(labels, C, offset):
-  """Spec 2.6-5: >= 99 % equal test predictions, objective within 1e-4 relative, bias penalised
+  """>= 99 % equal test predictions, objective within 1e-4 relative, bias penalised
   (offset: uncentred features, where an unpenalised bias would move far)."""
   d = data()
   x, y, x_test = d['x'] + offset, d[labels], d['x_test'] + offset
