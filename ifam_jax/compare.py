@@ -274,15 +274,14 @@ def run_dar(config: ml_collections.ConfigDict, workdir: epath.Path, sub: epath.P
   ext = _extractor(config, workdir, seed)
   val_split = config.data.val_split
   val = _valid(_extracted(ext, splits, val_split, workdir, seed, 'tokens'))
-  labels = _valid(_extracted(ext, splits, val_split, workdir, seed, 'features'))
   rng = np.random.default_rng([seed, 1])
-  target, select = dfr.tuning_split(len(labels['label']), rng, 0.5)
-  target = target[dfr.balanced_subsample(labels['group'][target], rng)]
+  target, select = dfr.tuning_split(len(val['label']), rng, 0.5)
+  target = target[dfr.balanced_subsample(val['group'][target], rng)]
   tokens = lambda idx: np.asarray(val['tokens'][idx], np.float32)
   head, report = dar.train_dar(
-      tokens(target), labels['label'][target], num_classes=splits.num_classes,
+      tokens(target), val['label'][target], num_classes=splits.num_classes,
       key_mask=val['token_mask'][target], val_tokens=tokens(select),
-      val_labels=labels['label'][select], val_groups=labels['group'][select],
+      val_labels=val['label'][select], val_groups=val['group'][select],
       val_key_mask=val['token_mask'][select],
       minority_groups=metrics.minority_groups(splits.evals[val_split]), seed=seed,
       num_queries=cfg.num_queries, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
