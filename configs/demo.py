@@ -17,14 +17,41 @@ features, A² with the ERM ViT standing in for DINOv2, and the paper's ablations
 seeds 0-2 and reports mean ± std.
 
   python -m ifam_jax.main --config configs/demo.py:compare,seeds=3 --workdir /tmp/ifam_compare
+
+`variant=NAME` picks one benchmark of the synthetic family (`VARIANTS`: settings of
+ifam_jax/data/synthetic.py over the demo's, in every split; the demo's own in brackets):
+  texture         the default: background types differ in texture only, colours from one palette
+  colour          every type draws its texture from the same set; only its palette tells it apart
+  both            each type has its own texture and its own palette
+  size_position   radii 10-30% of the side (18-28%), centre up to 20% off the middle (12%)
+  correlation_80  background agrees with the label in 80% of training images (95%)
+  correlation_99  ... in 99% of training images
+  no_object       20% of training images have no object: only their background tells the label
+  tied_size       radius from 18-23% on background 0, 23-28% on the other: the area leaks it
+
+  python -m ifam_jax.main --config configs/demo.py:variant=colour,compare,seeds=3 --workdir DIR
 """
 
 from ifam_jax import config_lib, optim
 
+# Each variant's settings of the synthetic source, over the demo's (see the docstring).
+VARIANTS = {
+    'texture': {},
+    'colour': dict(cue='colour'),
+    'both': dict(cue='both'),
+    'size_position': dict(object_size=(0.1, 0.3), position_jitter=0.2),
+    'correlation_80': dict(majority=0.8),
+    'correlation_99': dict(majority=0.99),
+    'no_object': dict(no_object_fraction=0.2),  # training images only; val and test keep theirs
+    'tied_size': dict(size_tied_to_background=True),
+}
+
 
 def get_config(arg: str | None = None):
   arg = config_lib.parse_arg(arg, steps=0, baseline=False, ifam_only=False, compare=False,
-                             seeds=1)
+                             seeds=1, variant='texture')
+  if arg.variant not in VARIANTS:
+    raise ValueError(f'unknown demo variant {arg.variant!r}; known: {list(VARIANTS)}')
   c = config_lib.base_config()
   c.seed = 0
   c.global_batch_size = 64
@@ -35,7 +62,8 @@ def get_config(arg: str | None = None):
   c.compare.split = 'test'
 
   synthetic = dict(source='synthetic', image_size=64, seed=0, num_classes=2, majority=0.95,
-                   object_size=(0.18, 0.28), shared_palette=True)
+                   object_size=(0.18, 0.28), cue='texture')
+  synthetic.update(VARIANTS[arg.variant])
   c.data.train = dict(synthetic, num_examples=4096, split='train')
   c.data.evals = dict(val=dict(synthetic, num_examples=512, split='val'),
                       test=dict(synthetic, num_examples=1024, split='test'))
