@@ -494,7 +494,7 @@ def test_synthetic_fg_mask_covers_the_object():
 
 
 def test_synthetic_palette_and_object_size():
-  """Shared palette: colours no longer identify the background type; object_size sets the area."""
+  """cue='texture': colours no longer identify the background type; object_size sets the area."""
 
   def background_colours(src):
     by_type = {}
@@ -508,7 +508,7 @@ def test_synthetic_palette_and_object_size():
   own = background_colours(synthetic.SyntheticSpuriousSource(40, 32, 'test', seed=2))
   assert not own[0] & own[1]  # by default each type has its own colours
   shared = background_colours(synthetic.SyntheticSpuriousSource(40, 32, 'test', seed=2,
-                                                              shared_palette=True))
+                                                              cue='texture'))
   assert shared[0] & shared[1]  # with a shared palette both types show the same colours
   small = synthetic.SyntheticSpuriousSource(20, 64, 'test', object_size=(0.1, 0.12))
   large = synthetic.SyntheticSpuriousSource(20, 64, 'test', object_size=(0.3, 0.35))

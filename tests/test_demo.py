@@ -1,9 +1,12 @@
-"""The demo's comparison on the tiny config: both models train, the table and picture appear."""
+"""The demo: its comparison on the tiny config (both models train, the table and picture appear)
+and its benchmark variants."""
 
+import pytest
 from etils import epath
 
+from fixtures import tiny_config
 from fixtures.tiny_config import get_config
-from ifam_jax import compare
+from ifam_jax import compare, factory
 
 
 def test_both_models_train_and_the_table_reports_their_test_metrics(tmp_path, capsys):
@@ -23,3 +26,63 @@ def test_both_models_train_and_the_table_reports_their_test_metrics(tmp_path, ca
                           f'{100 * test["worst_group_accuracy"]:.1f}']
   assert (tmp_path / 'erm' / 'seed_0' / 'params' / 'final.json').exists()
   assert (tmp_path / 'ifam' / 'seed_0' / 'part_maps.png').stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------
+# The benchmark family: configs/demo.py:variant=NAME
+# ----------------------------------------------------------------------------
+DEMO = tiny_config.load_demo_module()
+# What each variant must mean, as predicates on its sources' settings.
+MEANING = {
+    'texture': lambda s: s.cue == 'texture',
+    'colour': lambda s: s.cue == 'colour',
+    'both': lambda s: s.cue == 'both',
+    'size_position': lambda s: (s.object_size[0] < 0.18 and s.object_size[1] > 0.28
+                                and s.position_jitter > 0.12),
+    'correlation_80': lambda s: s.majority == 0.8,
+    'correlation_99': lambda s: s.majority == 0.99,
+    'no_object': lambda s: s.no_object_fraction >= 0.1,
+    'tied_size': lambda s: s.size_tied_to_background,
+}
+
+
+def specs(config):
+  return {'train': config.data.train.to_dict(),
+          **{k: v.to_dict() for k, v in config.data.evals.items()}}
+
+
+def test_default_variant_is_the_demo_as_it_was():
+  """The demo's data before the variants (shared_palette=True is cue='texture'), in full."""
+  former = dict(source='synthetic', image_size=64, seed=0, num_classes=2, majority=0.95,
+                object_size=(0.18, 0.28), cue='texture')
+  assert specs(DEMO.get_config('')) == {
+      'train': dict(former, num_examples=4096, split='train'),
+      'val': dict(former, num_examples=512, split='val'),
+      'test': dict(former, num_examples=1024, split='test')}
+  assert DEMO.get_config('').to_dict() == DEMO.get_config('variant=texture').to_dict()
+
+
+@pytest.mark.parametrize('name', sorted(MEANING))
+def test_every_variant_sets_its_sources_and_nothing_else(name):
+  assert set(DEMO.VARIANTS) == set(MEANING)
+  config, default = DEMO.get_config(f'variant={name}'), DEMO.get_config('')
+  for split, spec in specs(config).items():
+    source = factory.make_source(spec)
+    assert source.split == split and MEANING[name](source)
+    assert source[0]['image'].shape == (64, 64, 3)
+    former = specs(default)[split]
+    changed = {k for k in spec.keys() | former.keys() if spec.get(k) != former.get(k)}
+    assert changed == set(DEMO.VARIANTS[name])  # the same change in every split
+  rest, default_rest = config.to_dict(), default.to_dict()
+  for c in (rest, default_rest):
+    del c['data']['train'], c['data']['evals']
+  assert rest == default_rest  # the recipe itself is untouched
+
+
+def test_variant_combines_with_the_other_arguments():
+  c = DEMO.get_config('variant=colour,compare,seeds=3')
+  assert (c.compare.methods, c.compare.seeds) == (DEMO.COMPARE_METHODS, (0, 1, 2))
+  assert {s['cue'] for s in specs(c).values()} == {'colour'}
+  with pytest.raises(ValueError, match=r"unknown demo variant 'color'; known: \['texture', "
+                     r"'colour', 'both', .*'tied_size'\]"):
+    DEMO.get_config('variant=color,compare')

@@ -72,7 +72,7 @@ class SyntheticSpuriousSource(Source):
   `position_jitter` = 12% of the middle, a random object colour unrelated to label and
   background). Records are drawn on the fly, fully determined by (seed, split, index), and carry
   the exact object mask as `'fg_mask'` (uint8 [H, W], 1 on the object). Every image has one
-  object colour and two background colours.
+  object colour and two background colours (an objectless one, below, only the two).
 
   The settings make a family of benchmarks, each stressing one way the background can reach a
   masked model:
