@@ -139,21 +139,21 @@ def run_method(config: ml_collections.ConfigDict, workdir: epath.Path, name: str
   sub.mkdir(parents=True, exist_ok=True)
   start = time.time()
   _print(f'\n=== {name}, seed {seed} -> {sub}')
-  if name in presets.PRESETS:
-    cfg = preset_config(config, name, seed)
-    lead = jax.process_index() == 0
-    with workdir_lib.WorkdirLock(sub) if lead else contextlib.nullcontext():
+  lead = jax.process_index() == 0
+  with workdir_lib.WorkdirLock(sub) if lead else contextlib.nullcontext():
+    if name in presets.PRESETS:
+      cfg = preset_config(config, name, seed)
       changed = workdir_lib.check_config_change(sub, cfg)
       if lead:
         workdir_lib.record_config(sub, cfg, changed)
       result = train.train_and_evaluate(cfg, sub)
-    result = {'label': presets.PRESETS[name].label,
-              'backbone': features.describe_backbone(cfg.model),
-              'evals': result['evals'], 'step': result['step']}
-  else:
-    run = {'dfr': run_dfr, 'dar': run_dar, 'a2': run_a2}[name]
-    result = run(config, workdir, sub, seed)
-    result['settings'] = settings
+      result = {'label': presets.PRESETS[name].label,
+                'backbone': features.describe_backbone(cfg.model),
+                'evals': result['evals'], 'step': result['step']}
+    else:
+      run = {'dfr': run_dfr, 'dar': run_dar, 'a2': run_a2}[name]
+      result = run(config, workdir, sub, seed)
+      result['settings'] = settings
   result['wall_time_s'] = time.time() - start
   result = json.loads(json.dumps(result, default=_to_builtin))
   workdir_lib.replace_text(done, json.dumps(result, indent=1))

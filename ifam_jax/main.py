@@ -113,13 +113,13 @@ def main(argv: list[str]) -> None:
   if mode not in ('train', 'compare', 'import'):
     check_saved_params(workdir, which)
   lead = jax.process_index() == 0
-  if mode == 'compare':
+  if mode == 'compare':  # each method and seed locks its own folder: seeds may run side by side
     workdir.mkdir(parents=True, exist_ok=True)
     workdir_lib.check_writable(workdir)
-    with workdir_lib.WorkdirLock(workdir) if lead else contextlib.nullcontext():
-      if lead:
-        (workdir / 'config_compare.json').write_text(workdir_lib.config_as_json(config))
-      compare.run_compare(config, workdir, methods)
+    if lead:
+      workdir_lib.replace_text(workdir / 'config_compare.json',
+                               workdir_lib.config_as_json(config))
+    compare.run_compare(config, workdir, methods)
     return
   if mode == 'train':
     workdir.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def replace_text(path: epath.Path, text: str) -> None:
   if not is_local(path):
     path.write_text(text)
     return
-  tmp = path.with_name(path.name + '.tmp')
+  tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # writers in other processes too
   tmp.write_text(text)
   os.replace(tmp, path)
 

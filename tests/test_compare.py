@@ -124,3 +124,22 @@ def test_finished_method_is_not_rerun(tmp_path, monkeypatch):
   c.peers.dfr.n_retrain = 5  # a changed setting reruns the peer
   compare.run_method(c, workdir, 'dfr', 3)
   assert calls == [3, 3]
+
+
+def test_each_run_is_locked_not_the_workdir(tmp_path, monkeypatch):
+  """Seeds of one comparison may run in parallel processes: a run in use by a live process is
+  refused, another method or seed of the same workdir is not."""
+  c = demo_like()
+  workdir = epath.Path(tmp_path)
+  monkeypatch.setattr(compare, 'run_dfr', lambda config, workdir, sub, seed: {
+      'label': 'DFR', 'backbone': 'b', 'evals': {}, 'report': {}})
+  busy = tmp_path / 'dfr' / 'seed_0'
+  busy.mkdir(parents=True)
+  holder = {'host': __import__('socket').gethostname(), 'pid': __import__('os').getppid(),
+            'since': 'now'}
+  (busy / 'lock.json').write_text(json.dumps(holder))
+  (tmp_path / 'lock.json').write_text(json.dumps(holder))  # a lock on the workdir itself
+  with pytest.raises(RuntimeError, match='in use by another run'):
+    compare.run_method(c, workdir, 'dfr', 0)
+  assert compare.run_method(c, workdir, 'dfr', 1)['label'] == 'DFR'
+  assert not (tmp_path / 'dfr' / 'seed_1' / 'lock.json').exists()  # released

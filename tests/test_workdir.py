@@ -144,3 +144,15 @@ def test_batch_sizes_that_the_mesh_cannot_split_name_the_key_and_valid_values():
   assert 'global_batch_size=12' in str(e.value) and 'nearest valid values: 8 or 16' in str(e.value)
   with pytest.raises(ValueError, match=r'data.eval_batch_size=6 .* nearest valid values: 8 \('):
     sharding.check_batch_size('data.eval_batch_size', 6, mesh)
+
+
+def test_replace_text_leaves_another_writers_temporary_file_alone(tmp_path):
+  """Two processes replacing one file (parallel comparison seeds write compare.json) each write
+  their own temporary file."""
+  target = epath.Path(tmp_path) / 'compare.json'
+  other = tmp_path / 'compare.json.tmp'
+  other.write_text('half written by another process')
+  workdir_lib.replace_text(target, '{"seeds": [0]}')
+  assert target.read_text() == '{"seeds": [0]}'
+  assert other.read_text() == 'half written by another process'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['compare.json', 'compare.json.tmp']
