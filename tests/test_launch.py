@@ -27,6 +27,7 @@ def load(name):
 
 tpu = load('tpu')
 ssh_fanout = load('ssh_fanout')
+demo_family = load('demo_family')
 
 
 def dry_run(capsys, *args):
@@ -323,3 +324,50 @@ def test_sbatch_script(tmp_path):
       '--ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 --label python -m '
       'ifam_jax.main --config=configs/demo.py:a=1 --workdir=/shared/w --config.optim.lr=1e-5']
   assert subprocess.run(['bash', str(script)], env=env, capture_output=True).returncode == 2
+
+
+# ----------------------------------------------------------------------------
+# demo_family.py: the benchmark family's processes and table
+# ----------------------------------------------------------------------------
+def test_family_dry_run_is_one_compare_process_per_variant_and_seed(capsys, tmp_path):
+  assert demo_family.main(['--workdir', str(tmp_path), '--variants', 'texture,colour',
+                           '--methods', 'erm,ifam', '--seeds', '0,2', '--dry-run']) == 0
+  commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+  assert len(commands) == 4
+  assert commands[1][1:] == ['-m', 'ifam_jax.main', '--config=configs/demo.py:variant=texture',
+                             '--mode=compare', '--methods=erm,ifam',
+                             '--config.compare.seeds=(2,)', f'--workdir={tmp_path}/texture']
+
+
+def _compare_json(workdir, variant, worst):
+  rows = {name: {'label': name.upper(), 'seeds': [0, 1],
+                 'mean': {'accuracy': 0.9, 'worst_group_accuracy': w, 'leak_auroc': 0.75},
+                 'std': {'accuracy': 0.01, 'worst_group_accuracy': 0.02, 'leak_auroc': 0.05}}
+          for name, w in worst.items()}
+  (workdir / variant).mkdir(parents=True, exist_ok=True)
+  (workdir / variant / 'compare.json').write_text(json.dumps({'methods': rows}))
+
+
+def test_family_runs_every_job_names_failures_and_tables_the_rest(tmp_path, monkeypatch, capsys):
+  ran = []
+
+  def fake_run(command, log):
+    variant = command[3].rsplit('=', 1)[1]
+    seeds = command[6]
+    ran.append((variant, seeds))
+    if variant == 'colour' and seeds == '--config.compare.seeds=(1,)':
+      return 3
+    _compare_json(tmp_path, variant, {'erm': 0.5, 'ifam': 0.875})
+    return 0
+
+  monkeypatch.setattr(demo_family, 'run_logged', fake_run)
+  status = demo_family.main(['--workdir', str(tmp_path), '--variants', 'texture,colour',
+                             '--seeds', '0,1', '--parallel', '3'])
+  out = capsys.readouterr().out
+  assert status == 1 and 'colour, seed 1: FAILED (exit 3)' in out
+  # Four single-seed processes, then the table pass of the variant that finished, all seeds.
+  assert sorted(ran[:4]) == sorted((v, f'--config.compare.seeds=({s},)')
+                                   for v in ('texture', 'colour') for s in (0, 1))
+  assert ran[4:] == [('texture', '--config.compare.seeds=(0,1,)')]
+  assert '| texture | IFAM | 2 | 90.0 ± 1.0 | 87.5 ± 2.0 | 0.75 ± 0.05 | - |' in out
+  assert '| colour |' not in out
