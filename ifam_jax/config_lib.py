@@ -91,8 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
       evals={},
       # Class names of the folder-like sources ('folder', 'metashift'), in label order; () takes
       # the training split's class folders. Every eval split is labelled by this list, so one
-      # with other or fewer class folders keeps the model's labels.
+      # with other or fewer class folders keeps the model's labels. A Waterbirds-layout source
+      # ('waterbirds') takes two, for y = 0, 1 of its metadata; () = 'landbird', 'waterbird'.
       classes=(),
+      # The two places (place = 0, 1) of a Waterbirds-layout source; its groups are named
+      # '<class>/<place>'. () = Waterbirds' 'land', 'water'.
+      attribute_names=(),
       val_split='',  # the eval whose metric picks the "best" checkpoint; never a test split
       best_metric='accuracy',
       augment='cub_original',

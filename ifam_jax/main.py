@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ifam_jax import compare, evaluate, train, visualize
+from ifam_jax import compare, evaluate, factory, train, visualize
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 
@@ -135,8 +135,9 @@ def main(argv: list[str]) -> None:
   if mode == 'compare':
     compare.check_methods(methods, config)
   initialize_multihost()
-  if mode not in ('train', 'compare', 'import'):
+  if mode in READ_RUN_MODES:
     check_saved_params(workdir, which)
+    factory.use_saved_classes(config, workdir, which)
   lead = jax.process_index() == 0
   if mode == 'compare':
     workdir.mkdir(parents=True, exist_ok=True)

@@ -333,18 +333,22 @@ class MetricWriter:
       self.flushed, self.pending = time.monotonic(), False
 
 
-def read_step_metrics(workdir: str | os.PathLike, step: int) -> dict[str, dict[str, Any]]:
-  """{split: metrics} of the lines metrics.jsonl holds for `step` (the last line of each split)."""
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of metrics.jsonl, in order ([] before the first)."""
   path = epath.Path(workdir) / 'metrics.jsonl'
-  recorded = {}
+  records = []
   for line in path.read_text().splitlines() if path.exists() else ():
     try:
-      record = json.loads(line)
+      records.append(json.loads(line))
     except json.JSONDecodeError:  # a line cut short by a kill
       continue
-    if record.get('step') == step:
-      recorded[record['split']] = {k: v for k, v in record.items() if k not in ('step', 'split')}
-  return recorded
+  return records
+
+
+def read_step_metrics(workdir: str | os.PathLike, step: int) -> dict[str, dict[str, Any]]:
+  """{split: metrics} of the lines metrics.jsonl holds for `step` (the last line of each split)."""
+  return {record['split']: {k: v for k, v in record.items() if k not in ('step', 'split')}
+          for record in read_metrics(workdir) if record.get('step') == step}
 
 
 # ----------------------------------------------------------------------------
