@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -53,7 +55,8 @@ _METHODS = flags.DEFINE_list('methods', [], '--mode compare: the methods, e.g. '
                              'erm,ifam,late_mask,dfr,dar,a2 (default: the config\'s '
                              'compare.methods).')
 _SPLIT = flags.DEFINE_string('split', '', 'Eval split to draw pictures from (default: the '
-                             'validation split, else the first eval).')
+                             'validation split, else the first eval); its part galleries go to '
+                             '<workdir>/pictures/<which>/<split>/.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -106,7 +109,10 @@ def saved_config(mode: str, workdir: epath.Path) -> ml_collections.ConfigDict:
   try:
     config = workdir_lib.read_config(workdir)
   except FileNotFoundError as e:
-    raise app.UsageError(f'{e}; pass --config, the recipe the run was trained with') from None
+    hint = ('pass --config, the recipe the run was trained with'
+            if not (workdir / 'config_compare.json').exists() else
+            f'it holds a comparison: pass the --workdir of one run, {workdir}/<method>/seed_<s>')
+    raise app.UsageError(f'{e}; {hint}') from None
   config.lock()  # as config_flags locks a recipe's
   return config
 
@@ -127,7 +133,7 @@ def main(argv: list[str]) -> None:
   mode = _MODE.value
   workdir = epath.Path(_WORKDIR.value)
   which = _WHICH.value
-  config = _CONFIG.value or saved_config(mode, workdir)
+  config = saved_config(mode, workdir) if _CONFIG.value is None else _CONFIG.value
   check_flags(mode, config.model.num_parts)
   methods = _METHODS.value or list(config.compare.methods)
   if mode == 'train' and config.compare.methods:
@@ -180,5 +186,14 @@ def main(argv: list[str]) -> None:
     print(exchange.import_to_workdir(_SOURCE.value, config, workdir, which, _OVERWRITE.value))
 
 
+def check_overrides(argv: Sequence[str]) -> None:
+  """`--config.<key>=<value>` needs a --config to change; absl would only call it unknown."""
+  overrides = [a for a in argv if a.startswith('--config.')]
+  if overrides and not any(a == '--config' or a.startswith('--config=') for a in argv):
+    sys.exit(f'{overrides[0]} needs a --config to override; for the config of a trained run pass '
+             '--config=configs/from_workdir.py:<workdir>')
+
+
 if __name__ == '__main__':
+  check_overrides(sys.argv)
   app.run(main)

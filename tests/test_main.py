@@ -74,6 +74,13 @@ def test_without_config_the_modes_that_need_one_fail_clearly(tmp_path):
   assert f'{tmp_path / "config.json"} does not exist' in result.stderr, result.stderr[-2000:]
   assert 'pass --config' in result.stderr and 'Traceback' not in result.stderr
   assert list(tmp_path.iterdir()) == []
+  result = run_main(f'--workdir={tmp_path}', '--mode=eval', '--config.eval.splits=test')
+  assert ('--config.eval.splits=test needs a --config to override; for the config of a trained '
+          'run pass --config=configs/from_workdir.py:<workdir>') in result.stderr
+  (tmp_path / 'config_compare.json').write_text('{}')  # the folder of a comparison
+  result = run_main(f'--workdir={tmp_path}', '--mode=eval')
+  assert f'pass the --workdir of one run, {tmp_path}/<method>/seed_<s>' in result.stderr, \
+      result.stderr[-2000:]
 
 
 @pytest.fixture(scope='module')

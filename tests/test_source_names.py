@@ -127,6 +127,8 @@ def test_a_config_that_names_its_classes_or_has_its_folder_is_left_as_it_is(tmp_
 def test_named_groups_from_training_to_the_evaluation_of_its_saved_config(tmp_path, xla_cache):
   c = tiny(named_waterbirds_config(tmp_path, 'runlocal,baseline'))
   workdir = tmp_path / 'run'
+  workdir.mkdir()
+  workdir_lib.record_config(epath.Path(workdir), c, {})  # as the entry point does
   train.train_and_evaluate(c, workdir)
   logged = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   [val] = [m for m in logged if m['split'] == 'val']
