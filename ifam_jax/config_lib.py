@@ -8,6 +8,7 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -90,8 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
       evals={},
       # Class names of the folder-like sources ('folder', 'metashift'), in label order; () takes
       # the training split's class folders. Every eval split is labelled by this list, so one
-      # with other or fewer class folders keeps the model's labels.
+      # with other or fewer class folders keeps the model's labels. A Waterbirds-layout source
+      # ('waterbirds') takes two, for y = 0, 1 of its metadata; () = 'landbird', 'waterbird'.
       classes=(),
+      # The two places (place = 0, 1) of a Waterbirds-layout source; its groups are named
+      # '<class>/<place>'. () = Waterbirds' 'land', 'water'.
+      attribute_names=(),
       val_split='',  # the eval whose metric picks the "best" checkpoint; never a test split
       best_metric='accuracy',
       augment='cub_original',
@@ -178,6 +183,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
   return c
+
+
+def _like(value: Any, template: Any) -> Any:
+  """A JSON value with the sequence types of `template`: JSON turned every tuple into a list."""
+  if isinstance(value, Mapping):
+    known = template if isinstance(template, Mapping) else {}
+    restored = {k: _like(v, known.get(k)) for k, v in value.items()}
+    if 'source' in value or value.keys() - known.keys():  # a data spec, or a replaced dict
+      return restored
+    # Keys the JSON lacks were added since: the run had their defaults.
+    return {**restored, **{k: v for k, v in known.items() if k not in restored}}
+  if isinstance(value, list):
+    element = template[0] if isinstance(template, (list, tuple)) and template else None
+    items = [_like(v, element) for v in value]
+    return items if isinstance(template, list) else tuple(items)
+  return value
+
+
+def restore_config(tree: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The ConfigDict that `tree` (a config's JSON) was written from.
+
+  Sequences are lists where `base_config` holds a list (of tuples, as optim.group_rules) and
+  tuples elsewhere, as recipes write them. A key the JSON lacks was added to `base_config` since
+  it was written and takes its default there, except in the dicts a recipe writes whole: data
+  source specs (they name a 'source') and dicts with keys `base_config` lacks (the ERM's
+  optim.groups).
+  """
+  return ml_collections.ConfigDict(_like(tree, base_config().to_dict()))
 
 
 def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:

@@ -136,11 +136,10 @@ class _Session:
       raise ValueError(f'eval.splits {unknown} are not evals of this config; known: {known} '
                        "('bg_challenge' needs <IN-9 root>/fg_mask/val and only_bg_t/val)")
     splits = {}
-    classes = factory.training_classes(cfg)
     for name, (spec, transform) in specs.items():
       if cfg.eval.splits and name not in cfg.eval.splits:
         continue
-      source = factory.make_source(spec, classes)
+      source = factory.make_eval_source(cfg, spec)
       methods.check_sources(cfg.model.kind, {name: source})
       if spec['source'] == 'in9':
         class_map = None if source.num_classes == self.num_classes else self.in9_map()
@@ -225,7 +224,7 @@ def run_calibrate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   s = _Session(config, workdir, which)
   s.require_ifam('calibration')
-  source = factory.make_source(config.data.train, config.data.classes or None)
+  source = factory.make_train_source(config)
   calibration = thresholds.Calibration(source, s.eval_transform, config, s.batch_sharding,
                                        percentiles)
   step = s.jit(thresholds.make_calibration_step(s.graphdef, s.rest))

@@ -1,7 +1,11 @@
 """Config -> data sources, transforms and models: the builders every entry point shares.
 
-  make_source / make_eval_sources   a data source per config entry, eval splits labelled by the
-                                    training classes
+  make_train_source / make_eval_source(s)
+                                    a data source per config entry, eval splits labelled by the
+                                    training classes, all named by data.classes and
+                                    data.attribute_names
+  use_saved_classes                 the class names saved with a run's parameters, for
+                                    evaluating without its training folder
   make_transforms                   (train, eval) worker transforms of the configured recipe
   build_model / abstract_model      the configured method's model, with DINOv2 weights if set
   load_model                        that model with the parameters a run saved in its workdir
@@ -37,28 +41,44 @@ SOURCES = {
 # Sources labelled by their class folders, and the folder that holds those of a spec.
 FOLDER_SOURCES = {'folder': lambda spec: spec['root'],
                   'metashift': lambda spec: os.path.join(spec['root'], spec['split'])}
+# Sources of the Waterbirds layout, whose classes and places the config may name.
+NAMED_SOURCES = ('waterbirds',)
 
 
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
-def make_source(spec: Mapping[str, Any],
-                classes: Sequence[str] | None = None) -> data_lib.sources.Source:
+def make_source(spec: Mapping[str, Any], classes: Sequence[str] | None = None,
+                attribute_names: Sequence[str] = ()) -> data_lib.sources.Source:
   """A data source from a config entry such as dict(source='waterbirds', root=..., split=...).
 
   `classes` labels a folder-like source (`FOLDER_SOURCES`) by these names instead of its own
-  sorted class folders; other sources take their labels from their metadata and ignore it.
+  sorted class folders, and names the classes of a Waterbirds-layout source (`NAMED_SOURCES`),
+  whose places `attribute_names` names; other sources take their names from their metadata and
+  ignore both. `make_train_source` and `make_eval_source` pass the config's.
   """
   spec = dict(spec)
   kind = spec.pop('source')
   if kind not in SOURCES:
     raise ValueError(f'unknown data source {kind!r}; known: {sorted(SOURCES)}')
-  if classes is not None and kind in FOLDER_SOURCES:
+  if classes is not None and (kind in FOLDER_SOURCES or kind in NAMED_SOURCES):
     if spec.get('classes') is not None and list(spec['classes']) != list(classes):
       raise ValueError(f'{kind} source {spec.get("root")} sets classes {list(spec["classes"])}, '
                        f'but the training classes are {list(classes)}')
     spec['classes'] = list(classes)
+  if attribute_names and kind in NAMED_SOURCES:
+    spec['attribute_names'] = list(attribute_names)
   return SOURCES[kind](**spec)
+
+
+def make_train_source(config: ml_collections.ConfigDict) -> data_lib.sources.Source:
+  """The source of data.train, named by data.classes and data.attribute_names."""
+  kind = config.data.train.source
+  if config.data.attribute_names and kind not in NAMED_SOURCES:
+    raise ValueError(f'data.attribute_names names the places of a '
+                     f'{" or ".join(map(repr, NAMED_SOURCES))} source; data.train is a {kind!r} '
+                     'source')
+  return make_source(config.data.train, config.data.classes or None, config.data.attribute_names)
 
 
 def training_classes(config: ml_collections.ConfigDict) -> list[str] | None:
@@ -79,10 +99,33 @@ def training_classes(config: ml_collections.ConfigDict) -> list[str] | None:
                             'to evaluate without the training data') from None
 
 
+def make_eval_source(config: ml_collections.ConfigDict,
+                     spec: Mapping[str, Any]) -> data_lib.sources.Source:
+  """The source of an eval `spec`, labelled by the training classes (`training_classes`) and
+  named by data.attribute_names, as the training split is."""
+  return make_source(spec, training_classes(config), config.data.attribute_names)
+
+
 def make_eval_sources(config: ml_collections.ConfigDict) -> dict[str, data_lib.sources.Source]:
-  """The sources of data.evals, labelled by the training classes (`training_classes`)."""
-  classes = training_classes(config)
-  return {name: make_source(spec, classes) for name, spec in config.data.evals.items()}
+  """The sources of data.evals (`make_eval_source`)."""
+  return {name: make_eval_source(config, spec) for name, spec in config.data.evals.items()}
+
+
+def use_saved_classes(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                      which: str) -> None:
+  """Sets data.classes to the class names saved with <workdir>/params/<which> when the config
+  names none and the class folders of its training split are gone: a model trained on an image
+  folder is then evaluated without that folder. Raises `training_classes`' error when the
+  parameters carry no names."""
+  if config.data.classes or config.data.train.source not in FOLDER_SOURCES:
+    return
+  try:
+    training_classes(config)
+  except FileNotFoundError:
+    saved = (workdir_lib.read_params_info(workdir, which) or {}).get('class_names')
+    if not saved:
+      raise
+    config.data.classes = tuple(saved)
 
 
 def make_transforms(config: ml_collections.ConfigDict) -> tuple[Any, Any]:

@@ -1,7 +1,8 @@
 """Entry point: `python -m ifam_jax.main --config configs/<recipe>.py[:args] --workdir DIR`.
 
 The resolved config is written to <workdir>/config.json. Running the same command again resumes
-from the workdir's latest checkpoint. On a multi-host slice set IFAM_MULTIHOST=1 on every host
+from the workdir's latest checkpoint. The modes that read a trained run (`READ_RUN_MODES`) take
+that config when --config is not given. On a multi-host slice set IFAM_MULTIHOST=1 on every host
 (launch/ does) so that `jax.distributed.initialize()` runs (see `initialize_multihost`).
 """
 
@@ -9,18 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from collections.abc import Sequence
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ifam_jax import compare, evaluate, train, visualize
+from ifam_jax import compare, evaluate, factory, train, visualize
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file, optionally with :args.',
-                                          lock_config=True)
+# The modes that read a trained run: without --config they take the one in <workdir>/config.json.
+READ_RUN_MODES = ('eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export')
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Recipe file, optionally with :args. Needed by --mode train, compare and '
+    "import; the other modes default to the run's <workdir>/config.json, whose settings "
+    '--config=configs/from_workdir.py:<workdir> --config.<key>=<value> overrides.',
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the resolved config: '
                                 'a local directory or gs://bucket/path.')
 _MODE = flags.DEFINE_enum(
@@ -45,8 +55,9 @@ _METHODS = flags.DEFINE_list('methods', [], '--mode compare: the methods, e.g. '
                              'erm,ifam,late_mask,dfr,dar,a2 (default: the config\'s '
                              'compare.methods).')
 _SPLIT = flags.DEFINE_string('split', '', 'Eval split to draw pictures from (default: the '
-                             'validation split, else the first eval).')
-flags.mark_flags_as_required(['config', 'workdir'])
+                             'validation split, else the first eval); its part galleries go to '
+                             '<workdir>/pictures/<which>/<split>/.')
+flags.mark_flags_as_required(['workdir'])
 
 
 def initialize_multihost() -> None:
@@ -85,10 +96,30 @@ def check_flags(mode: str, num_parts: int) -> None:
     raise app.UsageError('--mode import needs --source')
 
 
-def check_saved_params(workdir: epath.Path, which: str) -> None:
-  """The modes that read a run's parameters find them before they create anything."""
+def check_workdir_exists(workdir: epath.Path) -> None:
   if workdir_lib.is_local(workdir) and not workdir.is_dir():
     raise app.UsageError(f'--workdir {workdir} does not exist; pass the workdir of a trained run')
+
+
+def saved_config(mode: str, workdir: epath.Path) -> ml_collections.ConfigDict:
+  """The config the run in `workdir` was trained with, for a mode given no --config."""
+  if mode not in READ_RUN_MODES:
+    raise app.UsageError(f'--mode {mode} needs --config=<recipe file>[:args]')
+  check_workdir_exists(workdir)
+  try:
+    config = workdir_lib.read_config(workdir)
+  except FileNotFoundError as e:
+    hint = ('pass --config, the recipe the run was trained with'
+            if not (workdir / 'config_compare.json').exists() else
+            f'it holds a comparison: pass the --workdir of one run, {workdir}/<method>/seed_<s>')
+    raise app.UsageError(f'{e}; {hint}') from None
+  config.lock()  # as config_flags locks a recipe's
+  return config
+
+
+def check_saved_params(workdir: epath.Path, which: str) -> None:
+  """The modes that read a run's parameters find them before they create anything."""
+  check_workdir_exists(workdir)
   if workdir_lib.read_params_info(workdir, which) is None:
     raise FileNotFoundError(f'no saved parameters at {workdir / "params" / which} '
                             f'(--which {which}); train first, or pick another --which')
@@ -99,8 +130,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter off; progress is printed
-  config = _CONFIG.value
   mode = _MODE.value
+  workdir = epath.Path(_WORKDIR.value)
+  which = _WHICH.value
+  config = saved_config(mode, workdir) if _CONFIG.value is None else _CONFIG.value
   check_flags(mode, config.model.num_parts)
   methods = _METHODS.value or list(config.compare.methods)
   if mode == 'train' and config.compare.methods:
@@ -108,10 +141,9 @@ def main(argv: list[str]) -> None:
   if mode == 'compare':
     compare.check_methods(methods, config)
   initialize_multihost()
-  workdir = epath.Path(_WORKDIR.value)
-  which = _WHICH.value
-  if mode not in ('train', 'compare', 'import'):
+  if mode in READ_RUN_MODES:
     check_saved_params(workdir, which)
+    factory.use_saved_classes(config, workdir, which)
   lead = jax.process_index() == 0
   if mode == 'compare':  # each method and seed locks its own folder: seeds may run side by side
     workdir.mkdir(parents=True, exist_ok=True)
@@ -154,5 +186,14 @@ def main(argv: list[str]) -> None:
     print(exchange.import_to_workdir(_SOURCE.value, config, workdir, which, _OVERWRITE.value))
 
 
+def check_overrides(argv: Sequence[str]) -> None:
+  """`--config.<key>=<value>` needs a --config to change; absl would only call it unknown."""
+  overrides = [a for a in argv if a.startswith('--config.')]
+  if overrides and not any(a == '--config' or a.startswith('--config=') for a in argv):
+    sys.exit(f'{overrides[0]} needs a --config to override; for the config of a trained run pass '
+             '--config=configs/from_workdir.py:<workdir>')
+
+
 if __name__ == '__main__':
+  check_overrides(sys.argv)
   app.run(main)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
 import os
 import time
@@ -239,6 +240,17 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items()}
 
 
+def unselective_best(split: str, metric: str, values: Sequence[float]) -> str | None:
+  """The warning when the validation metric had one value at every evaluation: params/best then
+  holds the first evaluation's parameters, which nothing chose (e.g. a worst-group accuracy
+  stuck at 0). None otherwise."""
+  if len(values) < 2 or len(set(values)) > 1:
+    return None
+  return (f'validation {metric} was {values[0]:.4g} at every evaluation ({len(values)}): '
+          "params/best is the first evaluation's, it selected nothing. Check that the model "
+          f'learns on {split!r}, or pick another data.best_metric.')
+
+
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
@@ -260,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     sharding.check_batch_size('data.eval_batch_size', config.data.eval_batch_size, mesh)
   patch = factory.vit_from_config(config.model).patch_size
   data_lib.check_image_size(config.model.image_size, patch)
-  train_source = factory.make_source(config.data.train, config.data.classes or None)
+  train_source = factory.make_train_source(config)
   eval_sources = factory.make_eval_sources(config)
   if config.data.val_split and config.data.val_split not in eval_sources:
     raise ValueError(f'data.val_split {config.data.val_split!r} is not one of the evals '
@@ -366,7 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       best_so_far = value
       workdir_lib.save_params(workdir_path, 'best', eval_params(), frozen,
                   {'step': step, 'num_classes': num_classes, 'split': config.data.val_split,
-                   'metric': config.data.best_metric, 'value': value})
+                   'metric': config.data.best_metric, 'value': value,
+                   'class_names': train_source.class_names})
 
   def run_evals(step: int, names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     params = eval_params()
@@ -457,6 +470,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     train_scalars = _scalars(jax.device_get(metrics))
   summary = {'step': total_steps, 'evals': results, 'train': train_scalars}
   writer.flush()
-  workdir_lib.save_params(workdir_path, 'final', eval_params(), frozen, {'num_classes': num_classes,
-                                                             **summary})
+  workdir_lib.save_params(workdir_path, 'final', eval_params(), frozen, {
+      'num_classes': num_classes, 'class_names': train_source.class_names, **summary})
+  if config.data.val_split:
+    values = [m[config.data.best_metric] for m in workdir_lib.read_metrics(workdir_path)
+              if m['split'] == config.data.val_split and config.data.best_metric in m]
+    if warning := unselective_best(config.data.val_split, config.data.best_metric, values):
+      logging.warning('%s', warning)
+      summary['unselective_best'] = warning
+      best = workdir_lib.read_params_info(workdir_path, 'best')
+      if jax.process_index() == 0 and best is not None:  # params/best.json says so too
+        workdir_lib.replace_text(workdir_path / 'params' / 'best.json', json.dumps(
+            {**best, 'selected_nothing': True, 'warning': warning}, indent=2) + '\n')
   return summary

@@ -184,19 +184,24 @@ def part_galleries(model, config: ml_collections.ConfigDict, source, pool: int, 
 def run_visualize(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                   which: str = 'final', split: str = '', num_images: int = 8,
                   gallery_pool: int = 256, gallery_size: int = 6) -> list[epath.Path]:
-  """Writes the pictures of <workdir>/params/<which> under <workdir>/pictures/<which>/."""
+  """Writes the pictures of <workdir>/params/<which> under <workdir>/pictures/<which>/, those of
+  one split (the part galleries) under <which>/<split>/."""
   workdir = epath.Path(workdir)
-  split = split or config.data.val_split or next(iter(config.data.evals), '')
+  if not split:
+    split = config.data.val_split or next(iter(config.data.evals), '')
+    if jax.process_index() == 0:
+      default = 'data.val_split' if config.data.val_split else 'the first of data.evals'
+      print(f'drawing from split {split!r} ({default}; --split picks another)', flush=True)
   if split not in config.data.evals:
     raise ValueError(f'no eval split {split!r} to draw from; configured: '
                      f'{sorted(config.data.evals)}')
   model = factory.load_model(config, workdir, which)
-  source = factory.make_source(config.data.evals[split], factory.training_classes(config))
+  source = factory.make_eval_source(config, config.data.evals[split])
   out_dir = workdir / 'pictures' / which
   paths = [example_grid(model, config, source, examples_per_group(source, num_images),
                         out_dir / f'examples_{split}.png')]
   if methods.get(config.model.kind).has_mask:
-    paths += part_galleries(model, config, source, gallery_pool, gallery_size, out_dir)
+    paths += part_galleries(model, config, source, gallery_pool, gallery_size, out_dir / split)
   loo = workdir / 'eval' / which / 'leave_one_out.json'
   if loo.exists():  # written by --mode leave_one_out
     for name, rows in json.loads(loo.read_text())['splits'].items():

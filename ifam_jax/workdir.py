@@ -3,6 +3,7 @@
   check_writable      every folder a run writes to accepts a file, tested before any work
   WorkdirLock         one training run per workdir: <workdir>/lock.json names its holder
   check_config_change a rerun's config against the one the workdir was trained with
+  read_config         that config as the ConfigDict it was (the evaluation modes' default)
   MetricWriter        metrics.jsonl, rewritten past the checkpoint a resumed run starts from
   save_params / read_params_info
                       params/{final,best,imported}, or train checkpoint N as 'step_<N>'
@@ -31,6 +32,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from ifam_jax import config_lib
 
 
 # Folders a run writes below its workdir; each that exists is probed at start.
@@ -236,6 +239,9 @@ def check_config_change(workdir: epath.Path, config: ml_collections.ConfigDict,
     raise ValueError(f'{path} is not valid JSON ({e}); restore it, or pass another '
                      '--workdir') from None
   new = _flatten(json.loads(config_as_json(config)))
+  # A key the old config lacks was added to base_config since: the run had its default.
+  defaults = _flatten(json.loads(config_as_json(config_lib.base_config())))
+  old = {**{k: defaults[k] for k in new.keys() & defaults.keys()}, **old}
   changed = {k: {'old': old.get(k), 'new': new.get(k)} for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k)}
   refused = [k for k in changed if not _resumable(k)]
@@ -260,6 +266,19 @@ def record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
     print(f'Resuming with changed settings (recorded in {log}): ' + ', '.join(
         f'{k} {v["old"]!r} -> {v["new"]!r}' for k, v in changed.items()), flush=True)
   replace_text(workdir / 'config.json', config_as_json(config))
+
+
+def read_config(workdir: epath.Path) -> ml_collections.ConfigDict:
+  """<workdir>/config.json, written when the run trained, as the ConfigDict it was written from
+  (`config_lib.restore_config`)."""
+  path = workdir / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist: {workdir} holds no trained run')
+  try:
+    tree = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); restore it, or pass --config') from None
+  return config_lib.restore_config(tree)
 
 
 # ----------------------------------------------------------------------------
@@ -314,18 +333,22 @@ class MetricWriter:
       self.flushed, self.pending = time.monotonic(), False
 
 
-def read_step_metrics(workdir: str | os.PathLike, step: int) -> dict[str, dict[str, Any]]:
-  """{split: metrics} of the lines metrics.jsonl holds for `step` (the last line of each split)."""
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of metrics.jsonl, in order ([] before the first)."""
   path = epath.Path(workdir) / 'metrics.jsonl'
-  recorded = {}
+  records = []
   for line in path.read_text().splitlines() if path.exists() else ():
     try:
-      record = json.loads(line)
+      records.append(json.loads(line))
     except json.JSONDecodeError:  # a line cut short by a kill
       continue
-    if record.get('step') == step:
-      recorded[record['split']] = {k: v for k, v in record.items() if k not in ('step', 'split')}
-  return recorded
+  return records
+
+
+def read_step_metrics(workdir: str | os.PathLike, step: int) -> dict[str, dict[str, Any]]:
+  """{split: metrics} of the lines metrics.jsonl holds for `step` (the last line of each split)."""
+  return {record['split']: {k: v for k, v in record.items() if k not in ('step', 'split')}
+          for record in read_metrics(workdir) if record.get('step') == step}
 
 
 # ----------------------------------------------------------------------------

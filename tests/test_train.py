@@ -715,3 +715,13 @@ def test_packed_train_step_matches_the_dense_step():
   with pytest.raises(ValueError, match='fractions'):
     train.stage2_capacities((0.5, 1.5), 16)
   assert train.stage2_capacities((0.0, 0.3, 0.5), 16) == (0, 5, 8, 16)
+
+
+def test_a_validation_metric_that_never_changed_selected_nothing():
+  message = ("validation worst_group_accuracy was 0 at every evaluation (3): params/best is the "
+             "first evaluation's, it selected nothing. Check that the model learns on 'val', or "
+             'pick another data.best_metric.')
+  assert train.unselective_best('val', 'worst_group_accuracy', [0.0, 0.0, 0.0]) == message
+  assert train.unselective_best('val', 'accuracy', [0.5, 0.5, 0.75]) is None
+  assert train.unselective_best('val', 'accuracy', [0.5]) is None  # one evaluation: no choice
+  assert train.unselective_best('val', 'accuracy', []) is None

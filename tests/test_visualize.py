@@ -38,7 +38,12 @@ def test_run_visualize_on_a_trained_workdir(tmp_path):
   config = get_config('steps=2')
   train.train_and_evaluate(config, tmp_path)
   paths = visualize.run_visualize(config, tmp_path, gallery_pool=8, gallery_size=3)
-  names = sorted(p.name for p in paths)
-  assert names == ['examples_val.png', 'part_0.png']
+  pictures = tmp_path / 'pictures' / 'final'
+  assert sorted(paths) == [pictures / 'examples_val.png', pictures / 'val' / 'part_0.png']
   for path in paths:
     assert Image.open(path).size[0] > 64
+  # Another split's pictures go beside these, not over them.
+  val_gallery = (pictures / 'val' / 'part_0.png').read_bytes()
+  paths = visualize.run_visualize(config, tmp_path, split='test', gallery_pool=8, gallery_size=3)
+  assert sorted(paths) == [pictures / 'examples_test.png', pictures / 'test' / 'part_0.png']
+  assert (pictures / 'val' / 'part_0.png').read_bytes() == val_gallery

@@ -214,18 +214,35 @@ def _int_field(value: str, where: str, column: str) -> int:
     raise ValueError(f'{where}: {column}={value!r} is not an integer') from None
 
 
+def _check_names(names: Sequence[str], flag: str, what: str) -> None:
+  """Two names, for the values 0 and 1 of a metadata column; no '/', which joins group names."""
+  if len(names) != 2:
+    raise ValueError(f'{flag} must name its 2 {what}, got {list(names)}')
+  for name in names:
+    if '/' in name:
+      raise ValueError(f"{flag}: {name!r} holds a '/', which separates the class from the place "
+                       'in group names')
+
+
 class WaterbirdsSource(FileSource):
   """Waterbirds from `root/metadata.csv` (img_filename, y, split, place); images under root.
 
-  y: 0 landbird, 1 waterbird; place: 0 land, 1 water; group = 2 * y + place.
+  y: 0 landbird, 1 waterbird; place: 0 land, 1 water; group = 2 * y + place, named
+  '<class>/<place>'. Another data set in this layout names its two classes (y) and two places
+  by `classes` and `attribute_names` (the config's data.classes and data.attribute_names).
   """
 
-  def __init__(self, root: str | os.PathLike, split: str):
+  def __init__(self, root: str | os.PathLike, split: str, classes: Sequence[str] | None = None,
+               attribute_names: Sequence[str] | None = None):
     root = pathlib.Path(root)
     if split not in WATERBIRDS_SPLITS:
       raise ValueError(f'Waterbirds split must be one of {list(WATERBIRDS_SPLITS)}, got {split!r}')
     _require_dir(root, 'Waterbirds root')
     meta = root / 'metadata.csv'
+    class_names = list(classes or ('landbird', 'waterbird'))
+    places = list(attribute_names or ('land', 'water'))
+    _check_names(class_names, 'data.classes', f'classes (y = 0, 1 in {meta})')
+    _check_names(places, 'data.attribute_names', f'places (place = 0, 1 in {meta})')
     _require_file(meta, 'Waterbirds metadata')
     try:
       with open(meta, newline='', encoding='utf-8-sig') as f:  # Excel writes a byte-order mark
@@ -249,10 +266,12 @@ class WaterbirdsSource(FileSource):
         labels.append(y)
         groups.append(2 * y + place)
     _check_files_exist(paths, f'Waterbirds metadata {meta}')
-    self.class_names = ['landbird', 'waterbird']
-    self.group_names = ['landbird/land', 'landbird/water', 'waterbird/land', 'waterbird/water']
+    self.class_names = class_names
+    self.group_names = [f'{name}/{place}' for name in class_names for place in places]
     super().__init__(paths, labels, groups)
-    self._repr = describe('WaterbirdsSource', root=str(root), split=split)
+    named = {k: list(v) for k, v in (('classes', classes), ('attribute_names', attribute_names))
+             if v}  # stable old reprs
+    self._repr = describe('WaterbirdsSource', root=str(root), split=split, **named)
 
 
 def _read_id_table(path: pathlib.Path) -> dict[int, str]:
