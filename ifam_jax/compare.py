@@ -67,6 +67,7 @@ def check_methods(methods: Sequence[str], config: ml_collections.ConfigDict) -> 
     raise ValueError(f'--methods lists a method twice: {list(methods)}')
   if not config.compare.seeds:
     raise ValueError('compare.seeds is empty')
+  factory.check_data_specs(config)
   extractor = config.peers.extractor
   if any(m in ('dfr', 'dar') for m in methods):
     if extractor not in features.EXTRACTORS:
@@ -78,7 +79,7 @@ def check_methods(methods: Sequence[str], config: ml_collections.ConfigDict) -> 
   table_split(config)
   kinds = {preset_config(config, m, 0).model.kind for m in methods if m in presets.PRESETS}
   if any(methods_lib.get(kind).batch_inputs for kind in kinds):  # e.g. ground-truth masks
-    sources = {'data.train': factory.make_source(config.data.train, config.data.classes or None),
+    sources = {'data.train': factory.make_train_source(config),
                **{f'data.evals.{k}': v for k, v in factory.make_eval_sources(config).items()}}
     for kind in kinds:
       methods_lib.check_sources(kind, sources)
@@ -176,7 +177,7 @@ class _Splits:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.train = factory.make_source(config.data.train, config.data.classes or None)
+    self.train = factory.make_train_source(config)
     self.evals = factory.make_eval_sources(config)
     self.transform = factory.make_transforms(config)[1]
     self.num_classes = self.train.num_classes
@@ -397,7 +398,7 @@ def run_a2(config: ml_collections.ConfigDict, workdir: epath.Path, sub: epath.Pa
 # ----------------------------------------------------------------------------
 def train_group_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
   """Examples per group of the training split, by group name (for the train-weighted mean)."""
-  source = factory.make_source(config.data.train, config.data.classes or None)
+  source = factory.make_train_source(config)
   if not source.group_names or not hasattr(source, 'groups'):
     return {}
   counts = np.bincount(np.asarray(source.groups), minlength=source.num_groups)

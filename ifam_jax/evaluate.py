@@ -225,7 +225,7 @@ def run_calibrate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """
   s = _Session(config, workdir, which)
   s.require_ifam('calibration')
-  source = factory.make_source(config.data.train, config.data.classes or None)
+  source = factory.make_train_source(config)
   calibration = thresholds.Calibration(source, s.eval_transform, config, s.batch_sharding,
                                        percentiles)
   step = s.jit(thresholds.make_calibration_step(s.graphdef, s.rest))

@@ -1,7 +1,7 @@
 """Config -> data sources, transforms and models: the builders every entry point shares.
 
-  make_source / make_eval_sources   a data source per config entry, eval splits labelled by the
-                                    training classes
+  make_source / make_train_source   a data source per config entry (checked: `check_spec`), eval
+    / make_eval_sources             splits labelled by the training classes
   make_transforms                   (train, eval) worker transforms of the configured recipe
   build_model / abstract_model      the configured method's model, with DINOv2 weights if set
   load_model                        that model with the parameters a run saved in its workdir
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,23 +43,54 @@ FOLDER_SOURCES = {'folder': lambda spec: spec['root'],
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
-def make_source(spec: Mapping[str, Any],
-                classes: Sequence[str] | None = None) -> data_lib.sources.Source:
+def check_spec(spec: Mapping[str, Any], name: str = 'data spec') -> None:
+  """A spec names a known source and exactly the keys it takes: one left over from another
+  source (synthetic's num_examples on a waterbirds spec) fails here, naming `name` (e.g.
+  'data.train', 'data.evals.val') and the keys, instead of as a TypeError of the source."""
+  kind = spec.get('source')
+  if kind not in SOURCES:
+    raise ValueError(f'{name}: unknown data source {kind!r}; known: {sorted(SOURCES)}')
+  params = inspect.signature(SOURCES[kind]).parameters
+  keys = set(spec) - {'source'}
+  unknown = sorted(keys - set(params))
+  missing = sorted(k for k, p in params.items() if p.default is p.empty and k not in keys)
+  if unknown or missing:
+    problems = ([f'takes no key(s) {unknown}'] if unknown else []) + (
+        [f'needs key(s) {missing}'] if missing else [])
+    raise ValueError(f'{name}: the {kind!r} source {" and ".join(problems)}; its keys are '
+                     f'{sorted(params)} (to train on a data set of your own, give the recipe '
+                     'its folder, e.g. configs/demo.py:root=<folder>)')
+
+
+def check_data_specs(config: ml_collections.ConfigDict) -> None:
+  """`check_spec` of data.train and every data.evals entry, reading nothing from disk."""
+  check_spec(config.data.train, 'data.train')
+  for name, spec in config.data.evals.items():
+    check_spec(spec, f'data.evals.{name}')
+
+
+def make_source(spec: Mapping[str, Any], classes: Sequence[str] | None = None,
+                name: str = 'data spec') -> data_lib.sources.Source:
   """A data source from a config entry such as dict(source='waterbirds', root=..., split=...).
 
   `classes` labels a folder-like source (`FOLDER_SOURCES`) by these names instead of its own
   sorted class folders; other sources take their labels from their metadata and ignore it.
+  `name` is where the spec sits in the config, for errors (`check_spec`).
   """
+  check_spec(spec, name)
   spec = dict(spec)
   kind = spec.pop('source')
-  if kind not in SOURCES:
-    raise ValueError(f'unknown data source {kind!r}; known: {sorted(SOURCES)}')
   if classes is not None and kind in FOLDER_SOURCES:
     if spec.get('classes') is not None and list(spec['classes']) != list(classes):
       raise ValueError(f'{kind} source {spec.get("root")} sets classes {list(spec["classes"])}, '
                        f'but the training classes are {list(classes)}')
     spec['classes'] = list(classes)
   return SOURCES[kind](**spec)
+
+
+def make_train_source(config: ml_collections.ConfigDict) -> data_lib.sources.Source:
+  """The source of data.train, labelled by data.classes if set."""
+  return make_source(config.data.train, config.data.classes or None, 'data.train')
 
 
 def training_classes(config: ml_collections.ConfigDict) -> list[str] | None:
@@ -82,7 +114,8 @@ def training_classes(config: ml_collections.ConfigDict) -> list[str] | None:
 def make_eval_sources(config: ml_collections.ConfigDict) -> dict[str, data_lib.sources.Source]:
   """The sources of data.evals, labelled by the training classes (`training_classes`)."""
   classes = training_classes(config)
-  return {name: make_source(spec, classes) for name, spec in config.data.evals.items()}
+  return {name: make_source(spec, classes, f'data.evals.{name}')
+          for name, spec in config.data.evals.items()}
 
 
 def make_transforms(config: ml_collections.ConfigDict) -> tuple[Any, Any]:

@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ifam_jax import compare, evaluate, train, visualize
+from ifam_jax import compare, config_lib, evaluate, train, visualize
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 
@@ -155,4 +155,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

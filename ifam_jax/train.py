@@ -260,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     sharding.check_batch_size('data.eval_batch_size', config.data.eval_batch_size, mesh)
   patch = factory.vit_from_config(config.model).patch_size
   data_lib.check_image_size(config.model.image_size, patch)
-  train_source = factory.make_source(config.data.train, config.data.classes or None)
+  train_source = factory.make_train_source(config)
   eval_sources = factory.make_eval_sources(config)
   if config.data.val_split and config.data.val_split not in eval_sources:
     raise ValueError(f'data.val_split {config.data.val_split!r} is not one of the evals '
