@@ -9,7 +9,12 @@ of the patches at the object's edge, which stage 2 does see.
   python -m ifam_jax.main --config configs/demo.py --workdir /tmp/ifam_demo
 
 Arguments (`configs/demo.py:steps=200,baseline`): `steps` caps training, `baseline` trains only
-the ERM model, `ifam_only` skips it.
+the ERM model, `ifam_only` skips it, `root` trains the same recipe on a folder of one's own
+instead of the synthetic data (`config_lib.folder_data`): a Waterbirds-layout folder
+(metadata.csv with columns img_filename, y, split, place; images under the folder), else image
+folders train/<class>/..., val/<class>/... and optionally test/<class>/...; no weights needed.
+
+  python -m ifam_jax.main --config configs/demo.py:root=/data/my_birds --workdir /tmp/my_birds
 
 `compare` puts iFAM beside every peer that needs no pretrained weights (ifam_jax/compare.py):
 late masking, early and late masking with the ground-truth masks, DFR and DAR on the ERM run's
@@ -32,7 +37,7 @@ ifam_jax/data/synthetic.py over the demo's, in every split; the demo's own in br
   python -m ifam_jax.main --config configs/demo.py:variant=colour,compare,seeds=3 --workdir DIR
 """
 
-from ifam_jax import config_lib, optim
+from ifam_jax import config_lib
 
 # Each variant's settings of the synthetic source, over the demo's (see the docstring).
 VARIANTS = {
@@ -49,13 +54,15 @@ VARIANTS = {
 
 def get_config(arg: str | None = None):
   arg = config_lib.parse_arg(arg, steps=0, baseline=False, ifam_only=False, compare=False,
-                             seeds=1, variant='texture')
+                             seeds=1, variant='texture', root='')
   if arg.variant not in VARIANTS:
     raise ValueError(f'unknown demo variant {arg.variant!r}; known: {list(VARIANTS)}')
+  if arg.root and arg.variant != 'texture':
+    raise ValueError(f'variant={arg.variant} picks synthetic data and root= a folder of your '
+                     'own; pass one of them')
   c = config_lib.base_config()
   c.seed = 0
-  c.global_batch_size = 64
-  c.total_epochs = 8
+  config_lib.tiny_from_scratch(c)  # a 3-block ViT at 64 px, every group at lr 5e-4
   c.max_steps = arg.steps
   # iFAM against ERM (ifam_jax/compare.py) on the test split, in <workdir>/{ifam,erm}/seed_0.
   c.compare.methods = () if arg.baseline or arg.ifam_only else ('ifam', 'erm')
@@ -72,26 +79,15 @@ def get_config(arg: str | None = None):
   c.data.augment = 'none'
   c.data.num_workers = 0
   c.data.eval_batch_size = 256
-
-  c.model.variant = 'S/8'
-  c.model.image_size = 64
-  c.model.dtype = 'float32'
-  c.model.num_parts = 1
-  c.model.vit_overrides = dict(width=64, depth=3, num_heads=4, mlp_hidden=128)
-
-  # From scratch: every backbone trains, at one learning rate for all groups.
-  c.optim.lr = 5e-4
-  c.optim.warmup_epochs = 1.0
-  c.optim.lr_schedule_unit = 'step'
-  c.optim.groups = optim.ifam_groups(freeze_backbone=False, finer_lr_factor=1.0,
-                                     modulation_lr_factor=1.0, scratch_lr_factor=1.0)
-  c.loss.presence_group_size = 0
+  if arg.root:
+    config_lib.folder_data(c, arg.root)
 
   c.log_every_steps = 25
   c.eval_every_epochs = 2.0
   c.checkpoint_every_steps = 100
   if arg.compare:
-    c.compare.methods = COMPARE_METHODS
+    # A folder of one's own has no ground-truth masks.
+    c.compare.methods = tuple(m for m in COMPARE_METHODS if not (arg.root and m.endswith('_gt')))
     c.compare.seeds = tuple(range(arg.seeds))
     c.peers.a2.crop_sizes = (24,)  # about A²'s 64 px crop in a 224 px image, at 64 px
   if arg.baseline:

@@ -12,8 +12,10 @@ wnids = the standard label indices), or with `data=tfds` the TFDS `imagenet2012`
 prepared as ArrayRecord in `tfds_dir` (default: TFDS's own data dir) without TensorFlow by
 `python -m ifam_jax.data.prepare_imagenet --source <folder or official tars> --data_dir <dir>`.
 Arguments:
-`num_parts=K` (default 1, the paper's), `baseline` (the ERM row), `runlocal` (a few steps of a
-random tiny ViT on a laptop CPU).
+`num_parts=K` (default 1, the paper's), `baseline` (the ERM row), `tiny` (no weights: the demo's
+small ViT trained from scratch, 64 px, batch 64, one lr 5e-4, 8 epochs, which on ImageNet are
+160k steps), `runlocal` (a smoke test of the code path, not a model that learns: 20 steps of a
+random 2-block ViT at 224 px, batch 8 and the paper's learning rates).
 
 The reference's ImageNet run: AMP (bfloat16 compute) and an EMA of decay 0.9999 (timm
 ModelEmaV3 with warmup), which is what evaluation and <workdir>/params hold; timm

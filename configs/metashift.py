@@ -7,7 +7,10 @@
 
 `root` holds `train/{cat,dog}/<context>/` and `test/{cat,dog}/<context>/` (the DISC subset).
 Arguments: `num_parts=K` (default 1; the paper reports K = 1, 2, 4, 8), `baseline` (the ERM
-row), `runlocal` (a few steps of a random tiny ViT on a laptop CPU).
+row), `tiny` (no weights: the demo's small ViT trained from scratch on MetaShift, 64 px, batch
+64, one lr 5e-4, 8 epochs, sized for a CPU), `runlocal` (a smoke test of the code path, not a
+model that learns: 20 steps of a random 2-block ViT at 224 px, batch 8 and the paper's learning
+rates).
 
 MetaShift has no validation split, so nothing selects a "best" checkpoint: report
 <workdir>/params/final (the reference picks its checkpoint on test accuracy). The test set holds

@@ -57,7 +57,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from ifam_jax import data as data_lib
-from ifam_jax import factory, methods, optim, sharding, train
+from ifam_jax import config_lib, factory, methods, optim, sharding, train
 from ifam_jax.apply import apply
 from ifam_jax.models import fast_attention, ifam, vit
 
@@ -580,4 +580,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

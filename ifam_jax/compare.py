@@ -67,6 +67,7 @@ def check_methods(methods: Sequence[str], config: ml_collections.ConfigDict) -> 
     raise ValueError(f'--methods lists a method twice: {list(methods)}')
   if not config.compare.seeds:
     raise ValueError('compare.seeds is empty')
+  factory.check_data_specs(config)
   extractor = config.peers.extractor
   if any(m in ('dfr', 'dar') for m in methods):
     if extractor not in features.EXTRACTORS:

@@ -2,16 +2,21 @@
 
 Every knob the trainer reads is declared here with the reference's value, so a recipe only
 states what differs and a typo in a command-line override (`--config.optim.lrr=...`) is an error
-instead of a silently ignored setting.
+instead of a silently ignored setting; `parse_flags` names the key and says what the config has.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
 from ifam_jax import losses, optim
 
@@ -213,8 +218,16 @@ def restore_config(tree: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_like(tree, base_config().to_dict()))
 
 
+# ----------------------------------------------------------------------------
+# Recipe pieces
+# ----------------------------------------------------------------------------
 def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
-  """`runlocal`: a few small steps on a laptop CPU with the same code path."""
+  """`runlocal`: a smoke test of the code path, not a model that learns.
+
+  20 steps of a random 2-block ViT at batch 8, at the recipe's resolution and with its paper
+  learning rates and factors (1e4 on the new heads), which suit a pretrained backbone only.
+  `tiny_from_scratch` is the small recipe that trains.
+  """
   c.global_batch_size = 8
   c.total_epochs = 1
   c.model.dtype = 'float32'
@@ -228,18 +241,69 @@ def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
   c.checkpoint_every_steps = 10
 
 
+def tiny_from_scratch(c: ml_collections.ConfigDict) -> None:
+  """The demo's model and optimisation: a 3-block ViT of width 64 at 64 px, trained from random
+  weights for 8 epochs at batch 64, in float32 (a CPU's size).
+
+  Nothing is pretrained, so no parameter is "new": every group, both backbones included, trains
+  at one learning rate (5e-4, warmed up over the first epoch, then a cosine per step), the
+  demo's. The data, augmentation, number of parts, EMA and loop stay the recipe's.
+  """
+  c.global_batch_size = 64
+  c.total_epochs = 8
+  c.model.variant = 'S/8'
+  c.model.image_size = 64
+  c.model.dtype = 'float32'
+  c.model.init_weights = ''
+  c.model.vit_overrides = dict(width=64, depth=3, num_heads=4, mlp_hidden=128)
+  c.optim.lr = 5e-4
+  c.optim.warmup_epochs = 1.0
+  c.optim.lr_schedule_unit = 'step'
+  c.optim.groups = optim.ifam_groups(freeze_backbone=False, finer_lr_factor=1.0,
+                                     modulation_lr_factor=1.0, scratch_lr_factor=1.0)
+  c.loss.presence_group_size = 0
+
+
 def use_baseline(c: ml_collections.ConfigDict) -> None:
   """The ERM row: the same data and schedule, a plain fine-tuned ViT (no stage 1, no mask).
 
-  The ViT and its head train exactly as iFAM's stage 2 does in `c` (same learning-rate factors,
-  same freezing), so the two rows differ only by stage 1 and the mask.
+  Its rules put the ViT in iFAM's 'stage2_backbone' group and its head in 'head', which stay in
+  `c` with every other iFAM group: it trains exactly as iFAM's stage 2 does (same learning-rate
+  factors, same freezing), so the two rows differ only by stage 1 and the mask, and an override
+  of any iFAM group applies to both runs.
   """
-  stage2_backbone, head = c.optim.groups.stage2_backbone, c.optim.groups.head
   c.model.kind = 'baseline'
   c.optim.group_rules = list(optim.BASELINE_GROUP_RULES)
-  c.optim.groups = optim.baseline_groups(freeze_backbone=stage2_backbone.frozen,
-                                         backbone_lr_factor=stage2_backbone.lr_factor,
-                                         scratch_lr_factor=head.lr_factor)
+
+
+def folder_data(c: ml_collections.ConfigDict, root: str) -> None:
+  """Data from a folder of one's own, in the layout found there (the demo's `root=`).
+
+  <root>/metadata.csv: the Waterbirds layout (columns img_filename, y, split, place; images
+  under root), evaluated on its val and test splits, whose groups let the worst-group accuracy
+  pick the best checkpoint. Otherwise image folders <root>/{train,val}/<class>/<image> and, if
+  present, <root>/test/<class>/<image>: no groups, so the accuracy picks it. The folder is
+  looked at now, so that a wrong one fails before anything starts.
+  """
+  root = os.path.abspath(os.path.expanduser(root))
+  if not os.path.isdir(root):
+    raise ValueError(f'root={root} does not exist or is not a folder')
+  if os.path.isfile(os.path.join(root, 'metadata.csv')):
+    waterbirds = dict(source='waterbirds', root=root)
+    c.data.train = dict(waterbirds, split='train')
+    c.data.evals = dict(val=dict(waterbirds, split='val'), test=dict(waterbirds, split='test'))
+    c.data.best_metric = 'worst_group_accuracy'
+  elif all(os.path.isdir(os.path.join(root, split)) for split in ('train', 'val')):
+    c.data.train = dict(source='folder', root=os.path.join(root, 'train'))
+    c.data.evals = {split: dict(source='folder', root=os.path.join(root, split))
+                    for split in ('val', 'test') if os.path.isdir(os.path.join(root, split))}
+    c.data.best_metric = 'accuracy'
+  else:
+    raise ValueError(f'root={root} holds neither metadata.csv (the Waterbirds layout: columns '
+                     'img_filename, y, split, place) nor train/ and val/ folders (image folders: '
+                     '<split>/<class>/<image>, test/ optional)')
+  c.data.val_split = 'val'
+  c.compare.split = 'test' if 'test' in c.data.evals else 'val'
 
 
 def paper_recipe(*, image_size: int, global_batch_size: int, total_epochs: int, augment: str,
@@ -259,7 +323,19 @@ def paper_recipe(*, image_size: int, global_batch_size: int, total_epochs: int, 
   return c
 
 
-RECIPE_ARGS = dict(root='', weights='', num_parts=1, runlocal=False, baseline=False)
+# ----------------------------------------------------------------------------
+# The arguments every paper recipe takes
+# ----------------------------------------------------------------------------
+RECIPE_ARGS = dict(root='', weights='', num_parts=1, runlocal=False, tiny=False, baseline=False)
+RECIPE_HELP = """Arguments of every paper recipe (its docstring lists its own):
+  root=<folder>  the dataset
+  weights=<file> local DINOv2 weights, e.g. vit_base_patch14_reg4_dinov2.lvd142m.safetensors
+  num_parts=K    the number of parts
+  baseline       the ERM row: a plain ViT on the same data, trained as iFAM's stage 2
+  tiny           without weights: the demo's small ViT trained from scratch on the dataset
+                 (64 px, batch 64, lr 5e-4 for every parameter, 8 epochs; CPU-sized)
+  runlocal       a smoke test of the code path, not a model that learns: 20 steps of a random
+                 2-block ViT at the recipe's resolution and learning rates, batch 8"""
 _REQUIRED_HELP = dict(
     root='root=<dataset folder>',
     weights='weights=<local DINOv2 file, e.g. vit_base_patch14_reg4_dinov2.lvd142m.safetensors>')
@@ -267,30 +343,109 @@ _REQUIRED_HELP = dict(
 
 def parse_recipe_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """`parse_arg` with the arguments every paper recipe takes; `defaults` adds or overrides."""
-  return parse_arg(arg, **{**RECIPE_ARGS, **defaults})
+  try:
+    return parse_arg(arg, **{**RECIPE_ARGS, **defaults})
+  except ValueError as e:
+    raise ValueError(f'{e}\n{RECIPE_HELP}') from None
 
 
 def apply_common_args(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDict,
                       required: tuple[str, ...] = ('root', 'weights')) -> ml_collections.ConfigDict:
-  """Applies `weights`, `num_parts`, `runlocal` and `baseline` of `parse_recipe_arg`.
+  """Applies `weights`, `num_parts`, `runlocal`, `tiny` and `baseline` of `parse_recipe_arg`.
 
   A paper run without its dataset or DINOv2 weights is almost certainly a mistake, so the
-  `required` arguments must be set unless `runlocal` asks for a random tiny ViT, which DINOv2
-  `weights` do not fit. That tiny ViT has nothing worth freezing, so under `runlocal` the
-  stage-1 backbone trains too.
+  `required` arguments must be set unless `runlocal` asks for a smoke test, and `tiny`, which
+  trains from scratch, needs no weights. Neither fits DINOv2 `weights`. The random ViT of
+  `runlocal` has nothing worth freezing, so there the stage-1 backbone trains too.
   """
-  if arg.runlocal and arg.weights:
-    raise ValueError('weights= cannot be used with runlocal, which trains a random tiny ViT; '
-                     'drop one of them')
-  missing = [name for name in required if not arg[name]]
+  if arg.runlocal and arg.tiny:
+    raise ValueError('tiny and runlocal cannot be combined: tiny trains a small ViT from scratch '
+                     "on the dataset, runlocal smoke-tests the recipe's code path; pass one")
+  for name, what in (('runlocal', 'a random tiny ViT'), ('tiny', 'a small ViT from scratch')):
+    if arg[name] and arg.weights:
+      raise ValueError(f'weights= cannot be used with {name}, which trains {what}; drop one of '
+                       'them')
+  missing = [name for name in required if not arg[name] and not (arg.tiny and name == 'weights')]
   if missing and not arg.runlocal:
-    raise ValueError(f'this recipe needs {", ".join(_REQUIRED_HELP[m] for m in missing)}; '
-                     'pass runlocal instead for a smoke run of a random tiny ViT')
+    raise ValueError(f'this recipe needs {", ".join(_REQUIRED_HELP[m] for m in missing)}'
+                     f'\n{RECIPE_HELP}')
   c.model.num_parts = arg.num_parts
   c.model.init_weights = arg.weights
   if arg.runlocal:
     shrink_for_local_run(c)
     c.optim.groups = optim.ifam_groups(freeze_backbone=False)
+  if arg.tiny:
+    tiny_from_scratch(c)
   if arg.baseline:
     use_baseline(c)
   return c
+
+
+# ----------------------------------------------------------------------------
+# Command-line overrides
+# ----------------------------------------------------------------------------
+_DATA_SPEC_HINT = (
+    "A data spec takes its source's keys only (ifam_jax/data/sources.py), so the command line "
+    'cannot switch it to another source: give the recipe the data set instead, e.g. '
+    '--config configs/demo.py:root=<folder> (a Waterbirds-layout folder with metadata.csv, or '
+    'image folders train/ and val/) or configs/waterbirds.py:root=<folder>,tiny.')
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  for i, item in enumerate(argv):
+    if item in (f'--{name}', f'-{name}') and i + 1 < len(argv):
+      return argv[i + 1]
+    for prefix in (f'--{name}=', f'-{name}='):
+      if item.startswith(prefix):
+        return item[len(prefix):]
+  return None
+
+
+def unknown_override(argv: Sequence[str], name: str = 'config') -> str | None:
+  """What is wrong with the first `--<name>.<key>=...` override whose key the config lacks
+  (None if every key exists, or the config cannot be loaded): the key, the keys there are."""
+  value = _flag_value(argv, name)
+  if value is None:
+    return None
+  plain = [argv[0], f'--{name}={value}']  # the config without its overrides
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(name, flag_values=values, sys_argv=plain)
+  try:
+    values(plain)
+  except Exception:  # pylint: disable=broad-except  # the flag's own parse reports those
+    return None
+  config = values[name].value
+  for item in argv:
+    path = item.lstrip('-').split('=', 1)[0].removeprefix('no')
+    if not path.startswith(f'{name}.'):
+      continue
+    keys = path.split('.')[1:]
+    holder = config
+    for depth, key in enumerate(keys):
+      if not isinstance(holder, (ml_collections.ConfigDict, dict)):
+        break
+      if key not in holder:
+        where = '.'.join(keys[:depth]) or 'the config'
+        known = sorted(holder.keys())
+        close = difflib.get_close_matches(key, known, n=1)
+        message = (f'--{path}: {where} has no key {key!r}'
+                   + (f' (did you mean {close[0]!r}?)' if close else '')
+                   + f'; it has {", ".join(known) or "none"}.')
+        if keys[0] == 'data' and depth >= 2 and keys[1] in ('train', 'evals'):
+          message += ' ' + _DATA_SPEC_HINT
+        return message
+      holder = holder[key]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, for `app.run(main, flags_parser=parse_flags)`: an override of a key the
+  config lacks fails with `unknown_override`'s message instead of a bare AttributeError."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    message = unknown_override(argv)
+    if message is None:
+      raise
+  sys.stderr.write(f'FATAL Flags parsing error: {message}\n')
+  sys.exit(1)

@@ -1,9 +1,9 @@
 """Config -> data sources, transforms and models: the builders every entry point shares.
 
   make_train_source / make_eval_source(s)
-                                    a data source per config entry, eval splits labelled by the
-                                    training classes, all named by data.classes and
-                                    data.attribute_names
+                                    a data source per config entry (checked: `check_spec`), eval
+                                    splits labelled by the training classes, all named by
+                                    data.classes and data.attribute_names
   use_saved_classes                 the class names saved with a run's parameters, for
                                     evaluating without its training folder
   make_transforms                   (train, eval) worker transforms of the configured recipe
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,19 +49,46 @@ NAMED_SOURCES = ('waterbirds',)
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
+def check_spec(spec: Mapping[str, Any], name: str = 'data spec') -> None:
+  """A spec names a known source and exactly the keys it takes: one left over from another
+  source (synthetic's num_examples on a waterbirds spec) fails here, naming `name` (e.g.
+  'data.train', 'data.evals.val') and the keys, instead of as a TypeError of the source."""
+  kind = spec.get('source')
+  if kind not in SOURCES:
+    raise ValueError(f'{name}: unknown data source {kind!r}; known: {sorted(SOURCES)}')
+  params = inspect.signature(SOURCES[kind]).parameters
+  keys = set(spec) - {'source'}
+  unknown = sorted(keys - set(params))
+  missing = sorted(k for k, p in params.items() if p.default is p.empty and k not in keys)
+  if unknown or missing:
+    problems = ([f'takes no key(s) {unknown}'] if unknown else []) + (
+        [f'needs key(s) {missing}'] if missing else [])
+    raise ValueError(f'{name}: the {kind!r} source {" and ".join(problems)}; its keys are '
+                     f'{sorted(params)} (to train on a data set of your own, give the recipe '
+                     'its folder, e.g. configs/demo.py:root=<folder>)')
+
+
+def check_data_specs(config: ml_collections.ConfigDict) -> None:
+  """`check_spec` of data.train and every data.evals entry, reading nothing from disk."""
+  check_spec(config.data.train, 'data.train')
+  for name, spec in config.data.evals.items():
+    check_spec(spec, f'data.evals.{name}')
+
+
 def make_source(spec: Mapping[str, Any], classes: Sequence[str] | None = None,
-                attribute_names: Sequence[str] = ()) -> data_lib.sources.Source:
+                attribute_names: Sequence[str] = (),
+                name: str = 'data spec') -> data_lib.sources.Source:
   """A data source from a config entry such as dict(source='waterbirds', root=..., split=...).
 
   `classes` labels a folder-like source (`FOLDER_SOURCES`) by these names instead of its own
   sorted class folders, and names the classes of a Waterbirds-layout source (`NAMED_SOURCES`),
   whose places `attribute_names` names; other sources take their names from their metadata and
-  ignore both. `make_train_source` and `make_eval_source` pass the config's.
+  ignore both. `make_train_source` and `make_eval_source` pass the config's. `name` is where the
+  spec sits in the config, for errors (`check_spec`).
   """
+  check_spec(spec, name)
   spec = dict(spec)
   kind = spec.pop('source')
-  if kind not in SOURCES:
-    raise ValueError(f'unknown data source {kind!r}; known: {sorted(SOURCES)}')
   if classes is not None and (kind in FOLDER_SOURCES or kind in NAMED_SOURCES):
     if spec.get('classes') is not None and list(spec['classes']) != list(classes):
       raise ValueError(f'{kind} source {spec.get("root")} sets classes {list(spec["classes"])}, '
@@ -78,7 +106,8 @@ def make_train_source(config: ml_collections.ConfigDict) -> data_lib.sources.Sou
     raise ValueError(f'data.attribute_names names the places of a '
                      f'{" or ".join(map(repr, NAMED_SOURCES))} source; data.train is a {kind!r} '
                      'source')
-  return make_source(config.data.train, config.data.classes or None, config.data.attribute_names)
+  return make_source(config.data.train, config.data.classes or None, config.data.attribute_names,
+                     'data.train')
 
 
 def training_classes(config: ml_collections.ConfigDict) -> list[str] | None:
@@ -99,16 +128,17 @@ def training_classes(config: ml_collections.ConfigDict) -> list[str] | None:
                             'to evaluate without the training data') from None
 
 
-def make_eval_source(config: ml_collections.ConfigDict,
-                     spec: Mapping[str, Any]) -> data_lib.sources.Source:
+def make_eval_source(config: ml_collections.ConfigDict, spec: Mapping[str, Any],
+                     name: str = 'data spec') -> data_lib.sources.Source:
   """The source of an eval `spec`, labelled by the training classes (`training_classes`) and
-  named by data.attribute_names, as the training split is."""
-  return make_source(spec, training_classes(config), config.data.attribute_names)
+  named by data.attribute_names, as the training split is; `name` as in `make_source`."""
+  return make_source(spec, training_classes(config), config.data.attribute_names, name)
 
 
 def make_eval_sources(config: ml_collections.ConfigDict) -> dict[str, data_lib.sources.Source]:
   """The sources of data.evals (`make_eval_source`)."""
-  return {name: make_eval_source(config, spec) for name, spec in config.data.evals.items()}
+  return {name: make_eval_source(config, spec, f'data.evals.{name}')
+          for name, spec in config.data.evals.items()}
 
 
 def use_saved_classes(config: ml_collections.ConfigDict, workdir: str | os.PathLike,

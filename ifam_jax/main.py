@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ifam_jax import compare, evaluate, factory, train, visualize
+from ifam_jax import compare, config_lib, evaluate, factory, train, visualize
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 
@@ -196,4 +196,4 @@ def check_overrides(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   check_overrides(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -61,11 +61,13 @@ IFAM_GROUP_RULES: list[Rule] = [
     (r'stage1/backbone/.*', 'stage1_backbone'),
 ]
 
-# `layer_group_matcher_baseline`: only head and fc_norm are "scratch"; the tokens are ordinary
-# backbone parameters there and, being 3-D, they decay.
+# `layer_group_matcher_baseline`, onto iFAM's stage-2 groups: the ERM ViT trains as iFAM's
+# stage 2 does, so one set of groups (and one list of command-line overrides) serves both
+# models. Only head and fc_norm are "scratch" there; the tokens are ordinary backbone parameters
+# and, being 3-D, they decay (iFAM's stage-2 tokens, in 'stage2_tokens', do not).
 BASELINE_GROUP_RULES: list[Rule] = [
     (r'(head|fc_norm)/.*', 'head'),
-    (r'backbone/.*', 'backbone'),
+    (r'backbone/.*', 'stage2_backbone'),
 ]
 
 
@@ -78,7 +80,8 @@ def ifam_groups(*, freeze_backbone: bool = True, freeze_params_stage_1: bool = F
                 stage_two_lr_factor: float = 1.0, finer_lr_factor: float = 1e3,
                 modulation_lr_factor: float = 1e4,
                 scratch_lr_factor: float = 1e4) -> dict[str, dict[str, Any]]:
-  """Groups for `IFAM_GROUP_RULES`; arguments are the reference's flags, defaults the paper's.
+  """Groups for `IFAM_GROUP_RULES` (and `BASELINE_GROUP_RULES`); arguments are the reference's
+  flags, defaults the paper's.
 
   `freeze_backbone=False` trains the stage-1 backbone (e.g. from scratch in the demo), with the
   reference's lr x1 and decay on its matrices.
@@ -95,17 +98,7 @@ def ifam_groups(*, freeze_backbone: bool = True, freeze_params_stage_1: bool = F
   }
 
 
-def baseline_groups(*, freeze_backbone: bool = False, backbone_lr_factor: float = 1.0,
-                    scratch_lr_factor: float = 1e4) -> dict[str, dict[str, Any]]:
-  """Groups for `BASELINE_GROUP_RULES`: the fine-tuned ViT of the ERM rows."""
-  return {
-      'head': _group(scratch_lr_factor, True),
-      'backbone': _group(backbone_lr_factor, True, freeze_backbone),
-  }
-
-
 IFAM_GROUPS = ifam_groups()
-BASELINE_GROUPS = baseline_groups()
 
 
 def default_config() -> ml_collections.ConfigDict:

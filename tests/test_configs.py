@@ -10,14 +10,20 @@ time: what those cases vary is the source, not the model.
 import importlib.util
 import json
 import logging
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import ml_collections
 import pytest
+from absl import flags
+from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
+from ml_collections import config_flags
 
-from ifam_jax import factory, optim, train
+from ifam_jax import config_lib, factory, optim, sharding, train
 from test_data import make_cub, make_waterbirds, prepare_tiny_tfds, write_image
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
@@ -73,7 +79,7 @@ def test_recipe_arguments(name):
   assert (local.max_steps, local.model.dtype, local.model.init_weights) == (20, 'float32', '')
   assert not local.optim.groups['stage1_backbone']['frozen']  # random tiny ViT: trains
   erm = get_config(name, 'runlocal,baseline')
-  assert erm.model.kind == 'baseline' and set(erm.optim.groups) == {'backbone', 'head'}
+  assert erm.model.kind == 'baseline' and erm.optim.groups == local.optim.groups
   assert get_config(name, PAPER_ARGS + ',baseline').model.init_weights  # ERM from DINOv2 too
   with pytest.raises(ValueError, match="unknown config argument 'epochs'"):
     get_config(name, 'runlocal,epochs=3')
@@ -84,17 +90,204 @@ def test_recipe_arguments(name):
   with pytest.raises(ValueError, match='weights= cannot be used with runlocal, which trains a '
                      'random tiny ViT'):
     get_config(name, 'runlocal,weights=x.safetensors')
+  doc = ' '.join(load_recipe(name).__doc__.split())
+  assert 'a smoke test of the code path, not a model that learns' in doc and '`tiny`' in doc
+  with pytest.raises(ValueError, match=r'(?s)unknown config argument.*runlocal +a smoke test of '
+                     'the code path'):  # the arguments' help
+    get_config(name, 'runlocal,epochs=3')
 
 
-def test_baseline_trains_like_stage2():
-  """The ERM row's ViT and head get iFAM stage 2's learning-rate factors and freezing."""
-  paper = get_config('waterbirds', PAPER_ARGS + ',baseline').optim.groups
-  assert (paper.head.lr_factor, paper.backbone.lr_factor, paper.backbone.frozen) == \
-      (1e4, 1.0, False)
-  ifam_groups = get_config('demo', 'ifam_only').optim.groups
-  erm = get_config('demo', 'baseline').optim.groups  # also what the demo's comparison trains
-  assert (erm.head.lr_factor, erm.backbone.lr_factor) == \
-      (ifam_groups.head.lr_factor, ifam_groups.stage2_backbone.lr_factor) == (1.0, 1.0)
+# The demo's model and optimisation (configs/demo.py before `tiny_from_scratch` held them).
+TINY = {'model.variant': 'S/8', 'model.image_size': 64, 'model.dtype': 'float32',
+        'model.init_weights': '', 'global_batch_size': 64, 'total_epochs': 8, 'optim.lr': 5e-4,
+        'optim.warmup_epochs': 1.0, 'optim.lr_schedule_unit': 'step',
+        'loss.presence_group_size': 0}
+
+
+def setting(c: ml_collections.ConfigDict, key: str):
+  for part in key.split('.'):
+    c = c[part]
+  return c
+
+
+@pytest.mark.parametrize('name', sorted(RECIPES) + ['demo'])
+def test_tiny_trains_the_demos_vit_from_scratch_on_the_recipes_data(name):
+  c = get_config(name, '' if name == 'demo' else 'tiny,root=/data')
+  assert {key: setting(c, key) for key in TINY} == TINY
+  assert c.model.vit_overrides.to_dict() == dict(width=64, depth=3, num_heads=4, mlp_hidden=128)
+  assert {(g.lr_factor, g.frozen) for g in c.optim.groups.values()} == {(1.0, False)}
+  if name == 'demo':
+    return
+  paper = get_config(name, PAPER_ARGS)
+  assert c.data.to_dict() == paper.data.to_dict()  # the recipe's data set and augmentation
+  assert c.model.num_parts == paper.model.num_parts
+  assert get_config(name, 'tiny,root=/data,num_parts=4').model.num_parts == 4
+  with pytest.raises(ValueError, match='weights= cannot be used with tiny, which trains a small '
+                     'ViT from scratch'):
+    get_config(name, 'tiny,root=/data,weights=x.safetensors')
+  with pytest.raises(ValueError, match='tiny and runlocal cannot be combined'):
+    get_config(name, 'tiny,runlocal,root=/data')
+  with pytest.raises(ValueError, match=r'this recipe needs root=<dataset folder>\n'):
+    get_config(name, 'tiny')
+
+
+def vit_settings(c: ml_collections.ConfigDict) -> dict[str, tuple[float, bool, bool]]:
+  """(peak learning rate, decayed, frozen) of each parameter of the ViT that classifies (iFAM's
+  stage 2, the baseline's one ViT), by its name inside that ViT: what its optimizer does to it."""
+  state = nnx.state(factory.abstract_model(c.model, 2), nnx.Param)
+  named = jax.tree.leaves(sharding.map_named(lambda name, x: (name, len(x.shape)), state),
+                          is_leaf=lambda x: isinstance(x, tuple))
+  settings = {}
+  for (name, ndim), label in zip(named, jax.tree.leaves(
+      optim.label_params(state, c.optim.group_rules))):
+    if c.model.kind == 'ifam' and not name.startswith('stage2/'):
+      continue
+    group = c.optim.groups[label]
+    settings[name.removeprefix('stage2/')] = (c.optim.lr * group.lr_factor,
+                                              group.weight_decay and ndim >= 2, group.frozen)
+  return settings
+
+
+def from_command_line(config: str, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+  """The config `--config <config> --config.<key>=<value> ...` gives (ml_collections' parser)."""
+  values = flags.FlagValues()
+  argv = ['main', f'--config={config}', *(f'--config.{k}={v}' for k, v in overrides.items())]
+  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+# The from-scratch recipes: the demo, and every paper recipe's `tiny`.
+FROM_SCRATCH = [('demo', ''), *((name, 'tiny,root=/data') for name in sorted(RECIPES))]
+
+
+@pytest.mark.parametrize('name, arg', FROM_SCRATCH)
+def test_from_scratch_baseline_trains_its_head_as_ifam_does(name, arg):
+  """Nothing is pretrained, so no parameter is "new": iFAM's stage 2 and the ERM ViT train every
+  parameter, head included, at the recipe's one learning rate."""
+  ifam = get_config(name, arg)
+  erm = get_config(name, ','.join(filter(None, (arg, 'baseline'))))
+  lrs = lambda c: {name: lr for name, (lr, _, frozen) in vit_settings(c).items() if not frozen}
+  assert lrs(erm) == lrs(ifam) == dict.fromkeys(vit_settings(erm), ifam.optim.lr)
+  assert ifam.model.init_weights == erm.model.init_weights == ''
+
+
+def test_one_override_list_trains_ifam_and_erm():
+  """The iFAM group names hold under `baseline` too: an override list for iFAM (stage-1 groups
+  included) applies to the ERM run unchanged, and sets the ERM ViT's head and backbone as it sets
+  iFAM's stage 2 (whose tokens have a group of their own; the ERM ViT's train with its backbone,
+  as in the reference)."""
+  overrides = {'optim.groups.head.lr_factor': '3.0',
+               'optim.groups.stage2_backbone.lr_factor': '0.5',
+               'optim.groups.stage1_backbone.lr_factor': '2.0',
+               'optim.groups.modulation.lr_factor': '7.0', 'optim.lr': '1e-4'}
+  recipe = f'{CONFIGS / "waterbirds.py"}:runlocal'
+  ifam = from_command_line(recipe, overrides)
+  erm = from_command_line(recipe + ',baseline', overrides)
+  lr = lambda c: {name: rate for name, (rate, _, _) in vit_settings(c).items()}
+  expected = {name: 1e-4 * (3.0 if name.startswith(('head/', 'fc_norm/')) else 0.5)
+              for name in lr(erm)}
+  assert lr(erm) == expected
+  tokens = ('backbone/cls_token', 'backbone/reg_token', 'backbone/pos_embed')
+  assert lr(ifam) == {**expected, **dict.fromkeys(tokens, 1e-4)}  # in 'stage2_tokens' there
+
+
+BASELINES = [(name, arg) for name in sorted(RECIPES) for arg in (PAPER_ARGS, 'runlocal')]
+
+
+@pytest.mark.parametrize('name, arg', BASELINES + [('demo', '')])
+def test_baseline_learning_rates_per_parameter(name, arg):
+  """The reference's baseline matcher: head and fc_norm at the scratch factor (1e4 in the paper
+  recipes, 1 in the demo), every other parameter, tokens included, at the base rate; matrices
+  and tokens decay, vectors do not; nothing frozen."""
+  c = get_config(name, ','.join(filter(None, (arg, 'baseline'))))
+  scratch = 1.0 if name == 'demo' else 1e4
+  base = 5e-4 if name == 'demo' else 1e-6 * (c.global_batch_size / 16) ** 0.5
+  if arg == 'runlocal':
+    base = 1e-6 * ({'imagenet': 1024}.get(name, 128) / 16) ** 0.5  # the paper's, at batch 8
+  settings = vit_settings(c)
+  assert settings == {
+      name: (base * (scratch if name.startswith(('head/', 'fc_norm/')) else 1.0),
+             not name.endswith(('bias', 'scale', 'gamma')), False) for name in settings}
+  assert {'backbone/cls_token', 'backbone/pos_embed', 'head/kernel'} <= settings.keys()
+
+
+# ----------------------------------------------------------------------------
+# The demo on a folder of one's own
+# ----------------------------------------------------------------------------
+def test_demo_root_with_waterbirds_metadata(tmp_path):
+  (tmp_path / 'metadata.csv').write_text('img_id,img_filename,y,split,place\n')
+  c = get_config('demo', f'root={tmp_path}')
+  assert c.data.train.to_dict() == dict(source='waterbirds', root=str(tmp_path), split='train')
+  assert {k: v.to_dict() for k, v in c.data.evals.items()} == {
+      split: dict(source='waterbirds', root=str(tmp_path), split=split)
+      for split in ('val', 'test')}
+  assert (c.data.val_split, c.data.best_metric, c.compare.split) == \
+      ('val', 'worst_group_accuracy', 'test')
+  assert c.compare.methods == ('ifam', 'erm') and c.model.image_size == 64
+  erm = get_config('demo', f'root={tmp_path},baseline')
+  assert erm.model.kind == 'baseline' and erm.data.to_dict() == c.data.to_dict()
+  compare = get_config('demo', f'root={tmp_path},compare').compare.methods
+  assert 'dfr' in compare and not {'early_mask_gt', 'late_mask_gt'} & set(compare)  # no masks
+
+
+@pytest.mark.parametrize('test_split', [True, False])
+def test_demo_root_with_image_folders(tmp_path, test_split, monkeypatch):
+  for split in ('train', 'val') + (('test',) if test_split else ()):
+    (tmp_path / 'data' / split / 'cat').mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  c = get_config('demo', 'root=data')  # relative to the working directory, recorded absolute
+  root = tmp_path / 'data'
+  assert c.data.train.to_dict() == dict(source='folder', root=str(root / 'train'))
+  evals = ['val', 'test'] if test_split else ['val']
+  assert {k: v.to_dict() for k, v in c.data.evals.items()} == {
+      split: dict(source='folder', root=str(root / split)) for split in evals}
+  assert (c.data.val_split, c.data.best_metric, c.compare.split) == \
+      ('val', 'accuracy', evals[-1])
+
+
+def test_demo_root_without_either_layout(tmp_path):
+  (tmp_path / 'train').mkdir()
+  with pytest.raises(ValueError, match=f'root={tmp_path} holds neither metadata.csv .* nor '
+                     'train/ and val/ folders'):
+    get_config('demo', f'root={tmp_path}')
+  with pytest.raises(ValueError, match=f'root={tmp_path / "gone"} does not exist'):
+    get_config('demo', f'root={tmp_path / "gone"}')
+
+
+# ----------------------------------------------------------------------------
+# Command-line overrides
+# ----------------------------------------------------------------------------
+DEMO = str(CONFIGS / 'demo.py')
+
+
+def test_an_override_of_a_missing_key_says_what_there_is_and_what_to_do():
+  message = config_lib.unknown_override(
+      ['main', '--config', DEMO, '--config.data.train.source=waterbirds',
+       '--config.data.train.root=/x', '--workdir=/w'])
+  synthetic = sorted(get_config('demo', '').data.train)
+  assert message.startswith(f"--config.data.train.root: data.train has no key 'root'; it has "
+                            f'{", ".join(synthetic)}. A data spec takes its source')
+  assert 'configs/demo.py:root=<folder>' in message
+  message = config_lib.unknown_override(['main', f'--config={DEMO}:baseline',
+                                         '--config.optim.lrr=1', '--config.optim.lr=1'])
+  assert message.startswith("--config.optim.lrr: optim has no key 'lrr' (did you mean 'lr'?)")
+  assert 'data spec' not in message
+  assert config_lib.unknown_override(['main', f'--config={DEMO}', '--config.optim.lr=1']) is None
+  assert config_lib.unknown_override(['main', '--config.optim.lrr=1']) is None  # no config
+
+
+@pytest.mark.slow
+def test_the_entry_point_explains_an_override_of_a_missing_key(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'ifam_jax.main', '--config', 'configs/demo.py',
+       '--config.data.train.source=waterbirds', '--config.data.train.root=/x',
+       f'--workdir={tmp_path / "w"}'], cwd=CONFIGS.parent, capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert "FATAL Flags parsing error: --config.data.train.root: data.train has no key 'root'" \
+      in result.stderr
+  assert not (tmp_path / 'w').exists()
 
 
 def test_gpu_compiler_options_apply_on_gpus_only(monkeypatch):

@@ -182,6 +182,30 @@ def test_an_eval_class_the_model_does_not_know_fails(tmp_path):
     factory.make_eval_sources(config)
 
 
+def test_a_spec_with_keys_its_source_does_not_take_fails_naming_both(tmp_path):
+  """The demo's synthetic spec switched to Waterbirds keeps synthetic's keys: named, with the
+  spec, before any file is read (tmp_path holds no data)."""
+  config = config_lib.base_config()
+  config.data.train = dict(source='waterbirds', root=str(tmp_path), split='train',
+                           num_examples=4096, image_size=64, majority=0.95)
+  config.data.evals = dict(val=dict(source='waterbirds', root=str(tmp_path)))
+  with pytest.raises(ValueError, match=re.escape(
+      "data.train: the 'waterbirds' source takes no key(s) ['image_size', 'majority', "
+      "'num_examples']; its keys are ['attribute_names', 'classes', 'root', 'split']")):
+    factory.make_train_source(config)
+  with pytest.raises(ValueError, match=re.escape(
+      "data.evals.val: the 'waterbirds' source needs key(s) ['split']")):
+    factory.make_eval_sources(config)
+  with pytest.raises(ValueError, match=re.escape("data.train: the 'waterbirds' source takes no "
+                                                 "key(s) ['image_size'")):
+    factory.check_data_specs(config)  # what the comparison checks before anything trains
+  config.data.train = dict(source='waterbird', root=str(tmp_path), split='train')
+  with pytest.raises(ValueError, match="data.train: unknown data source 'waterbird'; known:"):
+    factory.make_train_source(config)
+  config.data.train = dict(source='synthetic', num_examples=4, split='val', seed=1)
+  assert len(factory.make_train_source(config)) == 4  # a spec of its own keys builds
+
+
 # ----------------------------------------------------------------------------
 # Waterbirds and CUB
 # ----------------------------------------------------------------------------

@@ -120,20 +120,21 @@ def test_every_ifam_parameter_gets_its_reference_group():
 
 
 def test_baseline_groups_and_plain_dict_state():
+  """The baseline's ViT in iFAM's stage-2 groups, its tokens with the backbone (and decayed)."""
   model = vit.ViTClassifier(tiny_vit(), num_classes=3, rngs=nnx.Rngs(0))
   state = nnx.to_pure_dict(nnx.state(model))
   labels = flat(optim.label_params(state, optim.BASELINE_GROUP_RULES))
-  decays = flat(optim.weight_decay_mask(state, optim.BASELINE_GROUP_RULES,
-                                        optim.BASELINE_GROUPS))
-  expected = {'backbone/cls_token': ('backbone', True),  # 3-D: the baseline decays it
-              'backbone/patch_embed/kernel': ('backbone', True),
-              'backbone/blocks/0/attn/proj/bias': ('backbone', False),
+  decays = flat(optim.weight_decay_mask(state, optim.BASELINE_GROUP_RULES, optim.IFAM_GROUPS))
+  expected = {'backbone/cls_token': ('stage2_backbone', True),  # 3-D: the baseline decays it
+              'backbone/patch_embed/kernel': ('stage2_backbone', True),
+              'backbone/blocks/0/attn/proj/bias': ('stage2_backbone', False),
               'head/kernel': ('head', True),
               'fc_norm/scale': ('head', False)}
   for name, (group, decay) in expected.items():
     assert (labels[name], decays[name]) == (group, decay), name
+  assert set(labels.values()) == {'stage2_backbone', 'head'}
   _, trainable, frozen, _ = optim.split_frozen(model, optim.BASELINE_GROUP_RULES,
-                                               optim.BASELINE_GROUPS)
+                                               optim.IFAM_GROUPS)
   assert not flat(frozen) and flat(trainable).keys() == labels.keys()
 
 
