@@ -32,6 +32,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ifam_jax import config_lib
+
 
 # Folders a run writes below its workdir; each that exists is probed at start.
 OUTPUT_FOLDERS = ('checkpoints', 'params', 'eval', 'thresholds', 'pictures', 'export')
@@ -225,7 +227,9 @@ def check_config_change(workdir: epath.Path, config: ml_collections.ConfigDict,
 
   Raises naming the keys if a change would alter the parameters' shapes, the data stream or
   what a checkpoint means; returns the resumable changes (see RESUMABLE_KEYS), {} when none.
-  Nothing is written: the caller records the accepted changes.
+  A key that the workdir's config lacks (added to `base_config` since the run) at its default
+  is no change: the default keeps the behaviour the run had. Nothing is written: the caller
+  records the accepted changes.
   """
   path = workdir / 'config.json'
   if not (path.exists() and has_training_state(workdir)):
@@ -236,8 +240,10 @@ def check_config_change(workdir: epath.Path, config: ml_collections.ConfigDict,
     raise ValueError(f'{path} is not valid JSON ({e}); restore it, or pass another '
                      '--workdir') from None
   new = _flatten(json.loads(config_as_json(config)))
-  changed = {k: {'old': old.get(k), 'new': new.get(k)} for k in sorted(old.keys() | new.keys())
-             if old.get(k) != new.get(k)}
+  defaults = _flatten(json.loads(config_as_json(config_lib.base_config())))
+  added = {k for k in new.keys() - old.keys() if k in defaults and new[k] == defaults[k]}
+  changed = {k: {'old': old.get(k), 'new': new.get(k)}
+             for k in sorted((old.keys() | new.keys()) - added) if old.get(k) != new.get(k)}
   refused = [k for k in changed if not _resumable(k)]
   if refused:
     details = '; '.join(f'{k}: {changed[k]["old"]!r} -> {changed[k]["new"]!r}'
