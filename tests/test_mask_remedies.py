@@ -239,7 +239,8 @@ def test_forward_floor_and_fixed_count_against_numpy():
 
 def test_remedies_apply_after_interventions():
   """Removing both parts empties the mask: the floor then takes the patches least background;
-  removing one part, the floor ranks the patches the intervention keeps first."""
+  thresholds that reject every token: those the unedited maps score best; removing one part,
+  the floor and the fixed count rank the patches the intervention keeps first."""
   x = images()
   model = tiny_ifam(mask_min_fraction=0.3)  # k = 5
   plain = tiny_ifam()
@@ -249,12 +250,23 @@ def test_remedies_apply_after_interventions():
   got = model(x, train=False, intervention=none_left).fg_mask
   np.testing.assert_array_equal(got, np_top(np_score(unedited, 2, removed=(0, 1)), 5))
 
+  every_token_rejected = ifam.Intervention(thresholds=(-1.0, -1.0))  # distances are >= 0
+  assert not np.asarray(plain(x, train=False, intervention=every_token_rejected).fg_mask).any()
+  got = model(x, train=False, intervention=every_token_rejected).fg_mask
+  np.testing.assert_array_equal(got, np_top(np_score(unedited, 2), 5))
+
   one_left = ifam.Intervention(remove_parts=(0,))
   hard = np.asarray(plain(x, train=False, intervention=one_left).fg_mask) > 0
   score = np_score(unedited, 2, removed=(0,))
   priority = np.where(hard, score, score - 3.0)
   got = np.asarray(model(x, train=False, intervention=one_left).fg_mask)
   np.testing.assert_array_equal(got, hard | np_top(priority, 5))
+  # A fixed count of 4 keeps the patches left first, though others score higher.
+  fixed = tiny_ifam(mask_fixed_fraction=0.25)
+  got = np.asarray(fixed(x, train=False, intervention=one_left).fg_mask) > 0
+  np.testing.assert_array_equal(got, np_top(priority, 4))
+  few = hard.reshape(3, -1).sum(1) <= 4
+  assert few.any() and not (hard[few] & ~got[few]).any()
 
 
 def test_an_explicit_mask_is_not_remedied():

@@ -290,8 +290,8 @@ class IFAM(nnx.Module):
   def _intervened_score(self, unedited: jax.Array, mask: jax.Array, intervention: Intervention,
                         noise_rng: jax.Array | None) -> jax.Array:
     """The remedies' ranking after an intervention: the patches it keeps first, then the others,
-    each group by the foreground score of the unedited maps over the parts it keeps (a patch
-    that thresholds reject keeps its rank among the rejected)."""
+    each group by the foreground score of the unedited maps over the parts it keeps (so patches
+    that thresholds reject rank by how foreground they looked before)."""
     y = gumbel_softmax(unedited, self.gumbel_tau, noise_rng)
     removed = jnp.isin(jnp.arange(self.num_parts), jnp.asarray(intervention.remove_parts))
     score = jnp.max(jnp.where(removed, 0.0, y[..., :self.num_parts]), axis=-1)
