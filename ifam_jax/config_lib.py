@@ -77,6 +77,21 @@ def base_config() -> ml_collections.ConfigDict:
       # stage 1). ifam_jax/models/ifam.py, `stage2_mask_facts`.
       stage2_mask='hard',
       eval_gumbel_noise=False,
+      # Remedies against a mask whose geometry tells stage 2 the background (0 = off, the
+      # reference). They edit the mask stage 2 reads and the forward returns, after any
+      # test-time intervention; not with stage2_mask='soft' (ifam_jax/models/ifam.py, `IFAM`).
+      # A patch's score is the mask draw's foreground minus background probability; N_p patches.
+      # The floor, f in [0, 1): the hard mask plus the max(1, round(f N_p)) best-scoring patches.
+      mask_min_fraction=0.0,
+      # Rounds of erosion, before the floor: each drops every visible patch with a hidden
+      # 4-neighbour (the edge patches, which hold background pixels).
+      mask_erode=0,
+      # f in [0, 1): exactly the max(1, round(f N_p)) best-scoring patches whatever the hard
+      # mask holds, a count that tells nothing; excludes the floor and erosion.
+      mask_fixed_fraction=0.0,
+      # p in [0, 1), training only: each visible patch is hidden from stage 2 with probability
+      # p; a non-empty mask keeps its best-scoring patch.
+      stage2_patch_dropout=0.0,
       # Stage 2 trains on the tokens it can see only, exactly (packed_stage2.packed_stage2): each
       # device's batch is sorted by visible-patch count and cut into `stage2_token_groups`
       # groups, each computed at the smallest of these capacities (fractions of the patches;

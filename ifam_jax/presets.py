@@ -15,6 +15,11 @@ recipe's data, schedule, resolution and learning rates:
   ifam_frozen_stage2         the stage-2 backbone frozen (the reference's --freeze_second_stage)
   ifam_part_dropout_<p>      stage-2 mask part dropout p in {0, 0.1, 0.5} (the recipe has 0.3)
   ifam_straight_through      the stage-2 loss trains stage 1 through the straight-through mask
+  ifam_mask_floor            never an empty mask: the best-scoring patches join it
+  ifam_mask_erode            the mask's edge patches removed, then the floor
+  ifam_fixed_count           stage 2 sees a fixed number of best-scoring patches
+  ifam_stage2_patch_dropout  each visible patch hidden from stage 2 at random while training
+  ifam_remedies              erosion, the floor and the patch dropout together
 
   config = get_config(...); presets.apply_preset(config, 'late_mask')
 """
@@ -72,6 +77,17 @@ def _frozen_stage2(c: ml_collections.ConfigDict) -> None:
   c.optim.groups.stage2_backbone.frozen = True
 
 
+# The mask remedies' settings (ifam_jax/models/ifam.py, `IFAM`), as fractions of the patches so
+# that they carry over from the demo's 8x8 grid, where an object fills at least half of 6-22 % of
+# the patches (5th-95th percentile, median 12.5 %: 4-14 patches, median 8), to a 37x37 one
+# (518 px). The floor, 5 % (3 of 64, 68 of 1369 patches), stays under the smallest object, so it
+# leaves a mask that finds the object as it is and only fills an empty or nearly empty one. The
+# fixed count, 10 % (6 of 64, 137 of 1369), sits inside the objects' range. One round of erosion
+# removes the ring of edge patches at any resolution (on the 8x8 grid most of a small object: the
+# floor then shows its best-scoring patches). Dropout 0.2 hides one or two of a small object's
+# patches per step, a fifth of a large one's.
+MASK_FLOOR, FIXED_COUNT, PATCH_DROPOUT = 0.05, 0.1, 0.2
+
 PRESETS: dict[str, Preset] = {
     'erm': Preset('ERM', 'the fine-tuned ViT, no stage 1 and no mask', config_lib.use_baseline),
     'ifam': Preset('iFAM', 'the recipe as it is', lambda c: None),
@@ -97,6 +113,22 @@ PRESETS: dict[str, Preset] = {
     'ifam_straight_through': Preset('Straight-through', 'the stage-2 loss trains stage 1 '
                                     'through the straight-through mask',
                                     _set_model(stage2_mask='straight_through')),
+    'ifam_mask_floor': Preset('Mask floor', f'the mask never empty: the best-scoring '
+                              f'{MASK_FLOOR:g} of the patches join it',
+                              _set_model(mask_min_fraction=MASK_FLOOR)),
+    'ifam_mask_erode': Preset('Mask erode+floor', "the mask's edge patches removed (one round "
+                              f'of erosion), then the {MASK_FLOOR:g} floor',
+                              _set_model(mask_erode=1, mask_min_fraction=MASK_FLOOR)),
+    'ifam_fixed_count': Preset('Fixed count', f'stage 2 sees exactly the best-scoring '
+                               f'{FIXED_COUNT:g} of the patches',
+                               _set_model(mask_fixed_fraction=FIXED_COUNT)),
+    'ifam_stage2_patch_dropout': Preset('Stage-2 patch dropout',
+                                        f'each visible patch hidden from stage 2 with '
+                                        f'probability {PATCH_DROPOUT:g} in training',
+                                        _set_model(stage2_patch_dropout=PATCH_DROPOUT)),
+    'ifam_remedies': Preset('Mask remedies', 'erosion, the floor and the stage-2 patch dropout '
+                            'together', _set_model(mask_erode=1, mask_min_fraction=MASK_FLOOR,
+                                                   stage2_patch_dropout=PATCH_DROPOUT)),
 }
 
 

@@ -228,7 +228,9 @@ def check_config_change(workdir: epath.Path, config: ml_collections.ConfigDict,
 
   Raises naming the keys if a change would alter the parameters' shapes, the data stream or
   what a checkpoint means; returns the resumable changes (see RESUMABLE_KEYS), {} when none.
-  Nothing is written: the caller records the accepted changes.
+  A key that the workdir's config lacks (added to `base_config` since the run) at its default
+  is no change: the default keeps the behaviour the run had. Nothing is written: the caller
+  records the accepted changes.
   """
   path = workdir / 'config.json'
   if not (path.exists() and has_training_state(workdir)):

@@ -68,6 +68,12 @@ EXPECTED = {
     'ifam_part_dropout_0.1': {'model.mask_part_dropout': 0.1},
     'ifam_part_dropout_0.5': {'model.mask_part_dropout': 0.5},
     'ifam_straight_through': {'model.stage2_mask': 'straight_through'},
+    'ifam_mask_floor': {'model.mask_min_fraction': 0.05},
+    'ifam_mask_erode': {'model.mask_erode': 1, 'model.mask_min_fraction': 0.05},
+    'ifam_fixed_count': {'model.mask_fixed_fraction': 0.1},
+    'ifam_stage2_patch_dropout': {'model.stage2_patch_dropout': 0.2},
+    'ifam_remedies': {'model.mask_erode': 1, 'model.mask_min_fraction': 0.05,
+                      'model.stage2_patch_dropout': 0.2},
 }
 
 

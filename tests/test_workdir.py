@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 from etils import epath
 
-from ifam_jax import sharding
+from ifam_jax import config_lib, sharding
 from ifam_jax import workdir as workdir_lib
 
 
@@ -114,6 +114,16 @@ def test_resumable_changes_are_allowed_and_recorded(tmp_path, capsys):
   assert record['changed'] == changes
   assert 'total_epochs 2 -> 3' in capsys.readouterr().out
   assert workdir_lib.check_config_change(workdir, changed) == {}
+
+
+def test_a_key_added_since_the_run_resumes_at_its_default_only(tmp_path):
+  """A workdir trained before a setting existed resumes with it at base_config's default (the
+  reference's behaviour, which the run had), and refuses any other value."""
+  workdir = trained_workdir(tmp_path)
+  assert config_lib.base_config().model.mask_erode == 0
+  assert workdir_lib.check_config_change(workdir, config(**{'model.mask_erode': 0})) == {}
+  with pytest.raises(ValueError, match='model.mask_erode: 0 -> 1'):
+    workdir_lib.check_config_change(workdir, config(**{'model.mask_erode': 1}))
 
 
 def test_a_workdir_without_training_state_takes_any_config(tmp_path):

@@ -22,7 +22,11 @@ class IFAMMethod:
                      part_dropout=model_cfg.part_dropout,
                      mask_part_dropout=model_cfg.mask_part_dropout,
                      stage2_mask=model_cfg.stage2_mask,
-                     eval_gumbel_noise=model_cfg.eval_gumbel_noise, rngs=rngs)
+                     eval_gumbel_noise=model_cfg.eval_gumbel_noise,
+                     mask_min_fraction=model_cfg.mask_min_fraction,
+                     mask_erode=model_cfg.mask_erode,
+                     mask_fixed_fraction=model_cfg.mask_fixed_fraction,
+                     stage2_patch_dropout=model_cfg.stage2_patch_dropout, rngs=rngs)
 
   def loss_terms(self, model, images, labels, valid, rng, loss_cfg, run_stage2=True):
     return objective.ifam_loss_terms(model, images, labels, valid, rng, loss_cfg,

@@ -6,7 +6,13 @@ the full image but its attention keys are restricted to the prefix tokens and th
 patches, so no pixel of a background patch can influence its logits.
 
 Randomness is explicit: one `rng` per call, folded per purpose (Gumbel noise of the maps, Gumbel
-noise of the mask, part dropout of the classifier, part dropout of the mask).
+noise of the mask, part dropout of the classifier, part dropout of the mask, patch dropout of
+stage 2's mask).
+
+Remedies against a mask whose geometry tells stage 2 the background (all off by default): stage 1
+decides from the whole image, background included, whether the mask is empty (stage 2 then sees
+its prefix tokens alone), how many patches it holds, and which edge patches, with their
+background pixels, it shows. `IFAM.remedy_mask` edits the mask stage 2 reads against each.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ PART_REMOVALS = ('reference', 'renormalise')
 
 # fold_in tags, one per source of randomness.
 RNG_MAP_NOISE, RNG_MASK_NOISE, RNG_PART_DROPOUT, RNG_MASK_DROPOUT = range(4)
+RNG_STAGE2_PATCH_DROPOUT = 4
 
 
 # ----------------------------------------------------------------------------
@@ -60,6 +67,52 @@ def stage2_mask_facts(stage2_mask: str) -> Stage2MaskFacts:
                          hides_masked=stage2_mask in ('hard', 'straight_through'))
 
 
+# ----------------------------------------------------------------------------
+# Remedies for a mask whose geometry leaks the background
+# ----------------------------------------------------------------------------
+def check_mask_remedies(stage2_mask: str, min_fraction: float, erode: int,
+                        fixed_fraction: float, patch_dropout: float) -> None:
+  """Raises a ValueError naming the flag for a remedy setting `IFAM` cannot honour."""
+  for name, value in (('mask_min_fraction', min_fraction),
+                      ('mask_fixed_fraction', fixed_fraction),
+                      ('stage2_patch_dropout', patch_dropout)):
+    if not 0.0 <= value < 1.0:
+      raise ValueError(f'model.{name} must be in [0, 1), got {value!r}')
+  if isinstance(erode, bool) or not isinstance(erode, int) or erode < 0:
+    raise ValueError(f'model.mask_erode must be an integer >= 0, got {erode!r}')
+  if fixed_fraction and (min_fraction or erode):
+    raise ValueError('model.mask_fixed_fraction shows stage 2 a fixed number of patches whatever '
+                     'the hard mask says; model.mask_min_fraction and model.mask_erode edit that '
+                     'hard mask, so set them to 0 with it')
+  if stage2_mask == 'soft' and (min_fraction or erode or fixed_fraction or patch_dropout):
+    raise ValueError("the mask remedies (model.mask_min_fraction, mask_erode, "
+                     "mask_fixed_fraction, stage2_patch_dropout) edit a binary mask; "
+                     "stage2_mask='soft' reads the soft probabilities")
+
+
+def remedy_count(fraction: float, num_patches: int) -> int:
+  """The patches a floor or a fixed count keeps: max(1, round(fraction * num_patches))."""
+  return max(1, round(fraction * num_patches))
+
+
+def erode_patches(visible: jax.Array, times: int) -> jax.Array:
+  """`visible` [B, h, w] bool without, `times` times over, each visible patch that has a hidden
+  4-neighbour; outside the image counts as visible, so the border alone erodes nothing."""
+  for _ in range(times):
+    v = jnp.pad(visible, ((0, 0), (1, 1), (1, 1)), constant_values=True)
+    visible = visible & v[:, :-2, 1:-1] & v[:, 2:, 1:-1] & v[:, 1:-1, :-2] & v[:, 1:-1, 2:]
+  return visible
+
+
+def top_patches(priority: jax.Array, k: int) -> jax.Array:
+  """bool [B, h, w]: the `k` patches of highest `priority` [B, h, w] in each image (ties: the
+  first in raster order)."""
+  b = priority.shape[0]
+  _, index = jax.lax.top_k(priority.reshape(b, -1), k)
+  chosen = jnp.zeros((b, priority[0].size), bool).at[jnp.arange(b)[:, None], index].set(True)
+  return chosen.reshape(priority.shape)
+
+
 @struct.dataclass
 class IFAMOutput:
   """What one forward pass returns. Maps and logits are channels-last, background last."""
@@ -71,7 +124,9 @@ class IFAMOutput:
   part_logits: jax.Array  # [B, h, w, K+1] -distance logits (after any intervention)
   part_similarity: jax.Array  # [B, h, w, K+1] <F, W_k>, what 'dot_product' thresholds compare
   part_features: jax.Array  # [B, K+1, D] modulated pooled features
-  fg_mask: jax.Array  # [B, h, w] in {0, 1}, or the explicit one; the surrogate gradient if on
+  # [B, h, w] in {0, 1}, what stage 2 read (after the remedies), or the explicit one; the
+  # surrogate gradient if on.
+  fg_mask: jax.Array
   fg_prob: jax.Array  # [B, h, w] max over kept foreground parts (the soft mask)
 
 
@@ -110,13 +165,34 @@ class IFAM(nnx.Module):
       'late', the late-masking baseline: the same hard mask pools stage 2's patch tokens.
     eval_gumbel_noise: False gives deterministic argmax maps and masks at eval; True samples
       them as the reference does.
+
+  Mask remedies (all 0 = off, the reference), applied by `remedy_mask` in this order to the
+  mask stage 2 reads and the forward returns, after any intervention, never to an explicit
+  `fg_mask`; N_p is the number of patches and a patch's foreground score is what the hard mask
+  thresholds, max over the kept foreground parts minus the background of the mask's draw:
+    mask_erode: rounds of erosion; each removes every visible patch with a hidden 4-neighbour
+      (the edge patches, which hold background pixels).
+    mask_min_fraction f: a floor; the mask becomes its union with the max(1, round(f N_p))
+      best-scoring patches, so it is never empty (also after erosion).
+    mask_fixed_fraction f: stage 2 sees exactly the max(1, round(f N_p)) best-scoring patches,
+      whatever the hard mask holds, so their number tells it nothing; excludes the two above.
+    stage2_patch_dropout p: training only; each visible patch is hidden with probability p, so
+      stage 2 cannot rely on any one patch. A non-empty mask keeps at least its best-scoring
+      patch (a mask of m patches loses p - p**m / m of them on average), so the remedies above
+      still never hand stage 2 an empty mask.
+  With 'straight_through' the surrogate gradient rides on the remedied mask; 'soft' refuses them;
+  with 'late' they edit the pooling mask.
   """
 
   def __init__(self, *, num_classes: int, num_parts: int, stage1: ViTConfig, stage2: ViTConfig,
                gumbel_tau: float = 1.0, part_dropout: float = 0.3,
                mask_part_dropout: float = 0.3, stage2_mask: MaskMode = 'hard',
-               eval_gumbel_noise: bool = False, rngs: nnx.Rngs):
+               eval_gumbel_noise: bool = False, mask_min_fraction: float = 0.0,
+               mask_erode: int = 0, mask_fixed_fraction: float = 0.0,
+               stage2_patch_dropout: float = 0.0, rngs: nnx.Rngs):
     stage2_mask_facts(stage2_mask)
+    check_mask_remedies(stage2_mask, mask_min_fraction, mask_erode, mask_fixed_fraction,
+                        stage2_patch_dropout)
     if stage1.patch_size != stage2.patch_size:
       raise ValueError('both stages must use the same patch size to share the patch mask')
     self.num_parts = num_parts
@@ -125,6 +201,10 @@ class IFAM(nnx.Module):
     self.mask_part_dropout = mask_part_dropout
     self.stage2_mask = stage2_mask
     self.eval_gumbel_noise = eval_gumbel_noise
+    self.mask_min_fraction = mask_min_fraction
+    self.mask_erode = mask_erode
+    self.mask_fixed_fraction = mask_fixed_fraction
+    self.stage2_patch_dropout = stage2_patch_dropout
     self.stage1 = PartDiscovery(stage1, num_parts=num_parts, num_classes=num_classes, rngs=rngs)
     self.stage2 = ViTClassifier(stage2, num_classes=num_classes, rngs=rngs)
 
@@ -136,7 +216,7 @@ class IFAM(nnx.Module):
     keys = {tag: jax.random.fold_in(rng, tag) if noisy else None
             for tag in (RNG_MAP_NOISE, RNG_MASK_NOISE)}
     keys.update({tag: jax.random.fold_in(rng, tag) if train else None
-                 for tag in (RNG_PART_DROPOUT, RNG_MASK_DROPOUT)})
+                 for tag in (RNG_PART_DROPOUT, RNG_MASK_DROPOUT, RNG_STAGE2_PATCH_DROPOUT)})
     return keys
 
   def stage1_maps(self, images: jax.Array, *, train: bool,
@@ -153,6 +233,14 @@ class IFAM(nnx.Module):
     An independent Gumbel draw, part dropout on the foreground channels (no rescale), the max
     over foreground parts against the background, hard argmax (ties go to foreground).
     """
+    mask, fg_prob, _ = self._foreground_mask_and_score(logits, noise_rng, dropout_rng)
+    return mask, fg_prob
+
+  def _foreground_mask_and_score(self, logits: jax.Array, noise_rng: jax.Array | None,
+                                 dropout_rng: jax.Array | None,
+                                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`foreground_mask`, and the foreground score fg_prob - p_bg that the hard mask thresholds
+    at 0 (the remedies' ranking of the patches)."""
     y = gumbel_softmax(logits, self.gumbel_tau, noise_rng)
     y_fg, y_bg = y[..., :self.num_parts], y[..., self.num_parts]
     if dropout_rng is not None and self.mask_part_dropout > 0:
@@ -164,7 +252,51 @@ class IFAM(nnx.Module):
     if self.stage2_mask == 'straight_through':
       surrogate = jnp.sum(y_fg, axis=-1)
       mask = mask + (surrogate - jax.lax.stop_gradient(surrogate))
-    return mask, fg_prob
+    return mask, fg_prob, fg_prob - y_bg
+
+  def remedies_apply(self, train: bool) -> bool:
+    """Whether `remedy_mask` changes anything in this mode (patch dropout trains only)."""
+    return bool(self.mask_min_fraction or self.mask_erode or self.mask_fixed_fraction
+                or (train and self.stage2_patch_dropout))
+
+  def remedy_mask(self, mask: jax.Array, score: jax.Array, *,
+                  dropout_rng: jax.Array | None) -> jax.Array:
+    """The mask [B, h, w] stage 2 reads once the configured remedies (see `IFAM`) edit stage 1's
+    `mask` (hard, or with the straight-through surrogate, whose gradient the result keeps).
+
+    `score` [B, h, w] ranks the patches for the floor, the fixed count and the patch that
+    dropout keeps; `dropout_rng` (None at eval) draws the patch dropout.
+    """
+    hard = jax.lax.stop_gradient(mask) > 0
+    score = jax.lax.stop_gradient(score)
+    num_patches = hard[0].size
+    if self.mask_fixed_fraction:
+      visible = top_patches(score, remedy_count(self.mask_fixed_fraction, num_patches))
+    else:
+      visible = erode_patches(hard, self.mask_erode)
+      if self.mask_min_fraction:
+        visible |= top_patches(score, remedy_count(self.mask_min_fraction, num_patches))
+    if dropout_rng is not None and self.stage2_patch_dropout > 0:
+      hidden = jax.random.bernoulli(dropout_rng, self.stage2_patch_dropout, visible.shape)
+      kept = visible & ~hidden
+      emptied = jnp.any(visible, axis=(1, 2)) & ~jnp.any(kept, axis=(1, 2))
+      best = top_patches(jnp.where(visible, score, -jnp.inf), 1)
+      visible = kept | (emptied[:, None, None] & best)
+    remedied = visible.astype(mask.dtype)
+    if self.stage2_mask == 'straight_through':
+      remedied = remedied + (mask - jax.lax.stop_gradient(mask))
+    return remedied
+
+  def _intervened_score(self, unedited: jax.Array, mask: jax.Array, intervention: Intervention,
+                        noise_rng: jax.Array | None) -> jax.Array:
+    """The remedies' ranking after an intervention: the patches it keeps first, then the others,
+    each group by the foreground score of the unedited maps over the parts it keeps (so patches
+    that thresholds reject rank by how foreground they looked before)."""
+    y = gumbel_softmax(unedited, self.gumbel_tau, noise_rng)
+    removed = jnp.isin(jnp.arange(self.num_parts), jnp.asarray(intervention.remove_parts))
+    score = jnp.max(jnp.where(removed, 0.0, y[..., :self.num_parts]), axis=-1)
+    score = score - y[..., self.num_parts]
+    return jnp.where(mask > 0, score, score - 3.0)  # scores lie in [-1, 1]
 
   def intervene(self, logits: jax.Array, similarity: jax.Array, intervention: Intervention,
                 noise_rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -228,7 +360,7 @@ class IFAM(nnx.Module):
       fg_mask: an explicit foreground mask [B, h, w] for stage 2 in place of stage 1's (oracle
         masks, forced densities): {0, 1}, or probabilities with `stage2_mask='soft'`. Stage 1
         still runs for its maps and logits; the output's `fg_mask` (`fg_prob` when soft) is this
-        mask, read by stage 2 as given (no surrogate gradient is added).
+        mask, read by stage 2 as given (no surrogate gradient, no remedy is added).
     """
     if train and (intervention is not None or keep_count is not None):
       raise ValueError('interventions and token gather are eval-only')
@@ -251,12 +383,18 @@ class IFAM(nnx.Module):
         removed = jnp.isin(jnp.arange(self.num_parts), jnp.asarray(intervention.remove_parts))
         fg_maps = jnp.where(removed, 0.0, scored[..., :self.num_parts])
       fg_prob = jnp.max(fg_maps, axis=-1)
+      if self.remedies_apply(train):
+        score = self._intervened_score(unedited, fg_mask, intervention, keys[RNG_MAP_NOISE])
+        fg_mask = self.remedy_mask(fg_mask, score, dropout_rng=None)
     else:
       maps = scored = gumbel_softmax(logits, self.gumbel_tau, keys[RNG_MAP_NOISE])
-      derived, fg_prob = self.foreground_mask(logits, noise_rng=keys[RNG_MASK_NOISE],
-                                              dropout_rng=keys[RNG_MASK_DROPOUT])
+      derived, fg_prob, score = self._foreground_mask_and_score(
+          logits, keys[RNG_MASK_NOISE], keys[RNG_MASK_DROPOUT])
       if fg_mask is None:
         fg_mask = derived
+        if self.remedies_apply(train):
+          fg_mask = self.remedy_mask(derived, score,
+                                     dropout_rng=keys[RNG_STAGE2_PATCH_DROPOUT])
       elif fg_mask.shape != derived.shape:
         raise ValueError(f'fg_mask has shape {fg_mask.shape}; stage 1 gives masks of shape '
                          f'{derived.shape} ([B, h, w] patches)')
