@@ -2,12 +2,13 @@
 
   python launch/demo_family.py --workdir /tmp/family --parallel 2
 
-Each (variant, seed) is one `--mode compare` process on <workdir>/<variant> with that seed alone
-(a comparison's seeds may run side by side: each method and seed locks its own folder), at most
-`--parallel` at a time, its output in <workdir>/<variant>/seed_<s>.log. Then each variant's
-comparison over all the seeds prints its table (finished runs are not rerun) and this script
-prints one row per variant and method from the <variant>/compare.json files. A failed process
-is named and the others go on; the exit status is then non-zero.
+Each (variant, seed, method) is one `--mode compare` process on <workdir>/<variant> with that
+seed and method alone (each method and seed locks its own folder, so they run side by side), at
+most `--parallel` at a time, its output in <workdir>/<variant>/<method>.seed_<s>.log; the
+post-hoc peers (dfr, dar, a2) start once every trained run is done, so their extractor runs
+exist. Then each variant's comparison over all the seeds prints its table (finished runs are
+not rerun) and this script prints one row per variant and method from the <variant>/compare.json
+files. A failed process is named and the others go on; the exit status is then non-zero.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import json
 import pathlib
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+from ifam_jax.compare import POSTHOC
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ('texture', 'colour', 'both', 'size_position', 'correlation_99', 'no_object')
@@ -41,6 +44,23 @@ def run_logged(command: Sequence[str], log: pathlib.Path) -> int:
   with log.open('w') as f:
     return subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                           check=False).returncode
+
+
+def run_all(jobs: Mapping[tuple, Sequence[str]], parallel: int,
+            name: Callable[..., str], log: Callable[..., pathlib.Path]) -> set[tuple]:
+  """Runs every job's command, `parallel` at a time, each logged to `log(*job)`; prints each
+  outcome as it comes and returns the failed jobs."""
+  failed = set()
+  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    futures = {pool.submit(run_logged, command, log(*job)): job for job, command in jobs.items()}
+    for future in concurrent.futures.as_completed(futures):
+      job = futures[future]
+      status = future.result()
+      print(f'{name(*job)}: ' + ('done' if status == 0 else
+                                 f'FAILED (exit {status}), see {log(*job)}'), flush=True)
+      if status:
+        failed.add(job)
+  return failed
 
 
 def cell(row: Mapping[str, Mapping[str, float]], key: str) -> str:
@@ -77,29 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   seeds = [int(s) for s in args.seeds.split(',')]
   if args.parallel < 1:
     parser.error(f'--parallel must be at least 1, got {args.parallel}')
-  jobs = {(v, s): compare_command(args.workdir, v, methods, [s]) for v in variants for s in seeds}
+  jobs = [[(v, s, m) for v in variants for s in seeds for m in methods if m not in POSTHOC],
+          [(v, s, m) for v in variants for s in seeds for m in methods if m in POSTHOC]]
+  command = lambda v, s, m: compare_command(args.workdir, v, [m], [s])
   if args.dry_run:
-    for command in jobs.values():
-      print(' '.join(command))
+    for v, s, m in jobs[0] + jobs[1]:
+      print(' '.join(command(v, s, m)))
     return 0
-  failed = []
-  with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-    futures = {pool.submit(run_logged, command, args.workdir / v / f'seed_{s}.log'): (v, s)
-               for (v, s), command in jobs.items()}
-    for future in concurrent.futures.as_completed(futures):
-      v, s = futures[future]
-      status = future.result()
-      print(f'{v}, seed {s}: ' + ('done' if status == 0 else f'FAILED (exit {status}), see '
-                                  f'{args.workdir / v / f"seed_{s}.log"}'), flush=True)
-      if status:
-        failed.append((v, s))
+  failed = set()
+  for phase in jobs:
+    failed |= run_all({job: command(*job) for job in phase}, args.parallel,
+                      lambda v, s, m: f'{v}, {m}, seed {s}',
+                      lambda v, s, m: args.workdir / v / f'{m}.seed_{s}.log')
   finished = [v for v in variants if not any(f[0] == v for f in failed)]
-  for v in finished:
-    if run_logged(compare_command(args.workdir, v, methods, seeds),
-                  args.workdir / v / 'table.log'):
-      print(f'{v}: the table failed, see {args.workdir / v / "table.log"}')
-      failed.append((v, None))
-  tabled = [v for v in finished if (v, None) not in failed]
+  tables = {(v,): compare_command(args.workdir, v, methods, seeds) for v in finished}
+  failed |= run_all(tables, args.parallel, lambda v: f'{v}: the table',
+                    lambda v: args.workdir / v / 'table.log')
+  tabled = [v for v in finished if (v,) not in failed]
   if tabled:
     print(family_table(args.workdir, tabled))
   return 1 if failed else 0

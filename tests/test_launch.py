@@ -329,14 +329,16 @@ def test_sbatch_script(tmp_path):
 # ----------------------------------------------------------------------------
 # demo_family.py: the benchmark family's processes and table
 # ----------------------------------------------------------------------------
-def test_family_dry_run_is_one_compare_process_per_variant_and_seed(capsys, tmp_path):
+def test_family_dry_run_is_one_compare_process_per_run_peers_last(capsys, tmp_path):
   assert demo_family.main(['--workdir', str(tmp_path), '--variants', 'texture,colour',
-                           '--methods', 'erm,ifam', '--seeds', '0,2', '--dry-run']) == 0
+                           '--methods', 'dfr,erm,ifam', '--seeds', '0,2', '--dry-run']) == 0
   commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
-  assert len(commands) == 4
+  assert len(commands) == 12
   assert commands[1][1:] == ['-m', 'ifam_jax.main', '--config=configs/demo.py:variant=texture',
-                             '--mode=compare', '--methods=erm,ifam',
-                             '--config.compare.seeds=(2,)', f'--workdir={tmp_path}/texture']
+                             '--mode=compare', '--methods=ifam',
+                             '--config.compare.seeds=(0,)', f'--workdir={tmp_path}/texture']
+  # DFR fits on the ERM run's features: it starts after every trained run.
+  assert [c[5] for c in commands[8:]] == ['--methods=dfr'] * 4
 
 
 def _compare_json(workdir, variant, worst):
@@ -352,22 +354,21 @@ def test_family_runs_every_job_names_failures_and_tables_the_rest(tmp_path, monk
   ran = []
 
   def fake_run(command, log):
-    variant = command[3].rsplit('=', 1)[1]
-    seeds = command[6]
-    ran.append((variant, seeds))
-    if variant == 'colour' and seeds == '--config.compare.seeds=(1,)':
+    variant, methods, seeds = command[3].rsplit('=', 1)[1], command[5][10:], command[6][23:]
+    ran.append((variant, methods, seeds))
+    if (variant, methods, seeds) == ('colour', 'ifam', '(1,)'):
       return 3
     _compare_json(tmp_path, variant, {'erm': 0.5, 'ifam': 0.875})
     return 0
 
   monkeypatch.setattr(demo_family, 'run_logged', fake_run)
   status = demo_family.main(['--workdir', str(tmp_path), '--variants', 'texture,colour',
-                             '--seeds', '0,1', '--parallel', '3'])
+                             '--methods', 'erm,ifam', '--seeds', '0,1', '--parallel', '3'])
   out = capsys.readouterr().out
-  assert status == 1 and 'colour, seed 1: FAILED (exit 3)' in out
-  # Four single-seed processes, then the table pass of the variant that finished, all seeds.
-  assert sorted(ran[:4]) == sorted((v, f'--config.compare.seeds=({s},)')
-                                   for v in ('texture', 'colour') for s in (0, 1))
-  assert ran[4:] == [('texture', '--config.compare.seeds=(0,1,)')]
+  assert status == 1 and 'colour, ifam, seed 1: FAILED (exit 3)' in out
+  # One process per run, then the table pass of the variant that finished, over all seeds.
+  assert sorted(ran[:8]) == sorted((v, m, f'({s},)') for v in ('texture', 'colour')
+                                   for m in ('erm', 'ifam') for s in (0, 1))
+  assert ran[8:] == [('texture', 'erm,ifam', '(0,1,)')]
   assert '| texture | IFAM | 2 | 90.0 ± 1.0 | 87.5 ± 2.0 | 0.75 ± 0.05 | - |' in out
   assert '| colour |' not in out
