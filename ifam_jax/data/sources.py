@@ -46,6 +46,7 @@ class Source:
   class_names: list[str]
   group_names: list[str]
   _repr: str
+  spurious_attribute = 'attribute'  # what a group's '/<value>' names: the mask-leak audit's noun
 
   @property
   def num_classes(self) -> int:
@@ -219,6 +220,8 @@ class WaterbirdsSource(FileSource):
 
   y: 0 landbird, 1 waterbird; place: 0 land, 1 water; group = 2 * y + place.
   """
+
+  spurious_attribute = 'background'
 
   def __init__(self, root: str | os.PathLike, split: str):
     root = pathlib.Path(root)

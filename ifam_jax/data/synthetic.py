@@ -72,6 +72,8 @@ class SyntheticSpuriousSource(Source):
   only the texture tells the types apart.
   """
 
+  spurious_attribute = 'background'
+
   def __init__(self, num_examples: int, image_size: int = 64, split: str = 'train', seed: int = 0,
                majority: float = 0.95, num_classes: int = 2,
                object_size: tuple[float, float] = (0.18, 0.28), shared_palette: bool = False):
