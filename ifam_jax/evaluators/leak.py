@@ -241,12 +241,25 @@ def make_leak_step(mask_step: Callable) -> Callable:
   return leak_step
 
 
+def collect_masks(predict: Callable, params: Any, frozen: Any, source: Any, transform: Any,
+                  config: ml_collections.ConfigDict, batch_sharding: Any) -> dict[str, np.ndarray]:
+  """`make_leak_step`'s outputs with each example's label and group, host arrays of the first
+  `eval.leak_num_images` valid examples of `source`; only the batches holding them are read."""
+  num_images = config.eval.leak_num_images
+  ds, num_batches = loop.eval_dataset(source, transform, config)
+  num_batches = min(num_batches, math.ceil(num_images / config.data.eval_batch_size))
+  outputs = loop.collect_outputs(predict, params, frozen, ds, num_batches, batch_sharding,
+                                 config.seed)
+  keep = np.flatnonzero(outputs['valid'] > 0)[:num_images]
+  return {k: v[keep] for k, v in outputs.items() if k != 'valid'}
+
+
 @dataclasses.dataclass
 class MaskLeak:
   """`geometry_leak` of the first `eval.leak_num_images` valid examples of one source.
 
-  `run`'s predict function is `make_leak_step`'s; only the batches holding those examples are
-  read. A source whose groups are not (class, attribute) pairs is skipped: the report says why.
+  `run`'s predict function is `make_leak_step`'s (`collect_masks`). A source whose groups are
+  not (class, attribute) pairs is skipped: the report says why.
   """
 
   source: Any
@@ -259,16 +272,10 @@ class MaskLeak:
     if values is None:
       return {'skipped': f'{self.source!r} has no groups that pair a class with an attribute '
                          "value ('<class>/<value>')"}
-    num_images = self.config.eval.leak_num_images
-    ds, num_batches = loop.eval_dataset(self.source, self.transform, self.config)
-    num_batches = min(num_batches, math.ceil(num_images / self.config.data.eval_batch_size))
-    outputs = loop.collect_outputs(predict, params, frozen, ds, num_batches, self.batch_sharding,
-                                   self.config.seed)
-    keep = np.flatnonzero(outputs['valid'] > 0)[:num_images]
-    return geometry_leak(
-        outputs['patch_mask'][keep], outputs['label'][keep],
-        outputs['group'][keep] % len(values), class_names=self.source.class_names,
-        attribute_names=values,
-        gt_fraction=outputs['gt_fraction'][keep] if 'gt_fraction' in outputs else None,
-        threshold=self.config.eval.leak_auroc_threshold,
-        noun=getattr(self.source, 'spurious_attribute', 'attribute'))
+    out = collect_masks(predict, params, frozen, self.source, self.transform, self.config,
+                        self.batch_sharding)
+    return geometry_leak(out['patch_mask'], out['label'], out['group'] % len(values),
+                         class_names=self.source.class_names, attribute_names=values,
+                         gt_fraction=out.get('gt_fraction'),
+                         threshold=self.config.eval.leak_auroc_threshold,
+                         noun=getattr(self.source, 'spurious_attribute', 'attribute'))
