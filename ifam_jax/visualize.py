@@ -146,6 +146,7 @@ def mask_size_picture(model, config: ml_collections.ConfigDict, source,
                       path: str | os.PathLike, title: str) -> epath.Path:
   """`save_mask_sizes` of the eval forward's masks on the images the mask-geometry audit reads
   (the first eval.leak_num_images of `source`)."""
+  leak.check_config(config)
   graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
                                                       config.optim.groups)
   mesh = sharding.make_mesh(config.mesh)
