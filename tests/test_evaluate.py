@@ -323,8 +323,9 @@ def _eight_device_worker(workdir: str) -> None:
   config.mesh = (('data', 4), ('fsdp', 2))
   config.sharding_rules = (('.*kernel', 'fsdp'), ('.*', 'replicate'))
   config.fsdp_min_size = 1
-  result = {'evals': ev.run_eval(config, workdir)['evals'],
-            'audit': ev.run_audit(config, workdir, num_images=8)['passed']}
+  audited = ev.run_audit(config, workdir, num_images=8)
+  result = {'evals': ev.run_eval(config, workdir)['evals'], 'audit': audited['passed'],
+            'geometry': audited['splits']['val']['mask_geometry']}
   (pathlib.Path(workdir) / 'eight_devices.json').write_text(json.dumps(result))
 
 
@@ -340,6 +341,8 @@ def test_eight_devices_with_fsdp_match_one_device(trained):
   assert eight['audit']
   one = with_eval(config, splits=('val',))
   one.data.eval_batch_size = 8
+  geometry = ev.run_audit(one, workdir, num_images=8)['splits']['val']['mask_geometry']
+  assert eight['geometry'] == geometry  # the same masks, gathered in order
   expected = ev.run_eval(one, workdir)['evals']['val']
   got = eight['evals']['val']
   assert got.keys() == expected.keys()
