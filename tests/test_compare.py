@@ -168,15 +168,16 @@ def test_mask_leak_is_measured_once_without_retraining(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluate, 'measure_mask_leak', fake_measure)
   monkeypatch.setattr(train, 'train_and_evaluate', no_training)
   c.eval.thresholds = 'q99.json'  # the table's evals run without thresholds; so does the leak
+  old = result(0.8, {'g0': 0.8}, 1.0)  # written before the leak audit existed
   for name in ('ifam', 'erm'):
     (tmp_path / name / 'seed_0').mkdir(parents=True)
-    (tmp_path / name / 'seed_0' / 'result.json').write_text(json.dumps(result(0.8, {'g0': 0.8}, 1.0)))
+    (tmp_path / name / 'seed_0' / 'result.json').write_text(json.dumps(old))
   got = compare.run_method(c, workdir, 'ifam', 0)
   assert calls == [(('test',), '', 'ifam', str(tmp_path / 'ifam' / 'seed_0'), 'final')]
   assert got['mask_leak'] == {'split': 'test', 'auroc': 0.8, 'empty_rate': 0.25, 'leak': True,
                               'verdict': 'v'}
   saved = json.loads((tmp_path / 'ifam' / 'seed_0' / 'result.json').read_text())
-  assert saved == got and saved['evals'] == result(0.8, {'g0': 0.8}, 1.0)['evals']
+  assert saved == got and saved['evals'] == old['evals']
   assert compare.run_method(c, workdir, 'ifam', 0) == got and len(calls) == 1
   assert 'mask_leak' not in compare.run_method(c, workdir, 'erm', 0) and len(calls) == 1
   c.compare.split = 'val'  # another table split: measured there
