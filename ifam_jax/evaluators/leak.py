@@ -274,6 +274,8 @@ class MaskLeak:
                          "value ('<class>/<value>')"}
     out = collect_masks(predict, params, frozen, self.source, self.transform, self.config,
                         self.batch_sharding)
+    if not len(out['label']):
+      return {'skipped': f'{self.source!r} has no readable image'}
     return geometry_leak(out['patch_mask'], out['label'], out['group'] % len(values),
                          class_names=self.source.class_names, attribute_names=values,
                          gt_fraction=out.get('gt_fraction'),
