@@ -11,8 +11,10 @@ Every method runs with the recipe's data pipeline, metrics and backbone, once pe
       'dar' on its features and patch tokens, 'a2' on crops around a ViT's CLS attention. The
       'erm' and 'ifam' extractors are the comparison's own runs of the same seed, trained first.
 A finished method (its result.json, written last) is not rerun; a post-hoc peer whose settings
-changed is. Then one table on the `compare.split` eval (mean ± std over seeds) is printed and
-written as compare.json and a bar chart compare.png.
+changed is. A trained method whose model has a mask also records what the mask's geometry alone
+tells of the spurious attribute on the table's split (`evaluate.measure_mask_leak`; measured
+once, also for a result.json written without it). Then one table on the `compare.split` eval
+(mean ± std over seeds) is printed and written as compare.json and a bar chart compare.png.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from etils import epath
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from ifam_jax import factory, presets, train, visualize, weights
+from ifam_jax import evaluate, factory, presets, train, visualize, weights
 from ifam_jax import methods as methods_lib
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.evaluators import metrics
@@ -136,7 +138,7 @@ def run_method(config: ml_collections.ConfigDict, workdir: epath.Path, name: str
   if done.exists():
     result = json.loads(done.read_text())
     if name not in POSTHOC or result.get('settings') == json.loads(json.dumps(settings)):
-      return result
+      return with_mask_leak(config, workdir, name, seed, result)
   sub.mkdir(parents=True, exist_ok=True)
   start = time.time()
   _print(f'\n=== {name}, seed {seed} -> {sub}')
@@ -158,6 +160,26 @@ def run_method(config: ml_collections.ConfigDict, workdir: epath.Path, name: str
   result['wall_time_s'] = time.time() - start
   result = json.loads(json.dumps(result, default=_to_builtin))
   workdir_lib.replace_text(done, json.dumps(result, indent=1))
+  return with_mask_leak(config, workdir, name, seed, result)
+
+
+def with_mask_leak(config: ml_collections.ConfigDict, workdir: epath.Path, name: str, seed: int,
+                   result: dict[str, Any]) -> dict[str, Any]:
+  """`result` with 'mask_leak': the geometry audit of a trained method with a mask on the
+  table's split, without thresholds; measured once per split and saved in its result.json."""
+  split = table_split(config)
+  if name not in presets.PRESETS or result.get('mask_leak', {}).get('split') == split:
+    return result
+  cfg = preset_config(config, name, seed)
+  if not methods_lib.get(cfg.model.kind).has_mask:
+    return result
+  with cfg.unlocked():
+    cfg.eval.splits, cfg.eval.thresholds = (split,), ''
+  sub = workdir / name / f'seed_{seed}'
+  leak = evaluate.measure_mask_leak(cfg, sub, config.compare.which)[split]
+  result = json.loads(json.dumps({**result, 'mask_leak': {'split': split, **leak}},
+                                 default=_to_builtin))
+  workdir_lib.replace_text(sub / 'result.json', json.dumps(result, indent=1))
   return result
 
 
@@ -417,6 +439,11 @@ def _row_values(result: Mapping[str, Any], split: str,
     if train_counts:
       values['accuracy_train_weighted'] = metrics.train_weighted_accuracy(m['group_accuracy'],
                                                                          train_counts)
+  leak = result.get('mask_leak', {})
+  if leak.get('split') == split and leak.get('auroc') is not None:
+    values['mask_leak_auroc'] = leak['auroc']
+  if leak.get('split') == split and 'empty_rate' in leak:
+    values['empty_mask_rate'] = leak['empty_rate']
   evals = result['evals']
   if {'mixed_same', 'mixed_rand'} <= evals.keys():
     values['bg_gap'] = metrics.bg_gap({k: evals[k]['accuracy'] for k in evals})
@@ -444,7 +471,9 @@ _COLUMNS = (('avg', 'accuracy'), ('worst grp', 'worst_group_accuracy'),
             ('minority pooled', 'minority_accuracy_pooled'),
             ('worst class', 'worst_class_accuracy'),
             ('train-wtd avg', 'accuracy_train_weighted'), ('BG-GAP', 'bg_gap'),
-            ('fg', 'fg_fraction'))
+            ('fg', 'fg_fraction'), ('mask→bg AUROC', 'mask_leak_auroc'),
+            ('empty masks', 'empty_mask_rate'))
+_AS_IS = ('mask_leak_auroc',)  # shown with two decimals, not as percentages
 
 
 def format_rows(rows: Mapping[str, Mapping[str, Any]]) -> str:
@@ -457,8 +486,9 @@ def format_rows(rows: Mapping[str, Mapping[str, Any]]) -> str:
   def cell(row, key):
     if key not in row['mean']:
       return '-'
-    mean, std = 100 * row['mean'][key], 100 * row['std'][key]
-    return f'{mean:.1f}' + (f' ± {std:.1f}' if len(row['seeds']) > 1 else '')
+    scale, digits = (1, 2) if key in _AS_IS else (100, 1)
+    mean, std = scale * row['mean'][key], scale * row['std'][key]
+    return f'{mean:.{digits}f}' + (f' ± {std:.{digits}f}' if len(row['seeds']) > 1 else '')
 
   header = ['method', 'backbone', 'seeds'] + [h for h, _ in columns] + ['wall time']
   body = [[r['label'], r['backbone'], str(len(r['seeds']))] + [cell(r, k) for _, k in columns]
@@ -523,9 +553,11 @@ def run_compare(config: ml_collections.ConfigDict, workdir: epath.Path,
     workdir_lib.replace_text(workdir / 'compare.json', json.dumps(report, indent=1))
     bar_chart(rows, workdir / 'compare.png',
               f'{split}: average and worst-group accuracy (%), {len(seeds)} seed(s)')
+  leaks = [f'{rows[m]["label"]}, seed {s}: {r["mask_leak"]["verdict"]}'
+           for m in methods for s, r in results[m].items() if r.get('mask_leak', {}).get('leak')]
   _print(f'\nComparison on {split!r} ({len(seeds)} seed(s); mean ± std):\n'
-         + format_rows(rows) + f'\n\nWritten: {workdir / "compare.json"}, '
-         f'{workdir / "compare.png"}')
+         + format_rows(rows) + ''.join(f'\n{line}' for line in leaks)
+         + f'\n\nWritten: {workdir / "compare.json"}, {workdir / "compare.png"}')
   if 'ifam' in methods:
     picture = part_maps_picture(config, workdir, split, seeds[0])
     _print(f'iFAM part maps (image | parts | what stage 2 sees): {picture}')

@@ -169,6 +169,11 @@ def base_config() -> ml_collections.ConfigDict:
       in9_variants=('original', 'mixed_same', 'mixed_rand'),
       in9_mapping='',  # in_to_in9.json, for models that were not trained on the 9 classes
       calibration_sample=2**20,  # tokens kept per part (a uniform sample) for the percentiles
+      # The mask-geometry audit (audit and compare modes, evaluators/leak.py): the first images
+      # of each eval set it reads, and the AUROC of predicting the spurious attribute from the
+      # binary mask alone (within class) from which it reports a leak.
+      leak_num_images=2048,
+      leak_auroc_threshold=0.75,
   )
 
   # The comparison (`--mode compare`, ifam_jax/compare.py): each method (a training preset of

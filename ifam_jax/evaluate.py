@@ -10,7 +10,9 @@ selects, writes a JSON report and prints a table on process 0:
                       -> thresholds/<which>/<rule>_q<q>.json
   run_leave_one_out   one row per removed part (reference 8.1) -> eval/<which>/leave_one_out*.json
   run_audit           stage 2 re-run with every masked-out pixel replaced: its logits must not
-                      change by a single bit -> eval/<which>/audit.json
+                      change by a single bit; and what the mask's geometry alone tells of the
+                      spurious attribute (evaluators/leak.py) -> eval/<which>/audit.json
+  measure_mask_leak   that geometry audit alone, per eval set (the comparison's column)
 
 `config.eval.thresholds` applies a threshold file to every evaluation of these modes.
 """
@@ -33,7 +35,7 @@ from ifam_jax import data as data_lib
 from ifam_jax import factory, methods, optim, sharding
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.data.sources import IN9_CLASSES
-from ifam_jax.evaluators import audit, in9, loop, metrics, thresholds
+from ifam_jax.evaluators import audit, in9, leak, loop, metrics, thresholds
 from ifam_jax.evaluators.predict import make_eval_step
 from ifam_jax.evaluators.tables import format_table, metrics_table
 from ifam_jax.models.ifam import PART_REMOVALS, Intervention, stage2_mask_facts
@@ -154,6 +156,14 @@ class _Session:
 
   def evaluate(self, split: _Split, intervention: Intervention | None) -> dict[str, Any]:
     return split.run(self.eval_step(intervention), self.params, self.frozen)
+
+  def mask_leaks(self, splits: Mapping[str, _Split]) -> dict[str, dict[str, Any]]:
+    """`leak.MaskLeak` of each split, on the eval forward's mask (under the thresholds)."""
+    step = leak.make_leak_step(self.jit(audit.make_mask_step(self.graphdef, self.rest,
+                                                             self.intervention)))
+    return {name: leak.MaskLeak(split.source, split.transform, self.config,
+                                self.batch_sharding).run(step, self.params, self.frozen)
+            for name, split in splits.items()}
 
   def bg_challenge(self, root: pathlib.Path) -> dict[str, Any]:
     class_map = None if self.num_classes == len(IN9_CLASSES) else self.in9_map()
@@ -287,15 +297,30 @@ def run_leave_one_out(config: ml_collections.ConfigDict, workdir: str | os.PathL
   return report
 
 
+def measure_mask_leak(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                      which: str = 'final') -> dict[str, dict[str, Any]]:
+  """`leak.geometry_leak` of <workdir>/params/<which> on every selected eval set: how well the
+  eval forward's binary mask alone predicts the spurious attribute (see evaluators/leak.py)."""
+  leak.check_config(config)
+  s = _Session(config, workdir, which)
+  s.require_ifam('the mask-geometry audit')
+  with jax.set_mesh(s.mesh):
+    return s.mask_leaks(s.splits())
+
+
 def run_audit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
               which: str = 'final', num_images: int = 64) -> dict[str, Any]:
-  """Checks on `num_images` images per eval set that masked-out pixels cannot reach stage 2.
+  """Checks on `num_images` images per eval set that masked-out pixels cannot reach stage 2,
+  and measures what the mask's geometry alone tells of the spurious attribute.
 
   Stage 2 runs again, with the eval forward's mask, on images whose masked-out patches hold
   noise or another image's pixels; its logits must be bitwise unchanged. Report
   (<workdir>/eval/<which>/audit.json): per split the fraction unchanged per replacement (must
-  be 1.0), the mean fraction of patches kept, and 'passed'.
+  be 1.0), the mean fraction of patches kept, and 'passed' (these only); per split also
+  'mask_geometry', `leak.geometry_leak` on its first eval.leak_num_images images (or why it
+  was skipped: groups that are not (class, attribute) pairs).
   """
+  leak.check_config(config)
   s = _Session(config, workdir, which)
   s.require_ifam('the audit')
   if not stage2_mask_facts(config.model.stage2_mask).hides_masked:
@@ -310,17 +335,30 @@ def run_audit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                stage2)
   report = {**s.header(), 'splits': {}}
   with jax.set_mesh(s.mesh):
-    for name, split in s.splits().items():
+    splits = s.splits()
+    for name, split in splits.items():
       audit_split = audit.Audit(split.source, split.transform, config, s.batch_sharding,
                                 num_images)
       report['splits'][name] = audit_split.run(step, s.params, s.frozen)
+    for name, geometry in s.mask_leaks(splits).items():
+      report['splits'][name]['mask_geometry'] = geometry
   report['passed'] = all(v == 1.0 for m in report['splits'].values()
                          for key, v in m.items() if key.startswith('unchanged_'))
   path = s.write(f'eval/{which}/audit.json', report)
-  rows = [[name, m['num_images'], m['mean_kept_fraction'], m['unchanged_noise'],
-           m['unchanged_other_image']] for name, m in report['splits'].items()]
+  rows, verdicts = [], []
+  for name, m in report['splits'].items():
+    geometry = m['mask_geometry']
+    auc = geometry.get('auroc')
+    rows.append([name, m['num_images'], m['mean_kept_fraction'], m['unchanged_noise'],
+                 m['unchanged_other_image'], '-' if auc is None else f'{auc:.2f}',
+                 geometry.get('empty_rate', '-')])
+    verdicts.append(f'{name}: ' + (geometry['verdict'] if 'verdict' in geometry
+                                   else f'mask-geometry audit skipped: {geometry["skipped"]}'))
   _print(f'\nAudit of params/{which}: stage-2 logits bitwise unchanged when masked-out pixels are '
-         f'replaced\n' + format_table(['', 'images', 'patches kept', 'unchanged (noise)',
-                                       'unchanged (other image)'], rows)
+         f'replaced; what the mask alone tells of the spurious attribute (AUROC within class, '
+         f'the count\'s as max(auc, 1 - auc))\n'
+         + format_table(['', 'images', 'patches kept', 'unchanged (noise)',
+                         'unchanged (other image)', 'mask→attribute AUROC', 'empty masks'], rows)
+         + '\n' + '\n'.join(verdicts)
          + f'\n{"PASSED" if report["passed"] else "FAILED"}; report: {path}')
   return report

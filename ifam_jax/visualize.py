@@ -2,8 +2,9 @@
 
 `run_visualize` (`--mode visualize`) writes, for a trained workdir, an example grid (image | part
 assignment | what stage 2 sees, with both stages' predictions), one gallery per part (the images
-where that part covers the most patches, to decide which part to drop) and, when a leave-one-out
-report exists, its bar chart.
+where that part covers the most patches, to decide which part to drop), a histogram of the mask
+size per group (a size, or an empty mask, that depends on the group tells stage 2 the group)
+and, when a leave-one-out report exists, its bar chart.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from etils import epath
 from PIL import Image, ImageDraw
 
 from ifam_jax import data as data_lib
-from ifam_jax import factory, methods, optim
+from ifam_jax import factory, methods, optim, sharding
 from ifam_jax.apply import apply
+from ifam_jax.evaluators import audit, leak
 
 # Distinct colours for up to 16 parts (background is left transparent).
 PART_COLOURS = np.array([
@@ -101,6 +103,59 @@ def save_bar_chart(values: Mapping[str, float], path: str | os.PathLike, title: 
                    fill=tuple(int(c) for c in PART_COLOURS[3]))
     draw.text((label_w + length + 4, top + 3), f'{100 * value:.1f}', fill=(0, 0, 0))
   return _save_png(canvas, path)
+
+
+def save_mask_sizes(visible: np.ndarray, groups: np.ndarray, group_names: Sequence[str],
+                    path: str | os.PathLike, title: str, bins: int = 10,
+                    plot_height: int = 60) -> epath.Path:
+  """Per group, the share of its images by mask size: `bins` bars over visible-patch fractions
+  (0, 1/bins], ..., ((bins-1)/bins, 1], and apart, in red, the empty masks.
+
+  Args:
+    visible: bool [N, h*w] patch masks; groups: [N] in range(len(group_names)) ('all' without
+      group names).
+  """
+  count, patches = visible.sum(axis=1), visible.shape[1]
+  bin_of = -(-count * bins // patches)  # 0: empty; k: fraction in ((k-1)/bins, k/bins]
+  rows = [(name, groups == g) for g, name in enumerate(group_names) if (groups == g).any()]
+  rows = [(f'{name}: n={m.sum()}, {100 * (count[m] == 0).mean():.0f}% empty', m)
+          for name, m in rows or [('all', np.ones(len(count), bool))]]
+  bar, label_w, row_h = 14, 6 * max(len(label) for label, _ in rows) + 16, plot_height + 16
+  x_of = lambda k: label_w + k * (bar + 2) + (8 if k else 0)  # a gap after the empty bar
+  canvas = Image.new('RGB', (max(x_of(bins + 1) + 8, 6 * len(title) + 8),
+                             24 + len(rows) * row_h + 14), 'white')
+  draw = ImageDraw.Draw(canvas)
+  draw.text((4, 4), title, fill='black')
+  for i, (label, members) in enumerate(rows):
+    base = 24 + i * row_h + plot_height
+    draw.text((4, base - plot_height // 2), label, fill='black')
+    shares = np.bincount(bin_of[members], minlength=bins + 1) / members.sum()
+    for k, share in enumerate(shares):
+      if share > 0:
+        draw.rectangle((x_of(k), base - round(plot_height * share), x_of(k) + bar - 1, base),
+                       fill=(200, 30, 30) if k == 0 else tuple(int(c) for c in PART_COLOURS[3]))
+    draw.line((label_w, base, x_of(bins + 1), base), fill='black')
+  bottom = 24 + len(rows) * row_h
+  for x, text in ((x_of(1), '0'), ((x_of(1) + x_of(bins + 1)) // 2 - 8, '0.5'),
+                  (x_of(bins + 1) - 8, '1')):
+    draw.text((x, bottom), text, fill='black')
+  return _save_png(canvas, path)
+
+
+def mask_size_picture(model, config: ml_collections.ConfigDict, source,
+                      path: str | os.PathLike, title: str) -> epath.Path:
+  """`save_mask_sizes` of the eval forward's masks on the images the mask-geometry audit reads
+  (the first eval.leak_num_images of `source`)."""
+  leak.check_config(config)
+  graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
+                                                      config.optim.groups)
+  mesh = sharding.make_mesh(config.mesh)
+  params, frozen = jax.device_put((params, frozen), sharding.replicated(mesh))
+  step = leak.make_leak_step(jax.jit(audit.make_mask_step(graphdef, rest, None)))
+  with jax.set_mesh(mesh):
+    out = leak.collect_masks(step, params, frozen, source, factory.make_transforms(config)[1],
+                             config, sharding.batch_sharding(mesh))
+  return save_mask_sizes(out['patch_mask'] > 0.5, out['group'], source.group_names, path, title)
 
 
 # ----------------------------------------------------------------------------
@@ -209,6 +264,9 @@ def run_visualize(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                else 'none'): r['accuracy'] for r in rows}
       paths.append(save_bar_chart(bars, out_dir / f'leave_one_out_{name}.png',
                                   f'{name}: accuracy with parts removed'))
+  if methods.get(config.model.kind).has_mask:
+    paths.append(mask_size_picture(model, config, source, out_dir / f'mask_sizes_{split}.png',
+                                   f'{split}: images by visible-patch fraction (red: empty mask)'))
   if jax.process_index() == 0:
     for path in paths:
       print(f'wrote {path}')

@@ -28,7 +28,7 @@ VARIANTS = ('texture', 'colour', 'both', 'size_position', 'correlation_99', 'no_
 METHODS = ('erm', 'ifam', 'ifam_remedies')
 # compare.json keys of the family table: (header, key).
 COLUMNS = (('avg', 'accuracy'), ('worst grp', 'worst_group_accuracy'),
-           ('mask->bg AUROC', 'leak_auroc'), ('empty masks', 'empty_mask_rate'))
+           ('mask->bg AUROC', 'mask_leak_auroc'), ('empty masks', 'empty_mask_rate'))
 
 
 def compare_command(workdir: pathlib.Path, variant: str, methods: Sequence[str],
@@ -67,8 +67,8 @@ def cell(row: Mapping[str, Mapping[str, float]], key: str) -> str:
   if key not in row['mean']:
     return '-'
   mean, std = row['mean'][key], row['std'][key]
-  scale = 1 if key == 'leak_auroc' else 100
-  digits = 2 if key == 'leak_auroc' else 1
+  scale = 1 if key == 'mask_leak_auroc' else 100
+  digits = 2 if key == 'mask_leak_auroc' else 1
   return f'{scale * mean:.{digits}f} ± {scale * std:.{digits}f}'
 
 

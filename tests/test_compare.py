@@ -7,7 +7,7 @@ import pytest
 from etils import epath
 from PIL import Image
 
-from ifam_jax import compare
+from ifam_jax import compare, evaluate, train
 from ifam_jax.evaluators import metrics
 from fixtures.tiny_config import get_config
 
@@ -143,3 +143,62 @@ def test_each_run_is_locked_not_the_workdir(tmp_path, monkeypatch):
     compare.run_method(c, workdir, 'dfr', 0)
   assert compare.run_method(c, workdir, 'dfr', 1)['label'] == 'DFR'
   assert not (tmp_path / 'dfr' / 'seed_1' / 'lock.json').exists()  # released
+
+
+def test_mask_leak_columns_mean_and_std_over_seeds():
+  results = {}
+  for seed, (auc, empty) in enumerate(((0.9, 0.5), (0.8, 0.3))):
+    r = result(0.8, {'g0': 0.9, 'g1': 0.6}, 60.0)
+    r['mask_leak'] = {'split': 'test', 'auroc': auc, 'empty_rate': empty, 'leak': True}
+    results[seed] = r
+  other = result(0.7, {'g0': 0.7, 'g1': 0.7}, 60.0)
+  other['mask_leak'] = {'split': 'val', 'auroc': 0.6, 'empty_rate': 0.1}  # another split's
+  rows = compare.summarise({'ifam': results, 'erm': {0: result(0.7, {'g0': 0.7}, 1.0)},
+                            'old': {0: other}}, 'test', {})
+  assert rows['ifam']['mean']['mask_leak_auroc'] == pytest.approx(0.85)
+  assert rows['ifam']['std']['empty_mask_rate'] == pytest.approx(0.1)
+  assert 'mask_leak_auroc' not in rows['erm']['mean']
+  assert 'mask_leak_auroc' not in rows['old']['mean']
+  lines = compare.format_rows(rows).splitlines()
+  header = [h.strip() for h in lines[0].split('|')]
+  ifam = [c.strip() for c in lines[2].split('|')]
+  assert ifam[header.index('mask→bg AUROC')] == '0.85 ± 0.05'  # an AUROC, not a percentage
+  assert ifam[header.index('empty masks')] == '40.0 ± 10.0'
+  erm = [c.strip() for c in lines[3].split('|')]
+  assert erm[header.index('mask→bg AUROC')] == '-'
+
+
+def test_mask_leak_is_measured_once_without_retraining(tmp_path, monkeypatch):
+  """A finished run of a method with a mask, written without a leak entry, gets one; a method
+  without a mask does not; a later run reads it back."""
+  c = demo_like()
+  workdir = epath.Path(tmp_path)
+  calls = []
+
+  def fake_measure(config, sub, which):
+    calls.append((tuple(config.eval.splits), config.eval.thresholds, config.model.kind,
+                  str(sub), which))
+    return {config.eval.splits[0]: {'auroc': 0.8, 'empty_rate': 0.25, 'leak': True,
+                                    'verdict': 'v'}}
+
+  def no_training(*args):
+    raise AssertionError('a finished run trained again')
+
+  monkeypatch.setattr(evaluate, 'measure_mask_leak', fake_measure)
+  monkeypatch.setattr(train, 'train_and_evaluate', no_training)
+  c.eval.thresholds = 'q99.json'  # the table's evals run without thresholds; so does the leak
+  old = result(0.8, {'g0': 0.8}, 1.0)  # written before the leak audit existed
+  for name in ('ifam', 'erm'):
+    (tmp_path / name / 'seed_0').mkdir(parents=True)
+    (tmp_path / name / 'seed_0' / 'result.json').write_text(json.dumps(old))
+  got = compare.run_method(c, workdir, 'ifam', 0)
+  assert calls == [(('test',), '', 'ifam', str(tmp_path / 'ifam' / 'seed_0'), 'final')]
+  assert got['mask_leak'] == {'split': 'test', 'auroc': 0.8, 'empty_rate': 0.25, 'leak': True,
+                              'verdict': 'v'}
+  saved = json.loads((tmp_path / 'ifam' / 'seed_0' / 'result.json').read_text())
+  assert saved == got and saved['evals'] == old['evals']
+  assert compare.run_method(c, workdir, 'ifam', 0) == got and len(calls) == 1
+  assert 'mask_leak' not in compare.run_method(c, workdir, 'erm', 0) and len(calls) == 1
+  c.compare.split = 'val'  # another table split: measured there
+  compare.run_method(c, workdir, 'ifam', 0)
+  assert len(calls) == 2 and calls[1][0] == ('val',)

@@ -40,6 +40,12 @@ def test_demo_compare_runs_every_method_once(tmp_path, capsys):
     assert row['label'] in printed
   assert 'stand-in' in report['methods']['a2']['label']
   assert 'fg_fraction' in report['methods']['late_mask_gt']['mean']
+  for name in ('ifam', 'late_mask'):  # trained with a mask: its geometry audit on the split
+    leak = report['results'][name]['0']['mask_leak']
+    assert leak['split'] == 'test' and leak['num_images'] == 16
+    assert report['methods'][name]['mean']['empty_mask_rate'] == leak['empty_rate']
+  assert 'mask_leak' not in report['results']['erm']['0']
+  assert 'mask_leak' not in report['results']['early_mask_gt']['0']  # given, not decided
   assert 'minority_accuracy_pooled' in report['methods']['dfr']['mean']
   assert (tmp_path / 'compare.png').exists()
   assert json.loads((tmp_path / 'compare.json').read_text())['split'] == 'test'

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from sklearn.metrics import roc_auc_score
 
 from ifam_jax import config_lib, factory, optim, train
 from ifam_jax import workdir as workdir_lib
@@ -239,6 +240,57 @@ def test_run_audit(trained):
     assert m['forward_max_abs_diff'] < 1e-5, name
 
 
+def test_run_audit_measures_the_mask_geometry(trained, capsys):
+  """The geometry audit against our own forward over the first images of a larger test split;
+  a split without (class, background) groups is skipped; a leak leaves the audit passed."""
+  config, workdir = trained
+  in9 = workdir / 'in9'
+  c = with_eval(config, splits=('test', 'in9_mixed_same'), leak_num_images=36,
+                leak_auroc_threshold=0.5, in9_root=str(in9), in9_variants=('mixed_same',),
+                in9_mapping=str(in9 / 'in_to_in9.json'))
+  c.data.evals.test.num_examples = 40
+  report = ev.run_audit(c, workdir, num_images=5)
+  assert report['passed'] and report['splits']['test']['num_images'] == 5
+  assert 'skipped' in report['splits']['in9_mixed_same']['mask_geometry']
+  geometry = report['splits']['test']['mask_geometry']
+
+  model = factory.load_model(config, workdir)
+  source = factory.make_source(c.data.evals.test)
+  rng = np.random.default_rng(0)
+  records = [data_lib.transforms.process(source[i], rng, factory.make_transforms(c)[1])
+             for i in range(36)]
+  images = np.stack([r['image'] for r in records])
+  fg_mask = np.asarray(jax.jit(lambda x: model(data_lib.normalize(x), train=False).fg_mask)(
+      images))
+  visible = fg_mask.reshape(36, -1) > 0.5
+  labels = np.array([r['label'] for r in records])
+  place = np.array([r['group'] for r in records]) % 2
+  names = source.group_names
+  assert geometry['num_images'] == 36 and geometry['attribute'] == 'background'
+  for g, name in enumerate(names):
+    members = (2 * labels + place) == g
+    assert geometry['empty_rate_by_group'][name] == (~visible[members].any(1)).mean()
+    assert geometry['visible_fraction_by_group'][name] == pytest.approx(visible[members].mean())
+  count = visible.sum(1)
+  count_auroc = []
+  for y in (0, 1):
+    auc = roc_auc_score(place[labels == y], count[labels == y])
+    count_auroc.append(max(auc, 1 - auc))
+  assert geometry['count_auroc'] == pytest.approx(np.mean(count_auroc))
+  assert geometry['leak'] and geometry['auroc'] >= geometry['count_auroc']  # threshold 0.5
+  p = images.shape[1] // fg_mask.shape[1]
+  truth = np.stack([r['fg_mask'] for r in records]).reshape(36, fg_mask.shape[1], p, -1, p)
+  truth = truth.mean((2, 4)).reshape(36, -1)
+  if visible.any():
+    edge = visible & (truth > 0) & (truth < 1)
+    assert geometry['edge_share'] == pytest.approx(edge.sum() / visible.sum())
+    assert geometry['background_share'] == pytest.approx((visible & (truth == 0)).sum()
+                                                         / visible.sum())
+  printed = capsys.readouterr().out
+  assert 'mask→attribute AUROC' in printed and f'test: {geometry["verdict"]}' in printed
+  assert 'in9_mixed_same: mask-geometry audit skipped' in printed
+
+
 def test_eval_gumbel_noise_is_seeded(trained):
   config, workdir = trained
   noisy = with_eval(config, splits=('val',))
@@ -271,8 +323,9 @@ def _eight_device_worker(workdir: str) -> None:
   config.mesh = (('data', 4), ('fsdp', 2))
   config.sharding_rules = (('.*kernel', 'fsdp'), ('.*', 'replicate'))
   config.fsdp_min_size = 1
-  result = {'evals': ev.run_eval(config, workdir)['evals'],
-            'audit': ev.run_audit(config, workdir, num_images=8)['passed']}
+  audited = ev.run_audit(config, workdir, num_images=8)
+  result = {'evals': ev.run_eval(config, workdir)['evals'], 'audit': audited['passed'],
+            'geometry': audited['splits']['val']['mask_geometry']}
   (pathlib.Path(workdir) / 'eight_devices.json').write_text(json.dumps(result))
 
 
@@ -288,6 +341,8 @@ def test_eight_devices_with_fsdp_match_one_device(trained):
   assert eight['audit']
   one = with_eval(config, splits=('val',))
   one.data.eval_batch_size = 8
+  geometry = ev.run_audit(one, workdir, num_images=8)['splits']['val']['mask_geometry']
+  assert eight['geometry'] == geometry  # the same masks, gathered in order
   expected = ev.run_eval(one, workdir)['evals']['val']
   got = eight['evals']['val']
   assert got.keys() == expected.keys()

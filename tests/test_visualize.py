@@ -33,17 +33,45 @@ def test_grid_and_bar_chart(tmp_path):
   assert rows[0] > 2 * rows[1] > 0  # 0.9 is drawn longer than twice 0.4
 
 
+def test_mask_size_histogram_by_hand(tmp_path):
+  red, blue = (200, 30, 30), tuple(visualize.PART_COLOURS[3])
+
+  def drawn(visible, groups, names):
+    path = visualize.save_mask_sizes(np.asarray(visible, bool), np.asarray(groups), names,
+                                     tmp_path / 'sizes.png', 'sizes')
+    pixels = np.asarray(Image.open(path).convert('RGB'))
+    is_red, is_blue = (np.all(pixels == c, axis=-1) for c in (red, blue))
+    return pixels, is_red, is_blue
+
+  full, empty, quarter = [1] * 16, [0] * 16, [1] * 4 + [0] * 12
+  _, all_empty, no_blue = drawn([empty] * 4, [0] * 4, ['a/x'])
+  assert all_empty.any() and not no_blue.any()
+  _, no_red, all_full = drawn([full] * 3, [0] * 3, [])  # no groups: one row of every image
+  assert not no_red.any() and all_full.sum() == all_empty.sum()  # one bar, all its images
+  # Half empty, half a quarter visible: two half-height bars, the second one column of bars.
+  pixels, half_red, half_blue = drawn([empty, quarter] * 2, [1] * 4, ['a/x', 'a/y'])
+  assert half_red.sum() == pytest.approx(all_empty.sum() / 2, rel=0.05)
+  assert half_blue.sum() == half_red.sum()
+  assert np.ptp(np.flatnonzero(half_blue.any(0))) == np.ptp(np.flatnonzero(half_red.any(0)))
+  assert np.flatnonzero(half_blue.any(0)).min() > np.flatnonzero(half_red.any(0)).max()
+  # Two groups: two rows, one above the other.
+  tall, red2, _ = drawn([empty] * 2 + [quarter] * 2, [0, 0, 1, 1], ['a/x', 'a/y'])
+  assert tall.shape[0] > pixels.shape[0] and red2.sum() == all_empty.sum()
+
+
 @pytest.mark.slow
 def test_run_visualize_on_a_trained_workdir(tmp_path):
   config = get_config('steps=2')
   train.train_and_evaluate(config, tmp_path)
   paths = visualize.run_visualize(config, tmp_path, gallery_pool=8, gallery_size=3)
   pictures = tmp_path / 'pictures' / 'final'
-  assert sorted(paths) == [pictures / 'examples_val.png', pictures / 'val' / 'part_0.png']
+  assert sorted(paths) == [pictures / 'examples_val.png', pictures / 'mask_sizes_val.png',
+                           pictures / 'val' / 'part_0.png']
   for path in paths:
     assert Image.open(path).size[0] > 64
   # Another split's pictures go beside these, not over them.
   val_gallery = (pictures / 'val' / 'part_0.png').read_bytes()
   paths = visualize.run_visualize(config, tmp_path, split='test', gallery_pool=8, gallery_size=3)
-  assert sorted(paths) == [pictures / 'examples_test.png', pictures / 'test' / 'part_0.png']
+  assert sorted(paths) == [pictures / 'examples_test.png', pictures / 'mask_sizes_test.png',
+                           pictures / 'test' / 'part_0.png']
   assert (pictures / 'val' / 'part_0.png').read_bytes() == val_gallery

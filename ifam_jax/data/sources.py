@@ -46,6 +46,7 @@ class Source:
   class_names: list[str]
   group_names: list[str]
   _repr: str
+  spurious_attribute = 'attribute'  # what a group's '/<value>' names: the mask-leak audit's noun
 
   @property
   def num_classes(self) -> int:
@@ -231,6 +232,8 @@ class WaterbirdsSource(FileSource):
   '<class>/<place>'. Another data set in this layout names its two classes (y) and two places
   by `classes` and `attribute_names` (the config's data.classes and data.attribute_names).
   """
+
+  spurious_attribute = 'background'
 
   def __init__(self, root: str | os.PathLike, split: str, classes: Sequence[str] | None = None,
                attribute_names: Sequence[str] | None = None):

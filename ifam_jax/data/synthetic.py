@@ -92,6 +92,8 @@ class SyntheticSpuriousSource(Source):
       area then predicts the background (a geometry leak by construction).
   """
 
+  spurious_attribute = 'background'
+
   def __init__(self, num_examples: int, image_size: int = 64, split: str = 'train', seed: int = 0,
                majority: float = 0.95, num_classes: int = 2,
                object_size: tuple[float, float] = (0.18, 0.28), cue: str = 'both',

@@ -9,7 +9,9 @@ is built from the config and its data, holds no model, and runs as
   in9.BackgroundChallenge     the adversarial-background challenge of the IN-9 release
   thresholds.Calibration      per-part thresholds from a split's part assignments
   audit.Audit                 stage-2 logits bitwise unchanged when masked-out pixels change
+  leak.MaskLeak               what the binary mask's geometry alone tells of the background
 
 Modules: metrics (pure metric functions), loop (the ordered, padded eval loop), predict
-(`make_eval_step`), in9, thresholds, audit, tables (Markdown tables), common (JSON files).
+(`make_eval_step`), in9, thresholds, audit, leak, tables (Markdown tables), common (JSON
+files).
 """

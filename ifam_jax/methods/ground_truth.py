@@ -16,18 +16,24 @@ from ifam_jax import objective
 from ifam_jax.models import vit
 
 
-def patch_mask_from_pixels(pixels: jax.Array, patch_size: int) -> jax.Array:
-  """A pixel mask [B, S, S] (nonzero = foreground) -> patch mask [B, h*w] in {0, 1}, float32.
-
-  A patch is foreground when at least half of its pixels are (counted exactly, in integers).
-  """
+def patch_pixel_counts(pixels: jax.Array, patch_size: int) -> jax.Array:
+  """A pixel mask [B, S, S] (nonzero = foreground) -> its foreground pixels per patch [B, h*w],
+  int32."""
   b, height, width = pixels.shape
   if height % patch_size or width % patch_size:
     raise ValueError(f'pixel mask {height}x{width} does not tile into {patch_size}-pixel patches')
   grid = (pixels > 0).reshape(b, height // patch_size, patch_size, width // patch_size,
                               patch_size)
-  count = jnp.sum(grid, axis=(2, 4), dtype=jnp.int32)
-  return (2 * count >= patch_size**2).astype(jnp.float32).reshape(b, -1)
+  return jnp.sum(grid, axis=(2, 4), dtype=jnp.int32).reshape(b, -1)
+
+
+def patch_mask_from_pixels(pixels: jax.Array, patch_size: int) -> jax.Array:
+  """A pixel mask [B, S, S] (nonzero = foreground) -> patch mask [B, h*w] in {0, 1}, float32.
+
+  A patch is foreground when at least half of its pixels are (counted exactly, in integers).
+  """
+  count = patch_pixel_counts(pixels, patch_size)
+  return (2 * count >= patch_size**2).astype(jnp.float32)
 
 
 class GroundTruthMask:
