@@ -343,8 +343,10 @@ def test_family_dry_run_is_one_compare_process_per_run_peers_last(capsys, tmp_pa
 
 def _compare_json(workdir, variant, worst):
   rows = {name: {'label': name.upper(), 'seeds': [0, 1],
-                 'mean': {'accuracy': 0.9, 'worst_group_accuracy': w, 'mask_leak_auroc': 0.75},
-                 'std': {'accuracy': 0.01, 'worst_group_accuracy': 0.02, 'mask_leak_auroc': 0.05}}
+                 'mean': {'accuracy': 0.9, 'worst_group_accuracy': w,
+                          'mask_leak_auroc': 0.75},
+                 'std': {'accuracy': 0.01, 'worst_group_accuracy': 0.02,
+                         'mask_leak_auroc': 0.05}}
           for name, w in worst.items()}
   (workdir / variant).mkdir(parents=True, exist_ok=True)
   (workdir / variant / 'compare.json').write_text(json.dumps({'methods': rows}))
