@@ -558,7 +558,11 @@ def run_compare(config: ml_collections.ConfigDict, workdir: epath.Path,
   _print(f'\nComparison on {split!r} ({len(seeds)} seed(s); mean ± std):\n'
          + format_rows(rows) + ''.join(f'\n{line}' for line in leaks)
          + f'\n\nWritten: {workdir / "compare.json"}, {workdir / "compare.png"}')
-  if 'ifam' in methods:
+  run = workdir / 'ifam' / f'seed_{seeds[0]}'
+  if 'ifam' in methods and workdir_lib.read_params_info(run, config.compare.which) is None:
+    _print(f'No iFAM part-map picture: {run}/params/{config.compare.which} is gone (results '
+           'copied without parameters?)')
+  elif 'ifam' in methods:
     picture = part_maps_picture(config, workdir, split, seeds[0])
     _print(f'iFAM part maps (image | parts | what stage 2 sees): {picture}')
   return report

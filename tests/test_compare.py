@@ -202,3 +202,20 @@ def test_mask_leak_is_measured_once_without_retraining(tmp_path, monkeypatch):
   c.compare.split = 'val'  # another table split: measured there
   compare.run_method(c, workdir, 'ifam', 0)
   assert len(calls) == 2 and calls[1][0] == ('val',)
+
+
+def test_results_copied_without_parameters_still_table(tmp_path, monkeypatch, capsys):
+  """Finished runs whose folders kept result.json only (parameters left on another machine):
+  the table is written; the part-map picture, which needs the iFAM run's parameters, is not."""
+  c = demo_like()
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda *a: pytest.fail('trained again'))
+  for name, acc in (('ifam', 0.9), ('erm', 0.7)):
+    r = dict(result(acc, {'g0': acc}, 1.0), mask_leak={'split': 'test', 'auroc': 0.5,
+                                                       'empty_rate': 0.0, 'leak': False})
+    (tmp_path / name / 'seed_0').mkdir(parents=True)
+    (tmp_path / name / 'seed_0' / 'result.json').write_text(json.dumps(r))
+  report = compare.run_compare(c, epath.Path(tmp_path), ['ifam', 'erm'])
+  assert report['methods']['ifam']['mean']['accuracy'] == pytest.approx(0.9)
+  assert json.loads((tmp_path / 'compare.json').read_text())['split'] == 'test'
+  assert 'No iFAM part-map picture' in capsys.readouterr().out
+  assert not (tmp_path / 'ifam' / 'seed_0' / 'part_maps.png').exists()
