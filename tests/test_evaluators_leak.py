@@ -261,3 +261,27 @@ def test_config_is_checked():
   config.eval.leak_auroc_threshold = 0.3
   with pytest.raises(ValueError, match='eval.leak_auroc_threshold'):
     leak.check_config(config)
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_a_variant_built_to_leak_is_reported_and_its_control_is_not(tied):
+  """The demo's `tied_size` variant draws larger objects on one background: even a perfect
+  segmentation's patch count tells the background, so the audit must call it a leak; the same
+  data without the tie must not be called one."""
+  source = SyntheticSpuriousSource(256, split='test', seed=3, size_tied_to_background=tied)
+  records = [source[i] for i in range(len(source))]
+  pixels = np.stack([r['fg_mask'] for r in records]).astype(np.float32)
+  # A perfect mask: the patches the object fills at least half of (8-px patches at 64 px).
+  fraction = pixels.reshape(-1, 8, 8, 8, 8).mean(axis=(2, 4)).reshape(len(records), -1)
+  labels = np.array([r['label'] for r in records])
+  attribute = np.array([r['group'] for r in records]) % 2
+  report = leak.geometry_leak((fraction >= 0.5).astype(np.float32), labels, attribute,
+                              class_names=source.class_names, attribute_names=['land', 'water'],
+                              gt_fraction=fraction, noun='background')
+  assert report['leak'] == tied
+  if tied:
+    assert report['auroc'] >= 0.85
+    assert report['verdict'].startswith('the mask leaks the background')
+  else:
+    assert report['auroc'] < 0.7
+  assert report['background_share'] == 0.0  # a perfect mask shows no background-only patch
