@@ -19,6 +19,12 @@ def either_way(auc):
   return max(auc, 1 - auc)
 
 
+def assert_probe_is_sklearns(report, masks, labels, attribute):
+  assert report['probe_auroc'] == pytest.approx(
+      sklearn_probe_auroc(masks, labels, attribute, within_class_folds(labels, attribute)),
+      abs=0.01)
+
+
 def run(masks, labels, attribute, **kw):
   kw.setdefault('class_names', CLASSES)
   kw.setdefault('attribute_names', PLACES)
@@ -104,9 +110,7 @@ def test_masks_independent_of_the_attribute_are_no_leak():
     assert abs(report['per_class'][c]['count_auroc'] - 0.5) < 4 * sd
     assert abs(report['per_class'][c]['probe_auroc'] - 0.5) < 4 * sd
   assert not report['leak'] and report['verdict'].startswith('no geometry leak: AUROC 0.')
-  assert report['probe_auroc'] == pytest.approx(
-      sklearn_probe_auroc(masks, labels, attribute, within_class_folds(labels, attribute)),
-      abs=0.01)
+  assert_probe_is_sklearns(report, masks, labels, attribute)
 
 
 def test_a_position_only_leak_is_seen_by_the_probe_not_the_count():
@@ -120,9 +124,7 @@ def test_a_position_only_leak_is_seen_by_the_probe_not_the_count():
   assert report['count_auroc'] == 0.5  # every count tied
   assert report['probe_auroc'] > 0.95
   assert report['auroc_from'] == 'probe' and report['leak']
-  assert report['probe_auroc'] == pytest.approx(
-      sklearn_probe_auroc(masks, labels, attribute, within_class_folds(labels, attribute)),
-      abs=0.01)
+  assert_probe_is_sklearns(report, masks, labels, attribute)
 
 
 def test_a_mask_that_encodes_only_the_class_is_no_leak():
@@ -155,9 +157,7 @@ def test_more_than_two_values_use_the_macro_one_vs_rest_auroc():
   # One-vs-rest on the count: 'land' (fewest) 1, 'desert' (most) 1, 'water' (middle: below
   # half of the rest, above the other half) 0.5.
   assert report['count_auroc'] == pytest.approx((1 + 0.5 + 1) / 3)
-  assert report['probe_auroc'] == pytest.approx(
-      sklearn_probe_auroc(masks, labels, attribute, within_class_folds(labels, attribute)),
-      abs=0.01)
+  assert_probe_is_sklearns(report, masks, labels, attribute)
 
 
 def test_classes_or_values_with_too_few_images_are_left_out():
