@@ -22,6 +22,7 @@ from test_compare_end_to_end import write_waterbirds
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # trains both models
 def test_both_models_train_and_the_table_reports_their_test_metrics(tmp_path, capsys):
   config = get_config('steps=2')
   config.compare.methods, config.compare.split = ('ifam', 'erm'), 'test'

@@ -69,6 +69,7 @@ def test_late_pooling_matches_numpy(attention):
                          atol=1e-3)
 
 
+@pytest.mark.slow  # two models compiled
 def test_pixels_outside_the_mask_reach_late_but_not_early_masking():
   # LayerScale 1 (as after training): at 1e-5 each output token is nearly its own patch's.
   model = classifier(layerscale_init=1.0)

@@ -417,6 +417,7 @@ def test_soft_mask_ablation_is_differentiable_into_stage1():
   assert np.abs(np.asarray(grads['stage1']['prototypes'][...])).max() > 0
 
 
+@pytest.mark.slow  # a compile per mode
 @pytest.mark.parametrize('stage2_mask', ['hard', 'straight_through', 'soft', 'late'])
 def test_stage2_mask_facts_match_the_model(stage2_mask):
   """What `stage2_mask_facts` says of each mode is what the model does: whether stage 1 gets a

@@ -627,6 +627,7 @@ def test_train_step_counts_each_unreadable_image_once():
 # ----------------------------------------------------------------------------
 # Stage 2 on its visible tokens only
 # ----------------------------------------------------------------------------
+@pytest.mark.slow  # compiles the packed step for every count pattern
 @pytest.mark.parametrize('counts', [
     [0, 12, 3, 5, 0, 7, 2, 12, 1, 3, 0, 9, 6, 11, 2, 8],  # the last group needs every patch
     [12, 12, 12, 12, 0, 7, 2, 12, 1, 3, 0, 9, 6, 11, 2, 8],  # both groups: run as one batch
