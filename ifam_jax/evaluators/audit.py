@@ -7,7 +7,6 @@ or another image's pixels; its logits must be bitwise unchanged.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -128,8 +127,6 @@ class Audit:
   num_images: int = 64
 
   def run(self, predict: Callable, params: Any, frozen: Any) -> dict[str, Any]:
-    ds, num_batches = loop.eval_dataset(self.source, self.transform, self.config)
-    num_batches = min(num_batches, math.ceil(self.num_images / self.config.data.eval_batch_size))
-    outputs = loop.collect_outputs(predict, params, frozen, ds, num_batches, self.batch_sharding,
-                                   self.config.seed)
+    outputs = loop.collect_leading(predict, params, frozen, self.source, self.transform,
+                                   self.config, self.batch_sharding, self.num_images)
     return summarize_audit(outputs, self.num_images)

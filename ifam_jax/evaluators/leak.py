@@ -21,7 +21,6 @@ The attribute comes from the group layout: groups that are (class, value) pairs
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -246,10 +245,8 @@ def collect_masks(predict: Callable, params: Any, frozen: Any, source: Any, tran
   """`make_leak_step`'s outputs with each example's label and group, host arrays of the first
   `eval.leak_num_images` valid examples of `source`; only the batches holding them are read."""
   num_images = config.eval.leak_num_images
-  ds, num_batches = loop.eval_dataset(source, transform, config)
-  num_batches = min(num_batches, math.ceil(num_images / config.data.eval_batch_size))
-  outputs = loop.collect_outputs(predict, params, frozen, ds, num_batches, batch_sharding,
-                                 config.seed)
+  outputs = loop.collect_leading(predict, params, frozen, source, transform, config,
+                                 batch_sharding, num_images)
   keep = np.flatnonzero(outputs['valid'] > 0)[:num_images]
   return {k: v[keep] for k, v in outputs.items() if k != 'valid'}
 

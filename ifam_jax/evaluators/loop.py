@@ -9,6 +9,7 @@ reproducible for a fixed eval batch size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -71,6 +72,16 @@ def eval_dataset(source: Any, transform: Any, config: ml_collections.ConfigDict)
                              train=False, num_workers=config.data.num_workers)
   return ds, data_lib.num_eval_batches(len(source), config.data.eval_batch_size,
                                        jax.process_count())
+
+
+def collect_leading(step: Callable, params: Any, frozen: Any, source: Any, transform: Any,
+                    config: ml_collections.ConfigDict, batch_sharding: Any,
+                    num_images: int) -> dict[str, np.ndarray]:
+  """`collect_outputs` of only the eval batches that hold the first `num_images` examples of
+  `source` (padding included: filter on 'valid')."""
+  ds, num_batches = eval_dataset(source, transform, config)
+  num_batches = min(num_batches, math.ceil(num_images / config.data.eval_batch_size))
+  return collect_outputs(step, params, frozen, ds, num_batches, batch_sharding, config.seed)
 
 
 # ----------------------------------------------------------------------------
