@@ -476,8 +476,9 @@ _COLUMNS = (('avg', 'accuracy'), ('worst grp', 'worst_group_accuracy'),
 _AS_IS = ('mask_leak_auroc',)  # shown with two decimals, not as percentages
 
 
-def format_rows(rows: Mapping[str, Mapping[str, Any]]) -> str:
-  """The Markdown table: a column per metric that any row has, per-group accuracies last."""
+def table_cells(rows: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+  """The header and rows of the table: a column per metric that any row has, per-group
+  accuracies last."""
   has = lambda key: any(key in r['mean'] for r in rows.values())
   groups = list(dict.fromkeys(k for r in rows.values() for k in r['mean']
                               if k.startswith('group:')))
@@ -493,7 +494,12 @@ def format_rows(rows: Mapping[str, Mapping[str, Any]]) -> str:
   header = ['method', 'backbone', 'seeds'] + [h for h, _ in columns] + ['wall time']
   body = [[r['label'], r['backbone'], str(len(r['seeds']))] + [cell(r, k) for _, k in columns]
           + [f'{r["mean"]["wall_time_s"] / 60:.1f} min'] for r in rows.values()]
-  return format_table(header, body)
+  return header, body
+
+
+def format_rows(rows: Mapping[str, Mapping[str, Any]]) -> str:
+  """The Markdown table of `table_cells`."""
+  return format_table(*table_cells(rows))
 
 
 def bar_chart(rows: Mapping[str, Mapping[str, Any]], path: epath.Path, title: str) -> None:

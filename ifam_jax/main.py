@@ -20,6 +20,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from ifam_jax import compare, config_lib, evaluate, factory, train, visualize
+from ifam_jax import report as report_lib
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 
@@ -36,9 +37,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the re
 _MODE = flags.DEFINE_enum(
     'mode', 'train',
     ['train', 'compare', 'eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export',
-     'import'],
+     'import', 'report'],
     "What to run. 'compare' trains and fits every method of --methods in its own subfolder "
-    '(ifam_jax/compare.py); a config with compare.methods set runs it in train mode too.')
+    '(ifam_jax/compare.py); a config with compare.methods set runs it in train mode too. '
+    "'report' writes <workdir>/report/index.html from what the other modes wrote, of a run "
+    'or a comparison, also mid-training (ifam_jax/report.py).')
 _WHICH = flags.DEFINE_string('which', 'final', 'Parameters to use outside training: '
                              "<workdir>/params/<which> ('final', 'best', 'imported'), or "
                              "'step_<N>' for the train checkpoint of step N (EMA if any).")
@@ -133,6 +136,10 @@ def main(argv: list[str]) -> None:
   mode = _MODE.value
   workdir = epath.Path(_WORKDIR.value)
   which = _WHICH.value
+  if mode == 'report':  # reads the files of the other modes only: no config, no parameters
+    check_workdir_exists(workdir)
+    print(f'wrote {report_lib.write_report(workdir, which)}')
+    return
   config = saved_config(mode, workdir) if _CONFIG.value is None else _CONFIG.value
   check_flags(mode, config.model.num_parts)
   methods = _METHODS.value or list(config.compare.methods)

@@ -13,9 +13,14 @@ _COLUMNS = (('acc', ('accuracy',)), ('top-5', ('top5_accuracy',)),
             ('fg IoU', ('fg_iou',)), ('fg IoU/img', ('fg_iou_image_mean',)))
 
 
+def format_cell(value: Any) -> str:
+  """A table cell: floats as percentages with one decimal."""
+  return f'{100 * value:.1f}' if isinstance(value, float) else str(value)
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """A Markdown table; floats as percentages with one decimal."""
-  cells = [[f'{100 * v:.1f}' if isinstance(v, float) else str(v) for v in row] for row in rows]
+  cells = [[format_cell(v) for v in row] for row in rows]
   widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
 
   def line(values):  # the row name left-aligned, numbers right-aligned
@@ -26,8 +31,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                     *map(line, cells)])
 
 
-def metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
-  """`format_table` of metrics dicts by row name, with the columns that any row has."""
+def metrics_cells(rows: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+  """The header and rows of `metrics_table`: a column per metric that any row has."""
 
   def get(metrics, path):
     for key in path:
@@ -35,6 +40,11 @@ def metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     return metrics if isinstance(metrics, float) else '-'
 
   columns = [(h, p) for h, p in _COLUMNS if any(get(m, p) != '-' for m in rows.values())]
-  return format_table(['', 'n'] + [h for h, _ in columns],
-                      [[name, m['num_examples']] + [get(m, p) for _, p in columns]
-                       for name, m in rows.items()])
+  return (['', 'n'] + [h for h, _ in columns],
+          [[name, m['num_examples']] + [get(m, p) for _, p in columns]
+           for name, m in rows.items()])
+
+
+def metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+  """`format_table` of metrics dicts by row name, with the columns that any row has."""
+  return format_table(*metrics_cells(rows))
