@@ -187,6 +187,9 @@ def summary_section(run: epath.Path, which: str, config: Any, records: list, anc
     if (value := _get(config, key)) not in (None, ''):
       rows.append((key, json.dumps(value) if not isinstance(value, str) else value))
   best = _read_json(run / 'params' / 'best.json') or {}
+  if 'step' in best:
+    rows.append(('params/best', f'step {best["step"]}: {best.get("split")} '
+                                f'{best.get("metric")} {format_cell(best.get("value"))}'))
   body = _facts(rows)
   if best.get('selected_nothing'):
     body += _note(f'params/best: {best.get("warning", "it selected nothing")}')
@@ -429,7 +432,8 @@ def compare_sections(workdir: epath.Path, which: str) -> tuple[list[str], list[s
                     f'python -m ifam_jax.main --config <recipe> --workdir '
                     f'{shlex.quote(str(workdir))} --mode compare')
   else:
-    body = (f'<p class="muted">{_e(report["split"])} split, seeds {_e(report["seeds"])}; mean ± '
+    seeds = ', '.join(map(str, report['seeds']))
+    body = (f'<p class="muted">{_e(report["split"])} split, seeds {_e(seeds)}; mean ± '
             'std over seeds, accuracies in %.</p>' + _table(*compare.table_cells(
                 report['methods'])))
     leaks = [f'{report["methods"][m]["label"]}, seed {s}: {r["mask_leak"]["verdict"]}'
@@ -446,8 +450,13 @@ def compare_sections(workdir: epath.Path, which: str) -> tuple[list[str], list[s
   for method, seed, run in _compare_runs(workdir, report):
     anchor = f'{method}-seed-{seed}'
     label = _get(report, f'methods.{method}.label', method)
+    result = _get(report, f'results.{method}.{seed}.evals.{report["split"]}', {}) if report \
+        else {}
+    scores = ', '.join(f'{name} {format_cell(result[key])}' for name, key in (
+        ('avg', 'accuracy'), ('worst grp', 'worst_group_accuracy')) if key in result)
     sections.append(f'<details class="run" id="{_e(anchor)}"><summary>{_e(label)}, seed '
-                    f'{_e(seed)} <span class="muted">({_e(run)})</span></summary>'
+                    f'{_e(seed)}{": " if scores else ""}{_e(scores)} <span class="muted">'
+                    f'({_e(run)})</span></summary>'
                     + ''.join(run_sections(run, which, 3, f'{anchor}-')) + '</details>')
     links.append((anchor, f'{method} {seed}'))
   return sections, [f'<a href="#{_e(a)}">{_e(text)}</a>' for a, text in links]
@@ -462,10 +471,10 @@ def write_report(workdir: str | epath.PathLike, which: str = 'final') -> epath.P
   if not workdir.is_dir():
     raise FileNotFoundError(f'--workdir {workdir} does not exist; pass the workdir of a run')
   if (workdir / 'compare.json').exists() or (workdir / 'config_compare.json').exists():
-    title = f'Comparison {workdir.name}'
+    title = f'Comparison: {workdir.name}'
     sections, links = compare_sections(workdir, which)
   else:
-    title = f'Run {workdir.name}'
+    title = f'Run: {workdir.name}'
     sections = run_sections(workdir, which)
     links = [f'<a href="#{a}">{t}</a>' for a, t in (
         ('metrics', 'metrics'), ('audit', 'audit'), ('curves', 'curves'),

@@ -209,6 +209,7 @@ def test_a_comparison_gets_its_table_and_a_section_per_run(tmp_path):
   check_self_contained(page)
   assert page.cell('ERM <plain>', 'avg', first_column='method') == '50.0'
   assert page.cell('iFAM', 'avg', first_column='method') == '75.0'
+  assert 'ERM <plain>, seed 0: avg 50.0, worst grp 0.0' in page.all_text
   assert {'ifam-seed-0', 'erm-seed-0', 'ifam-seed-0-audit', 'erm-seed-0-audit'} <= set(page.ids)
   assert f"--mode audit --workdir {tmp_path / 'erm' / 'seed_0'}" in page.all_text
 
@@ -235,8 +236,8 @@ def test_charts_by_hand():
 # ----------------------------------------------------------------------------
 CHECKER = """<script>
 window.__errors = [];
-window.addEventListener('error', e => window.__errors.push(String(e.message || e.target.src)),
-                        true);
+window.addEventListener(
+    'error', e => window.__errors.push(String(e.message || e.target.src).slice(0, 120)), true);
 window.addEventListener('load', () => {
   const images = [...document.images];
   const bad = images.filter(i => !i.complete || i.naturalWidth === 0).length;
