@@ -177,6 +177,8 @@ def summary_section(run: epath.Path, which: str, config: Any, records: list, anc
   latest = max((r['step'] for r in records if r.get('split') == 'train'), default=None)
   if step is not None:
     status = f'parameters params/{which} of step {step}'
+  elif (run / 'result.json').exists():
+    status = 'finished: result.json of the comparison'
   else:
     status = (f'no params/{which} yet (training running or stopped)'
               + (f'; logged up to step {latest}' if latest is not None else ''))
@@ -242,9 +244,10 @@ def metrics_section(run: epath.Path, which: str, records: list, anchor: str, lev
     step = step if step in steps else (max(steps) if steps and which == 'final' else None)
     evals = {r['split']: r for r in records if r.get('step') == step and r['split'] != 'train'}
     origin = f'metrics.jsonl: the evaluation of step {step} during training'
-    if not evals and result is not None:  # a post-hoc peer of a comparison
+    if not evals and result is not None:  # a post-hoc peer of a comparison: no parameters
       evals, origin = result.get('evals', {}), 'result.json of the comparison'
-    body += _missing(f'eval/{which}/eval.json', command('eval', run, which))
+    else:
+      body += _missing(f'eval/{which}/eval.json', command('eval', run, which))
   if not evals:
     return _section(anchor, 'Final metrics', body, level)
   body = f'<p class="muted">From {_e(origin)}; accuracies in %.</p>' + body
@@ -403,6 +406,9 @@ def run_sections(run: epath.Path, which: str, level: int = 2, prefix: str = '') 
   config = _read_json(run / 'config.json')
   records = workdir_lib.read_metrics(run)
   has_mask = _has_mask(config)
+  if config is None and (run / 'result.json').exists():  # a post-hoc peer: its result only
+    return [summary_section(run, which, config, records, f'{prefix}summary', level),
+            metrics_section(run, which, records, f'{prefix}metrics', level)]
   return [summary_section(run, which, config, records, f'{prefix}summary', level),
           config_section(run, config, f'{prefix}config', level),
           metrics_section(run, which, records, f'{prefix}metrics', level),

@@ -198,13 +198,16 @@ def test_a_run_mid_training_gets_its_curves_and_the_commands_of_what_is_missing(
 def test_a_comparison_gets_its_table_and_a_section_per_run(tmp_path):
   results = {m: {0: {'label': label, 'backbone': 'ViT', 'wall_time_s': 60.0,
                      'evals': {'test': {**known_metrics(), 'accuracy': acc}}}}
-             for m, label, acc in (('erm', 'ERM <plain>', 0.5), ('ifam', 'iFAM', 0.75))}
+             for m, label, acc in (('erm', 'ERM <plain>', 0.5), ('ifam', 'iFAM', 0.75),
+                                   ('dfr', 'DFR', 0.625))}
   rows = compare.summarise(results, 'test', {})
   (tmp_path / 'compare.json').write_text(json.dumps({
       'split': 'test', 'seeds': [0], 'methods': rows,
       'results': {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in results.items()}}))
   make_run(tmp_path / 'ifam' / 'seed_0')
   make_run(tmp_path / 'erm' / 'seed_0', finished=False)
+  (tmp_path / 'dfr' / 'seed_0').mkdir(parents=True)  # a post-hoc peer: its result.json only
+  (tmp_path / 'dfr' / 'seed_0' / 'result.json').write_text(json.dumps(results['dfr'][0]))
   page = Page(report.write_report(tmp_path).read_text())
   check_self_contained(page)
   assert page.cell('ERM <plain>', 'avg', first_column='method') == '50.0'
@@ -212,6 +215,8 @@ def test_a_comparison_gets_its_table_and_a_section_per_run(tmp_path):
   assert 'ERM <plain>, seed 0: avg 50.0, worst grp 0.0' in page.all_text
   assert {'ifam-seed-0', 'erm-seed-0', 'ifam-seed-0-audit', 'erm-seed-0-audit'} <= set(page.ids)
   assert f"--mode audit --workdir {tmp_path / 'erm' / 'seed_0'}" in page.all_text
+  assert 'dfr/seed_0' not in ''.join(re.findall(r'--workdir \S+', page.all_text))
+  assert 'dfr-seed-0-metrics' in page.ids and 'dfr-seed-0-audit' not in page.ids
 
 
 def test_charts_by_hand():
