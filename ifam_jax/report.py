@@ -482,9 +482,8 @@ def write_report(workdir: str | epath.PathLike, which: str = 'final') -> epath.P
   else:
     title = f'Run: {workdir.name}'
     sections = run_sections(workdir, which)
-    links = [f'<a href="#{a}">{t}</a>' for a, t in (
-        ('metrics', 'metrics'), ('audit', 'audit'), ('curves', 'curves'),
-        ('leave-one-out', 'leave one out'), ('pictures', 'pictures'), ('config', 'config'))]
+    links = [f'<a href="#{anchor}">{name}</a>' for anchor, name in re.findall(
+        r'<section id="([^"]+)"><h2>([^<]+)</h2>', ''.join(sections))]
   page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}'
           f'</title><meta name="viewport" content="width=device-width, initial-scale=1">'
           f'<style>{CSS}</style></head><body><h1>{_e(title)}</h1><p class="muted">'

@@ -176,6 +176,14 @@ def test_report_of_a_finished_run(tmp_path):
       json.dumps({'passed': False, 'splits': {}}))
   assert 'FAILED' in Page(report.write_report(tmp_path).read_text()).all_text
 
+  # A model without a mask: no audit, no leave-one-out, no link to them.
+  config = json.loads((tmp_path / 'config.json').read_text())
+  config['model']['kind'] = 'baseline'
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  page = Page(report.write_report(tmp_path).read_text())
+  check_self_contained(page)
+  assert 'the model has no mask' in page.all_text and 'leave-one-out' not in page.ids
+
 
 def test_a_run_mid_training_gets_its_curves_and_the_commands_of_what_is_missing(tmp_path):
   run = tmp_path / 'a run & more'
