@@ -118,7 +118,7 @@ def _picture(path: epath.Path, caption: str) -> str:
     width, height = png_size(data)
   except ValueError:
     return _note(f'{path} is not a PNG file')
-  scale = 2 if width < 360 else 1
+  scale = 2 if width < 480 else 1
   return (f'<figure><img src="data:image/png;base64,{base64.b64encode(data).decode()}" '
           f'width="{scale * width}" height="{scale * height}" alt="{_e(caption)}">'
           f'<figcaption>{_e(caption)}</figcaption></figure>')
@@ -318,7 +318,7 @@ def leave_one_out_section(run: epath.Path, which: str, has_mask: bool | None, an
     return _section(anchor, 'Leave one part out',
                     _missing('leave-one-out report', command('leave_one_out', run, which)),
                     level)
-  body = ''
+  drawn, tables = [], []
   for path in paths:
     report = _read_json(path)
     fixed = report.get('fixed_parts') or []
@@ -330,9 +330,10 @@ def leave_one_out_section(run: epath.Path, which: str, has_mask: bool | None, an
       bars = {label: {k: v for k, v in b.items() if v is not None} for label, b in bars.items()}
       title = (f'{split}: accuracy with parts removed' + (f' (always removed: {fixed})' if fixed
                                                            else ''))
-      body += (f'<div class="charts">{charts.bar_chart(bars, title=title)}</div>'
-               f'<details><summary>{_e(path.name)}, {_e(split)}: every metric</summary>'
-               f'{_table(*metrics_cells(named))}</details>')
+      drawn.append(charts.bar_chart(bars, title=title))
+      tables.append(f'<details><summary>{_e(path.name)}, {_e(split)}: every metric</summary>'
+                    f'{_table(*metrics_cells(named))}</details>')
+  body = f'<div class="charts">{"".join(drawn)}</div>' + ''.join(tables)
   return _section(anchor, 'Leave one part out', body, level)
 
 
@@ -380,15 +381,12 @@ def pictures_section(run: epath.Path, which: str, has_mask: bool | None, anchor:
   if not folder.is_dir():
     return _section(anchor, 'Pictures', body + _missing(
         f'pictures/{which}', command('visualize', run, which)), level)
-  examples = sorted(folder.glob('examples_*.png'))
+  examples = [_picture(p, f'{p.stem[9:]}: image | parts | what stage 2 sees; truth: predictions')
+              for p in sorted(folder.glob('examples_*.png'))]
+  examples += [_picture(p, f'{p.stem[11:]}: images by visible-patch fraction per group')
+               for p in sorted(folder.glob('mask_sizes_*.png'))]
   if examples:
-    body += f'<h{level + 1}>Examples</h{level + 1}>' + ''.join(_picture(
-        p, f'{p.stem[9:]}: image | parts | what stage 2 sees; truth: predictions')
-        for p in examples)
-  sizes = sorted(folder.glob('mask_sizes_*.png'))
-  if sizes:
-    body += f'<h{level + 1}>Mask sizes</h{level + 1}>' + ''.join(
-        _picture(p, f'{p.stem[11:]}: images by visible-patch fraction') for p in sizes)
+    body += f'<h{level + 1}>Examples and mask sizes</h{level + 1}>' + ''.join(examples)
   for split in sorted(p for p in folder.iterdir() if p.is_dir()):
     parts = sorted(split.glob('part_*.png'), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit()
                    else -1)
