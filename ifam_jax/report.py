@@ -203,7 +203,7 @@ def config_section(run: epath.Path, config: Any, anchor: str, level: int) -> str
     body = _note(f'no config.json in {run}: `python -m ifam_jax.main --config <recipe> '
                  f'--workdir {run}` writes it (a post-hoc peer of a comparison has none)')
     return _section(anchor, 'Config', body, level)
-  text = json.dumps(config, indent=2)
+  text = json.dumps(config, indent=2, ensure_ascii=False)
   body = (f'<details><summary>config.json, the resolved config ({text.count(chr(10)) + 1} lines)'
           f'</summary><pre>{_e(text)}</pre></details>')
   changes = run / 'config_changes.jsonl'
@@ -449,7 +449,7 @@ def compare_sections(workdir: epath.Path, which: str) -> tuple[list[str], list[s
   config = _read_json(workdir / 'config_compare.json')
   if config is not None:
     body += (f'<details><summary>config_compare.json, the comparison\'s config</summary>'
-             f'<pre>{_e(json.dumps(config, indent=2))}</pre></details>')
+             f'<pre>{_e(json.dumps(config, indent=2, ensure_ascii=False))}</pre></details>')
   sections, links = [_section('comparison', 'Comparison', body, 2)], [('comparison', 'table')]
   for method, seed, run in _compare_runs(workdir, report):
     anchor = f'{method}-seed-{seed}'
@@ -489,5 +489,6 @@ def write_report(workdir: str | epath.PathLike, which: str = 'final') -> epath.P
           + ''.join(sections) + '</body></html>\n')
   path = workdir / 'report' / 'index.html'
   path.parent.mkdir(parents=True, exist_ok=True)
-  workdir_lib.replace_text(path, page)
+  # Non-ASCII text as character references: the same page whatever the writer's locale.
+  workdir_lib.replace_text(path, page.encode('ascii', 'xmlcharrefreplace').decode())
   return path

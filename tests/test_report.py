@@ -22,7 +22,7 @@ from ifam_jax import workdir as workdir_lib
 from ifam_jax.evaluators import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CLASSES = ('<b>&', 'plus')  # a class name that HTML would take for markup
+CLASSES = ('<b>&', 'plüs')  # a class name that HTML would take for markup; one not ASCII
 GROUPS = tuple(f'{c}/{a}' for c in CLASSES for a in ('land', 'water'))
 
 
@@ -159,6 +159,7 @@ def test_report_of_a_finished_run(tmp_path):
   assert 'PASSED' in page.all_text and 'the mask leaks the background' in page.all_text
   # The class name is text wherever it appears: in the config, tables and captions.
   assert '<b>&' not in text and '&lt;b&gt;&amp;' in text
+  assert text.isascii() and 'plüs/water' in page.all_text
   assert '"<b>&"' in page.all_text
   assert sum(tag == 'b' for tag, _ in page.tags) == text.count('<b>')
   # Pictures: the two PNGs written, the charts: 4 curves (loss, accuracy, terms, lr, grad norm,
