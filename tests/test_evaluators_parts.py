@@ -23,6 +23,7 @@ from ifam_jax import workdir as workdir_lib
 from ifam_jax.data import sources, transforms
 from ifam_jax.evaluators import parts
 from ifam_jax.models.ifam import Intervention
+from test_configs import get_config as recipe_config
 from test_data import make_cub
 
 
@@ -406,3 +407,21 @@ def test_run_eval_reports_part_metrics_with_and_without_thresholds(tmp_path, cap
     assert 'accuracy' in got  # next to the classification metrics
   assert report['evals']['test']['kp'] != report['evals_without_thresholds']['test']['kp']
   assert json.loads((workdir / 'eval' / 'final' / 'eval.json').read_text()) == report
+
+
+def test_cub_recipe_turns_part_metrics_on_where_the_annotations_exist(tmp_path):
+  root = tmp_path / 'CUB_200_2011'
+  make_cub(root)
+  args = f'root={root},tiny,waterbird200_root=waterbird_complete95_forest2water2'
+  c = recipe_config('cub', args)
+  assert not c.eval.part_metrics and 'part_annotations' not in c.data.evals.test
+  ids = range(1, 5)
+  write_parts(root, [(i, 1, 1.5, 2.5, 1) for i in ids], [(i, 0, 0, 4, 4) for i in ids])
+  c = recipe_config('cub', args)
+  assert c.eval.part_metrics and not c.eval.part_metrics_normalise
+  assert c.data.evals.test.part_annotations and c.data.evals.waterbird200.part_annotations
+  assert 'part_annotations' not in c.data.train  # the fit split reads them itself
+  assert len(parts.check_config(c)) == 2 and parts.check_config(c).keypoints.shape == (2, 1, 3)
+  c.eval.splits = ('waterbird200',)
+  assert parts.annotated_evals(c) == ['waterbird200']
+  assert parts.check_config(recipe_config('cub', args + ',baseline')) is None  # no part maps

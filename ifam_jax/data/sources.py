@@ -5,8 +5,8 @@ Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'grou
 (which names an undecodable image in its warning); CubSource given a `segmentation_dir`, and the
 demo's source (`synthetic.py`), add a ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in
 {0, 1}); CubSource with `part_annotations` adds `'keypoints'` (float32 [P, 3]: x, y, visible)
-and `'box'` (float32 [4]: x, y, width, height), in the image's pixels. Every source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0
-without groups).
+and `'box'` (float32 [4]: x, y, width, height), in the image's pixels. Every source exposes
+`class_names`, `num_classes`, `group_names` and `num_groups` (0 without groups).
 
 Sources validate their inputs when built, with cheap checks only (directory listings, metadata
 files, the existence of every listed file), and every error names the offending path: a wrong

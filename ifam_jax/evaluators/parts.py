@@ -203,7 +203,7 @@ def ari_numpy(true: np.ndarray, pred: np.ndarray) -> float:
 def nmi(true: np.ndarray, pred: np.ndarray) -> float:
   """NMI of two labellings: scikit-learn's where installed (the reference's), else numpy's."""
   try:
-    from sklearn.metrics import normalized_mutual_info_score  # pylint: disable=import-outside-toplevel
+    from sklearn.metrics import normalized_mutual_info_score  # pylint: disable=g-import-not-at-top
   except ImportError:
     return nmi_numpy(true, pred)
   return float(normalized_mutual_info_score(true, pred))
@@ -212,7 +212,7 @@ def nmi(true: np.ndarray, pred: np.ndarray) -> float:
 def ari(true: np.ndarray, pred: np.ndarray) -> float:
   """ARI of two labellings: scikit-learn's where installed (the reference's), else numpy's."""
   try:
-    from sklearn.metrics import adjusted_rand_score  # pylint: disable=import-outside-toplevel
+    from sklearn.metrics import adjusted_rand_score  # pylint: disable=g-import-not-at-top
   except ImportError:
     return ari_numpy(true, pred)
   return float(adjusted_rand_score(true, pred))
