@@ -43,8 +43,6 @@ from ifam_jax.apply import apply
 from ifam_jax.evaluators import loop
 from ifam_jax.models.ifam import Intervention
 
-PART_KEYS = ('kp', 'nmi', 'ari', 'num_keypoints')
-
 
 # ----------------------------------------------------------------------------
 # Centroids, activity and the keypoint regression (reference 7.9)
