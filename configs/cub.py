@@ -18,6 +18,11 @@ ERM row), `tiny` (no weights: the demo's small ViT trained from scratch on CUB, 
 one lr 5e-4, 8 epochs, sized for a CPU), `runlocal` (a smoke test of the code path, not a model
 that learns: 20 steps of a random 2-block ViT at 518 px, batch 8 and the paper's learning rates).
 
+Where <root>/parts/part_locs.txt and <root>/bounding_boxes.txt exist (the official release),
+`--mode eval` also reports the paper's part metrics on test and waterbird200 (reference 7.9,
+7.10): keypoint regression Kp (fit on the training split), NMI and ARI, with and without
+eval.thresholds (evaluators/parts.py); --config.eval.part_metrics=False skips them.
+
 518 px is the paper's size; the reference's K=8 command omits --image_size and so runs at its
 parser default 448 (reference quirk 8): add --config.model.image_size=448 to repeat that run.
 CUB has no validation split (the reference trains on all 5994 training images), so nothing
@@ -25,6 +30,8 @@ selects a "best" checkpoint: report <workdir>/params/final (the reference picks 
 on test accuracy). Compute is bfloat16 (parameters fp32) where the reference ran fp32: add
 --config.model.dtype=float32 for its numerics.
 """
+
+import os
 
 import ml_collections
 
@@ -42,6 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   test = dict(source='cub', root=arg.root, split='test')
   if arg.segmentations:
     test.update(segmentation_dir=arg.segmentations)
+  part_files = ('parts/part_locs.txt', 'bounding_boxes.txt')
+  if all(os.path.isfile(os.path.join(arg.root, f)) for f in part_files):
+    test.update(part_annotations=True)
+    c.eval.part_metrics = True
   c.data.evals = dict(test=test)
   if arg.waterbird200_root:
     c.data.evals.waterbird200 = dict(test, image_subdir=arg.waterbird200_root)

@@ -174,6 +174,13 @@ def base_config() -> ml_collections.ConfigDict:
       # binary mask alone (within class) from which it reports a leak.
       leak_num_images=2048,
       leak_auroc_threshold=0.75,
+      # `--mode eval` also reports the paper's part metrics (evaluators/parts.py): keypoint
+      # regression Kp, NMI and ARI on the eval sets whose 'cub' spec has part_annotations=True,
+      # the regression fit on data.train (a 'cub' source); under eval.thresholds, also without.
+      part_metrics=False,
+      # True feeds them ImageNet-normalised pixels like every other eval; False (the reference,
+      # its quirk 11) feeds [0, 1] pixels.
+      part_metrics_normalise=False,
   )
 
   # The comparison (`--mode compare`, ifam_jax/compare.py): each method (a training preset of

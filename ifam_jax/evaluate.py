@@ -5,7 +5,8 @@ selects, writes a JSON report and prints a table on process 0:
 
   run_eval            every selected eval set: summarize_predictions' metrics for both stages;
                       IN-9 variants (ImageNet-1K models through in_to_in9.json), BG-GAP and the
-                      adversarial-background challenge -> eval/<which>/eval.json
+                      adversarial-background challenge; with eval.part_metrics, Kp, NMI and ARI
+                      on CUB's part annotations -> eval/<which>/eval.json
   run_calibrate       per-part thresholds from the training split, both rules
                       -> thresholds/<which>/<rule>_q<q>.json
   run_leave_one_out   one row per removed part (reference 8.1) -> eval/<which>/leave_one_out*.json
@@ -35,7 +36,7 @@ from ifam_jax import data as data_lib
 from ifam_jax import factory, methods, optim, sharding
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.data.sources import IN9_CLASSES
-from ifam_jax.evaluators import audit, in9, leak, loop, metrics, thresholds
+from ifam_jax.evaluators import audit, in9, leak, loop, metrics, parts, thresholds
 from ifam_jax.evaluators.predict import make_eval_step
 from ifam_jax.evaluators.tables import format_table, metrics_table
 from ifam_jax.models.ifam import PART_REMOVALS, Intervention, stage2_mask_facts
@@ -157,6 +158,19 @@ class _Session:
   def evaluate(self, split: _Split, intervention: Intervention | None) -> dict[str, Any]:
     return split.run(self.eval_step(intervention), self.params, self.frozen)
 
+  def add_part_metrics(self, report: dict[str, Any], fit_source: Any,
+                       splits: Mapping[str, _Split]) -> None:
+    """`parts.PartMetrics` of the annotated splits into report['evals'] (under the thresholds)
+    and, when present, report['evals_without_thresholds']."""
+    sources = {name: splits[name].source for name in parts.annotated_evals(self.config)}
+    evaluator = parts.PartMetrics(fit_source, sources, self.config, self.batch_sharding)
+    for key, intervention in (('evals', self.intervention), ('evals_without_thresholds', None)):
+      if key in report:
+        step = self.jit(parts.make_parts_step(self.graphdef, self.rest, self.config,
+                                              intervention))
+        for name, scores in evaluator.run(step, self.params, self.frozen).items():
+          report[key][name].update(scores)
+
   def mask_leaks(self, splits: Mapping[str, _Split]) -> dict[str, dict[str, Any]]:
     """`leak.MaskLeak` of each split, on the eval forward's mask (under the thresholds)."""
     step = leak.make_leak_step(self.jit(audit.make_mask_step(self.graphdef, self.rest,
@@ -187,7 +201,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   thresholds (if any; then also 'evals_without_thresholds'), 'in9_accuracy' {variant: accuracy}
   and 'bg_gap' when IN-9 variants are evaluated, 'bg_challenge' (under the thresholds too) when
   its folders exist and eval.splits is empty or names it: it costs hours on the IN-9 release.
+  With eval.part_metrics, the eval sets with CUB part annotations also carry `parts.part_metrics`
+  ('kp', 'nmi', 'ari', ...), under the thresholds and without, as the other metrics.
   """
+  fit_source = parts.check_config(config)
   s = _Session(config, workdir, which)
   report = s.header()
   with jax.set_mesh(s.mesh):
@@ -196,6 +213,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if s.intervention is not None:
       report['evals_without_thresholds'] = {name: s.evaluate(split, None)
                                             for name, split in splits.items()}
+    if fit_source is not None:
+      s.add_part_metrics(report, fit_source, splits)
     in9_accuracy = {split.in9_variant: report['evals'][name]['accuracy']
                     for name, split in splits.items() if split.in9_variant}
     if in9_accuracy:

@@ -4,8 +4,9 @@ Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'grou
 `group` is -1 when the data set defines no groups. File-backed sources add the image's `'path'`
 (which names an undecodable image in its warning); CubSource given a `segmentation_dir`, and the
 demo's source (`synthetic.py`), add a ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in
-{0, 1}). Every source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0
-without groups).
+{0, 1}); CubSource with `part_annotations` adds `'keypoints'` (float32 [P, 3]: x, y, visible)
+and `'box'` (float32 [4]: x, y, width, height), in the image's pixels. Every source exposes
+`class_names`, `num_classes`, `group_names` and `num_groups` (0 without groups).
 
 Sources validate their inputs when built, with cheap checks only (directory listings, metadata
 files, the existence of every listed file), and every error names the offending path: a wrong
@@ -296,6 +297,62 @@ def _read_id_table(path: pathlib.Path) -> dict[int, str]:
   return table
 
 
+def _read_number_rows(path: pathlib.Path, columns: int, what: str) -> np.ndarray:
+  """float64 [N, columns] of a whitespace-separated numeric list file (CUB's part files)."""
+  _require_file(path, what)
+  try:
+    with open(path, encoding='utf-8-sig') as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f'cannot read {what} {path}: {e}') from None
+  rows = []
+  for line, text in enumerate(lines, start=1):
+    fields = text.split()
+    if not fields:
+      continue
+    try:
+      if len(fields) != columns:
+        raise ValueError
+      rows.append([float(v) for v in fields])
+    except ValueError:
+      raise ValueError(f'{path} line {line}: expected {columns} numbers, got {text!r}') from None
+  return np.asarray(rows, np.float64).reshape(-1, columns)
+
+
+def read_cub_parts(root: pathlib.Path, image_ids: Sequence[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(keypoints float32 [N, P, 3] (x, y, visible), boxes float32 [N, 4] (x, y, w, h)) of
+  `image_ids`, from root/parts/part_locs.txt (image_id part_id x y visible) and
+  root/bounding_boxes.txt (image_id x y width height).
+
+  P is the largest part id; every listed image needs each part 1..P once, and a box.
+  """
+  locs_path, boxes_path = root / 'parts' / 'part_locs.txt', root / 'bounding_boxes.txt'
+  locs = _read_number_rows(locs_path, 5, 'CUB part annotations')
+  boxes = _read_number_rows(boxes_path, 5, 'CUB bounding boxes')
+  num_parts = int(locs[:, 1].max()) if len(locs) else 0
+  if num_parts < 1 or (locs[:, 1] < 1).any():
+    raise ValueError(f'{locs_path}: part ids must be 1, 2, ...; found '
+                     f'{sorted(set(locs[:, 1].astype(int)))[:5]}')
+  row_of = {int(i): n for n, i in enumerate(image_ids)}
+  keypoints = np.zeros((len(row_of), num_parts, 3), np.float32)
+  seen = np.zeros((len(row_of), num_parts), np.int64)
+  for image_id, part_id, x, y, visible in locs:
+    n = row_of.get(int(image_id))
+    if n is not None:
+      keypoints[n, int(part_id) - 1] = (x, y, visible)
+      seen[n, int(part_id) - 1] += 1
+  if (bad := np.argwhere(seen != 1)).size:
+    n, k = bad[0]
+    raise ValueError(f'{locs_path}: image id {image_ids[n]} has {seen[n, k]} entries for part '
+                     f'{k + 1} (every image needs parts 1..{num_parts} once)')
+  box_of = {int(row[0]): row[1:] for row in boxes}
+  if missing := [i for i in image_ids if int(i) not in box_of]:
+    raise ValueError(f'{boxes_path} has no box for image id {missing[0]} '
+                     f'({len(missing)} images lack one)')
+  return keypoints, np.asarray([box_of[int(i)] for i in image_ids], np.float32).reshape(-1, 4)
+
+
 def _image_size(image: bytes) -> tuple[int, int] | None:
   """(width, height) from an encoded image's header; None if unreadable."""
   try:
@@ -336,11 +393,12 @@ class CubSource(FileSource):
   and sets their number. `segmentation_dir` (relative to root, or absolute; the official release
   unpacks as 'segmentations') adds 'fg_mask' from `<segmentation_dir>/<images.txt name>.png`,
   binarised at > 0 and read lazily; a missing mask (checked when built) or one whose size differs
-  from its image raises an error naming the file.
+  from its image raises an error naming the file. `part_annotations` adds each image's CUB
+  keypoints and bounding box (`read_cub_parts`), for the part metrics (evaluators/parts.py).
   """
 
   def __init__(self, root: str | os.PathLike, split: str, image_subdir: str = 'images',
-               segmentation_dir: str = ''):
+               segmentation_dir: str = '', part_annotations: bool = False):
     root = pathlib.Path(root)
     if split not in ('train', 'test'):
       raise ValueError(f"CUB split must be 'train' or 'test' (the reference has no val), "
@@ -357,7 +415,7 @@ class CubSource(FileSource):
     label_path, split_path = root / 'image_class_labels.txt', root / 'train_test_split.txt'
     label_of, is_train = _read_id_table(label_path), _read_id_table(split_path)
     want = '1' if split == 'train' else '0'
-    paths, labels, names = [], [], []
+    paths, labels, names, ids = [], [], [], []
     for image_id, name in files.items():
       for table, path in ((label_of, label_path), (is_train, split_path)):
         if image_id not in table:
@@ -370,6 +428,7 @@ class CubSource(FileSource):
         paths.append(str(image_dir / name))
         labels.append(label - 1)
         names.append(name)
+        ids.append(image_id)
     _check_files_exist(paths, f'CUB images.txt {root / "images.txt"}')
     self.mask_paths = None
     if segmentation_dir:
@@ -377,9 +436,12 @@ class CubSource(FileSource):
       _require_dir(mask_dir, 'CUB segmentation folder')
       self.mask_paths = [str(mask_dir / (os.path.splitext(n)[0] + '.png')) for n in names]
       _check_files_exist(self.mask_paths, f'CUB segmentation folder {mask_dir}', 'masks')
+    self.keypoints, self.boxes = read_cub_parts(root, ids) if part_annotations else (None, None)
     self.group_names = []
     super().__init__(paths, labels, [-1] * len(paths))
     extra = {'segmentation_dir': segmentation_dir} if segmentation_dir else {}  # stable old reprs
+    if part_annotations:
+      extra['part_annotations'] = True
     self._repr = describe('CubSource', root=str(root), split=split, image_subdir=image_subdir,
                            **extra)
 
@@ -387,6 +449,8 @@ class CubSource(FileSource):
     record = super().__getitem__(index)
     if self.mask_paths is not None:
       record['fg_mask'] = read_binary_mask(self.mask_paths[index], _image_size(record['image']))
+    if self.keypoints is not None:
+      record['keypoints'], record['box'] = self.keypoints[index], self.boxes[index]
     return record
 
 

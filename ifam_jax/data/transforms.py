@@ -5,7 +5,9 @@ They run in grain workers on PIL images and draw every random number from the
 its generator (the pipeline seeds that from seed, epoch and index). A transform is a callable
 `(image, mask, rng) -> (image, mask)`: geometric steps move the optional foreground mask with
 nearest sampling and fill 0, so the mask stays aligned with its image. Normalisation is left to
-the device (`pipeline.normalize`), which keeps host-to-device transfers uint8.
+the device (`pipeline.normalize`), which keeps host-to-device transfers uint8. A record's CUB
+part annotations ('keypoints', 'box') follow its image through `resize_center_crop` only
+(`_ResizeCenterCrop.points`, the reference's part-eval arithmetic).
 
 Recipes (reference section 6.7):
   imagenet_train      timm RandomResizedCrop + hflip + RandAugment rand-m6-mstd0.5
@@ -118,10 +120,18 @@ def process(record: dict[str, Any], rng: np.random.Generator,
 
   `valid` is 0 for an undecodable image (then image and mask are zeros) or when the record
   arrives with valid=0 (eval padding); `fg_mask` uint8 [S, S] is passed through when present.
+  'keypoints' float32 [P, 3] (x, y, visible) and 'box' float32 [4] (x, y, w, h), when present,
+  are moved as the image is (`_ResizeCenterCrop.points`; all invisible for an undecodable image).
   The record's optional 'path' names the file in the warning about an undecodable image.
   """
   size = transform.size
   image = decode(record['image'], record.get('path', ''))
+  keypoints = record.get('keypoints')
+  if keypoints is not None and not hasattr(transform, 'points'):
+    raise ValueError(f'records with part annotations need the resize + centre-crop eval '
+                     f'transform (transforms.resize_center_crop); {transform!r} cannot move them')
+  out_points = None if keypoints is None else (np.zeros_like(keypoints, np.float32),
+                                               np.zeros(4, np.float32))
   mask = record.get('fg_mask')
   valid = image is not None and bool(record.get('valid', 1))
   out_mask = None if mask is None else np.zeros((size, size), np.uint8)
@@ -131,6 +141,8 @@ def process(record: dict[str, Any], rng: np.random.Generator,
     pil_mask = None if mask is None else Image.fromarray(np.asarray(mask, np.uint8))
     if pil_mask is not None and pil_mask.size != image.size:
       raise ValueError(f'fg_mask size {pil_mask.size} differs from image size {image.size}')
+    if keypoints is not None:
+      out_points = transform.points(keypoints, record['box'], image.size)
     image, pil_mask = transform(image, pil_mask, rng)
     out_image = np.asarray(image, np.uint8)
     if pil_mask is not None:
@@ -141,6 +153,8 @@ def process(record: dict[str, Any], rng: np.random.Generator,
          'group': np.int32(record['group']), 'valid': np.int32(valid)}
   if out_mask is not None:
     out['fg_mask'] = out_mask
+  if out_points is not None:
+    out['keypoints'], out['box'] = out_points
   return out
 
 
@@ -153,15 +167,22 @@ def _both(image: Image.Image, mask: Mask,
   return op(image, False), (None if mask is None else op(mask, True))
 
 
+def _shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+  """torchvision Resize(int)'s (width, height): the shorter side becomes `size`, the longer
+  int(size * ratio)."""
+  return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+
+
 def _resize_shorter(image: Image.Image, mask: Mask, size: int,
                     resample: int) -> tuple[Image.Image, Mask]:
-  """torchvision Resize(int): the shorter side becomes `size`, the longer int(size * ratio)."""
-  w, h = image.size
-  if w <= h:
-    wh = (size, int(size * h / w))
-  else:
-    wh = (int(size * w / h), size)
+  """torchvision Resize(int) of the image and its mask (`_shorter_side_size`)."""
+  wh = _shorter_side_size(*image.size, size)
   return _both(image, mask, lambda im, m: im.resize(wh, Image.NEAREST if m else resample))
+
+
+def _center_crop_offsets(w: int, h: int, size: int) -> tuple[int, int]:
+  """(left, top) of torchvision's CenterCrop(size) of a w x h image no smaller than size."""
+  return int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
 
 
 def _crop(image: Image.Image, mask: Mask, left: int, top: int,
@@ -171,9 +192,7 @@ def _crop(image: Image.Image, mask: Mask, left: int, top: int,
 
 
 def _center_crop(image: Image.Image, mask: Mask, size: int) -> tuple[Image.Image, Mask]:
-  w, h = image.size
-  return _crop(image, mask, int(round((w - size) / 2.0)), int(round((h - size) / 2.0)),
-               size, size)
+  return _crop(image, mask, *_center_crop_offsets(*image.size, size), size, size)
 
 
 def inverse_affine_matrix(center: tuple[float, float], angle: float,
@@ -374,6 +393,33 @@ class _ResizeCenterCrop:
       return _both(image, mask, lambda im, m: im.resize(wh, Image.NEAREST if m else resample))
     image, mask = _resize_shorter(image, mask, int(self.size / self.crop_pct), resample)
     return _center_crop(image, mask, self.size)
+
+  def points(self, keypoints: np.ndarray, box: np.ndarray,
+             image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """CUB keypoints [P, 3] (x, y, visible) and box [4] (x, y, w, h) of a `image_size` (w, h)
+    image -> where this transform puts them, float32, as the reference's part evals do.
+
+    Visible keypoints and the box scale by resize / shorter side (the reference's factor, not
+    the rounded resized size), then shift by the crop offset; a keypoint that leaves the crop
+    (x or y < 0 or > size) becomes invisible, and keypoints and the box corner are clamped to
+    [0, size]; the box keeps its scaled width and height. Invisible keypoints stay as given.
+    """
+    if self.squash:
+      raise ValueError(f'{self!r} squashes the image: part annotations follow a resize of the '
+                       'shorter side and a centre crop only')
+    resize = int(self.size / self.crop_pct)
+    w, h = image_size
+    factor = resize / min(w, h)
+    left, top = _center_crop_offsets(*_shorter_side_size(w, h, resize), self.size)
+    offset = np.array([left, top], np.float64)
+    kp = np.array(keypoints, np.float64)
+    visible = kp[:, 2] != 0
+    xy = kp[visible, :2] * factor - offset
+    kp[visible, 2] = np.where(((xy < 0) | (xy > self.size)).any(-1), 0.0, kp[visible, 2])
+    kp[visible, :2] = np.clip(xy, 0, self.size)
+    out_box = np.array(box, np.float64) * factor
+    out_box[:2] = np.clip(out_box[:2] - offset, 0, self.size)
+    return kp.astype(np.float32), out_box.astype(np.float32)
 
 
 def imagenet_train(size: int, *, magnitude: float = 6.0, magnitude_std: float = 0.5,

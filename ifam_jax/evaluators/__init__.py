@@ -10,8 +10,9 @@ is built from the config and its data, holds no model, and runs as
   thresholds.Calibration      per-part thresholds from a split's part assignments
   audit.Audit                 stage-2 logits bitwise unchanged when masked-out pixels change
   leak.MaskLeak               what the binary mask's geometry alone tells of the background
+  parts.PartMetrics           keypoint regression (Kp), NMI and ARI on CUB's part annotations
 
 Modules: metrics (pure metric functions), loop (the ordered, padded eval loop), predict
-(`make_eval_step`), in9, thresholds, audit, leak, tables (Markdown tables), common (JSON
+(`make_eval_step`), in9, thresholds, audit, leak, parts, tables (Markdown tables), common (JSON
 files).
 """

@@ -10,7 +10,8 @@ _COLUMNS = (('acc', ('accuracy',)), ('top-5', ('top5_accuracy',)),
             ('worst grp', ('worst_group_accuracy',)),
             ('worst minority', ('worst_group_accuracy_minority',)), ('AUROC', ('auroc',)),
             ('stage 1', ('stage1', 'accuracy')), ('fg', ('fg_fraction',)),
-            ('fg IoU', ('fg_iou',)), ('fg IoU/img', ('fg_iou_image_mean',)))
+            ('fg IoU', ('fg_iou',)), ('fg IoU/img', ('fg_iou_image_mean',)), ('Kp', ('kp',)),
+            ('NMI', ('nmi',)), ('ARI', ('ari',)))
 
 
 def format_cell(value: Any) -> str:
