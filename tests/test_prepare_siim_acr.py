@@ -306,3 +306,41 @@ def test_the_model_carries_the_cxr_normalisation_to_apply(tmp_path):
     factory.abstract_model(c.model, 2)
   plain = _Identity()
   assert apply.pixel_norm(plain) == (pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
+
+
+@pytest.mark.slow
+def test_tiny_recipe_trains_and_reports_the_papers_aucs(prepared, tmp_path, monkeypatch):
+  """Two steps of `configs/siim_acr.py:tiny` from the prepared DICOMs, then the final eval:
+  every split's AUROC and worst-group AUROC are scikit-learn's on the logits it scored, and
+  full_test's worst-group AUROC is robust_test's AUROC (the same images)."""
+  roc_auc_score = pytest.importorskip('sklearn.metrics').roc_auc_score
+  from ifam_jax import train  # pylint: disable=import-outside-toplevel
+  from test_configs import tiny  # pylint: disable=import-outside-toplevel
+  out, _ = prepared
+  c = tiny(get_config('siim_acr', f'tiny,root={out}'))
+  c.max_steps = 2
+  scored = []
+  summarize = metrics.summarize_predictions
+
+  def capture(outputs, **kwargs):
+    scored.append((outputs, summarize(outputs, **kwargs)))
+    return scored[-1][1]
+
+  monkeypatch.setattr(metrics, 'summarize_predictions', capture)
+  result = train.train_and_evaluate(c, str(tmp_path / 'workdir'))
+  evals = result['evals']
+  assert sorted(evals) == ['full_test', 'non_robust_test', 'robust_test']
+  assert [m['num_examples'] for _, m in scored] == [evals[n]['num_examples'] for n in evals]
+  for outputs, m in scored:
+    keep = outputs['valid'] > 0
+    y, g = outputs['label'][keep], outputs['group'][keep]
+    for stage, logits in ((m, outputs['logits']), (m['stage1'], outputs['logits1'])):
+      z = logits[keep].astype(np.float64)
+      prob = np.exp(z[:, 1]) / np.exp(z).sum(-1)
+      assert stage['auroc'] == pytest.approx(roc_auc_score(y, prob), abs=1e-9)
+      robust = np.isin(g, (1, 2))
+      if len(set(y[robust])) == 2:
+        assert stage['worst_group_auroc'] == pytest.approx(roc_auc_score(y[robust], prob[robust]),
+                                                           abs=1e-9)
+  assert evals['full_test']['worst_group_auroc'] == pytest.approx(evals['robust_test']['auroc'])
+  assert 'fg_iou' in evals['full_test']

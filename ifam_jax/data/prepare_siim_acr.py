@@ -282,10 +282,11 @@ def prepare(source: PathLike, tubes: PathLike, out: PathLike, *, link: str = 'ha
   if stale and not overwrite:
     raise FileExistsError(f'{out} holds {len(stale)} file(s) this release and tube file do not '
                           f'make, e.g. {[str(p) for p in stale[:3]]}; --overwrite removes them')
-  out.mkdir(parents=True, exist_ok=True)
-  if link == 'hard' and os.stat(out).st_dev != os.stat(source).st_dev:
+  existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+  if link == 'hard' and os.stat(existing).st_dev != os.stat(source).st_dev:
     raise ValueError(f'--link=hard: {out} and {source} are on different file systems; use '
                      '--link=symlink or --link=copy')
+  out.mkdir(parents=True, exist_ok=True)
   for path in stale + temporary:
     path.unlink()
   for name in {str(pathlib.Path(d).parent) for d in wanted}:

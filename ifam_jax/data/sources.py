@@ -2,10 +2,11 @@
 
 Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'group': int}`, where
 `group` is -1 when the data set defines no groups. File-backed sources add the image's `'path'`
-(which names an undecodable image in its warning); CubSource given a `segmentation_dir`, and the
-demo's source (`synthetic.py`), add a ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in
-{0, 1}). Every source exposes `class_names`, `num_classes`, `group_names` and `num_groups` (0
-without groups).
+(which names an undecodable image in its warning); CubSource given a `segmentation_dir`,
+SiimAcrSource (its pneumothorax masks) and the demo's source (`synthetic.py`) add a ground-truth
+foreground mask `'fg_mask'` (uint8 [H, W] in {0, 1}). Every source exposes `class_names`,
+`num_classes`, `group_names` and `num_groups` (0 without groups). Records are uint8 [H, W(, C)]
+arrays rather than bytes only where the format needs a reader of its own (SIIM-ACR's DICOMs).
 
 Sources validate their inputs when built, with cheap checks only (directory listings, metadata
 files, the existence of every listed file), and every error names the offending path: a wrong
