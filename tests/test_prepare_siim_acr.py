@@ -5,6 +5,7 @@ train-rle.csv whose masks are rectangles at known rows and columns (one image wi
 encoded by the competition's rule, and a tube pickle covering the four (label, tube) pairs.
 """
 
+import io
 import os
 import pathlib
 import pickle
@@ -33,6 +34,7 @@ IMAGES = {
     't_neg2': (0, None, []),
 }
 SIXTEEN_BIT = 't_neg2'  # stored with 16 bits, values above 255: cast, not rescaled
+JPEG = 'n_notube'  # JPEG Baseline, as the release stores its DICOMs: decoded by Pillow
 
 
 # ----------------------------------------------------------------------------
@@ -44,14 +46,34 @@ def pixels(k: int) -> np.ndarray:
   return values.astype(np.uint16) if k == len(IMAGES) - 1 else (values % 256).astype(np.uint8)
 
 
-def write_dicom(path: pathlib.Path, array: np.ndarray) -> None:
+def jpeg(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, 'JPEG', quality=90)
+  return buffer.getvalue()
+
+
+def stored_pixels(image_id: str) -> np.ndarray:
+  """What the DICOM of `image_id` decodes to."""
+  array = pixels(list(IMAGES).index(image_id))
+  return np.asarray(Image.open(io.BytesIO(jpeg(array)))) if image_id == JPEG else array
+
+
+def write_dicom(path: pathlib.Path, array: np.ndarray, compress: bool = False) -> None:
   ds = pydicom.Dataset()
   ds.file_meta = pydicom.dataset.FileMetaDataset()
-  ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
   ds.SOPClassUID = '1.2.840.10008.5.1.4.1.1.7'
   ds.SOPInstanceUID = pydicom.uid.generate_uid()
-  ds.set_pixel_data(array, photometric_interpretation='MONOCHROME2',
-                    bits_stored=array.dtype.itemsize * 8)
+  if compress:
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    ds.Rows, ds.Columns = array.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pydicom.encaps.encapsulate([jpeg(array)])
+    ds['PixelData'].VR = 'OB'
+  else:
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.set_pixel_data(array, photometric_interpretation='MONOCHROME2',
+                      bits_stored=array.dtype.itemsize * 8)
   path.parent.mkdir(parents=True, exist_ok=True)
   ds.save_as(path, enforce_file_format=True)
 
@@ -84,7 +106,7 @@ def make_release(root: pathlib.Path) -> pathlib.Path:
   lines = ['ImageId, EncodedPixels']
   for k, (image_id, (label, _, boxes)) in enumerate(IMAGES.items()):
     write_dicom(root / 'dicom-images-train' / f'study{k}' / f'series{k}' / f'{image_id}.dcm',
-                pixels(k))
+                pixels(k), compress=image_id == JPEG)
     rows = [encode(rectangle(*box)) for box in boxes] if label else ['-1']
     lines += [f'{image_id}, {row}' for row in rows]  # the release's ', ' separator
   write_dicom(root / 'dicom-images-train' / 'study9' / 'series9' / 'unlabelled.dcm', pixels(0))
@@ -239,15 +261,15 @@ def test_siim_source_reads_the_prepared_layout(prepared):
     assert src.spurious_attribute == 'chest tube'
   robust = factory.make_source(dict(spec, split='robust_test'))
   assert set(robust.groups) == set(metrics.minority_groups(robust))
-  keys = list(IMAGES)
   for src in (train, factory.make_source(dict(spec, split='full_test'))):
     for i in range(len(src)):
       record = src[i]
       image_id = pathlib.Path(record['path']).stem
-      want = pixels(keys.index(image_id))
-      np.testing.assert_array_equal(record['image'], (want.astype(np.int64) % 256).astype(np.uint8))
+      want = stored_pixels(image_id).astype(np.int64) % 256
+      np.testing.assert_array_equal(record['image'], want.astype(np.uint8), err_msg=image_id)
       np.testing.assert_array_equal(record['fg_mask'], expected_mask(image_id))
-  assert pixels(keys.index(SIXTEEN_BIT)).max() > 255  # so the cast above wrapped values
+  assert stored_pixels(SIXTEEN_BIT).max() > 255  # so the cast above wrapped values
+  assert not np.array_equal(stored_pixels(JPEG), pixels(list(IMAGES).index(JPEG)))  # lossy
   transform = transforms.siim_acr(28, train=False)
   processed = transforms.process(train[2], np.random.default_rng(0), transform)
   image = processed['image']
