@@ -381,24 +381,23 @@ def _linear_taps(out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
   """cv2 INTER_LINEAR's source taps along one axis: half-pixel centres, clamped at the edges."""
   src = np.clip((np.arange(out) + 0.5) * (size / out) - 0.5, 0, size - 1)
   low = np.floor(src).astype(np.int64)
-  return low, np.minimum(low + 1, size - 1), src - low
+  return low, np.minimum(low + 1, size - 1), (src - low).astype(np.float32)
 
 
 def resize_like_cv2(image: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
   """cv2.resize of a uint8 [H, W(, C)] array, which albumentations' Resize calls: INTER_LINEAR
-  for images (no antialiasing, unlike PIL's; computed in float, then rounded) and INTER_NEAREST
-  (source index floor(i * scale)) for masks."""
+  for images (no antialiasing, unlike PIL's; in float32, then rounded: within 1 of cv2's
+  fixed-point result) and INTER_NEAREST (source index floor(i * scale)) for masks."""
   if nearest:
     rows = np.minimum((np.arange(height) * image.shape[0]) // height, image.shape[0] - 1)
     cols = np.minimum((np.arange(width) * image.shape[1]) // width, image.shape[1] - 1)
     return image[rows][:, cols]
-  x = np.asarray(image, np.float64)
-  lo, hi, f = _linear_taps(height, x.shape[0])
-  f = f.reshape(-1, *[1] * (x.ndim - 1))
-  x = x[lo] * (1 - f) + x[hi] * f
-  lo, hi, f = _linear_taps(width, x.shape[1])
-  f = f.reshape(1, -1, *[1] * (x.ndim - 2))
-  x = x[:, lo] * (1 - f) + x[:, hi] * f
+  lo, hi, f = _linear_taps(height, image.shape[0])
+  low = image[lo].astype(np.float32)
+  x = low + (image[hi] - low) * f.reshape(-1, *[1] * (image.ndim - 1))
+  lo, hi, f = _linear_taps(width, image.shape[1])
+  low = x[:, lo]
+  x = low + (x[:, hi] - low) * f.reshape(1, -1, *[1] * (image.ndim - 2))
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -409,8 +408,15 @@ class _SiimAcr:
 
   def __call__(self, image: Image.Image, mask: Mask,
                rng: np.random.Generator) -> tuple[Image.Image, Mask]:
-    image, mask = _both(image, mask, lambda im, m: Image.fromarray(
-        resize_like_cv2(np.asarray(im), self.size, self.size, nearest=m)))
+    x = np.asarray(image)
+    grey = (x[..., 0] == x[..., 1]).all() and (x[..., 0] == x[..., 2]).all()
+    if grey:  # a chest X-ray replicated to RGB: one channel costs a third
+      x = np.repeat(resize_like_cv2(x[..., 0], self.size, self.size, False)[..., None], 3, -1)
+    else:
+      x = resize_like_cv2(x, self.size, self.size, False)
+    image = Image.fromarray(x)
+    if mask is not None:
+      mask = Image.fromarray(resize_like_cv2(np.asarray(mask), self.size, self.size, True))
     if self.hflip and rng.random() < self.hflip:
       image, mask = _both(image, mask, lambda im, _: im.transpose(Image.FLIP_LEFT_RIGHT))
     return image, mask
