@@ -419,7 +419,9 @@ class SiimAcrSource(FileSource):
   holds the negatives with a tube and the positives without one (groups 1 and 2, the minority
   groups), the non-robust set the others, and `full_test` reads each image's tube off which of
   the two holds it. The chest tube of the training images is unknown: they have no groups.
-  `masks` adds 'fg_mask' (pneumothorax > 0; negatives are empty), all checked when built.
+  `masks` adds 'fg_mask' (pneumothorax > 0; negatives are empty), all checked when built. The
+  reference's own script writes them mirrored about the diagonal (prepare_siim_acr says why):
+  for a foreground IoU, prepare the layout with prepare_siim_acr.
   """
 
   spurious_attribute = 'chest tube'
