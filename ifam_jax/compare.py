@@ -432,7 +432,8 @@ def _row_values(result: Mapping[str, Any], split: str,
   """The table's numbers of one method and seed."""
   m = result['evals'][split]
   values = {k: m[k] for k in ('accuracy', 'worst_group_accuracy', 'worst_group_accuracy_minority',
-                              'minority_accuracy_pooled', 'worst_class_accuracy', 'fg_fraction')
+                              'minority_accuracy_pooled', 'worst_class_accuracy', 'auroc',
+                              'worst_group_auroc', 'fg_fraction')
             if k in m}
   if 'group_accuracy' in m:
     values.update({f'group:{g}': a for g, a in m['group_accuracy'].items()})
@@ -470,7 +471,8 @@ _COLUMNS = (('avg', 'accuracy'), ('worst grp', 'worst_group_accuracy'),
             ('worst minority', 'worst_group_accuracy_minority'),
             ('minority pooled', 'minority_accuracy_pooled'),
             ('worst class', 'worst_class_accuracy'),
-            ('train-wtd avg', 'accuracy_train_weighted'), ('BG-GAP', 'bg_gap'),
+            ('train-wtd avg', 'accuracy_train_weighted'), ('AUROC', 'auroc'),
+            ('WG AUROC', 'worst_group_auroc'), ('BG-GAP', 'bg_gap'),
             ('fg', 'fg_fraction'), ('mask→bg AUROC', 'mask_leak_auroc'),
             ('empty masks', 'empty_mask_rate'))
 _AS_IS = ('mask_leak_auroc',)  # shown with two decimals, not as percentages

@@ -102,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
       stage2_token_tiers=(),
       stage2_token_groups=4,
       init_weights='',  # local DINOv2 file (timm/HF safetensors or official .pth); '' = random
+      # Per-channel mean and std that normalise the uint8 input (x / 255 - mean) / std, part of
+      # the model (every mode reads them from it); () = ImageNet's, the reference's default.
+      pixel_mean=(),
+      pixel_std=(),
       vit_overrides={},  # e.g. width/depth/num_heads/mlp_hidden/patch_size for tiny models
   )
 
@@ -119,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
       attribute_names=(),
       val_split='',  # the eval whose metric picks the "best" checkpoint; never a test split
       best_metric='accuracy',
-      augment='cub_original',
+      augment='cub_original',  # or 'imagenet', 'siim_acr', 'none' (factory.make_transforms)
       num_workers=4,
       eval_batch_size=256,
   )

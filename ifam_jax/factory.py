@@ -36,6 +36,7 @@ SOURCES = {
     'metashift': data_lib.MetaShiftSource,
     'in9': data_lib.ImageNet9Source,
     'cub': data_lib.CubSource,
+    'siim_acr': data_lib.SiimAcrSource,
     'synthetic': data_lib.SyntheticSpuriousSource,
 }
 
@@ -166,9 +167,12 @@ def make_transforms(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     return t.imagenet_train(size), t.imagenet_eval(size)
   if augment == 'cub_original':
     return t.cub_original_train(size), t.resize_center_crop(size)
+  if augment == 'siim_acr':
+    return t.siim_acr(size, train=True), t.siim_acr(size, train=False)
   if augment == 'none':
     return t.resize_center_crop(size), t.resize_center_crop(size)
-  raise ValueError(f"unknown augment {augment!r}; use 'imagenet', 'cub_original' or 'none'")
+  raise ValueError(f"unknown augment {augment!r}; use 'imagenet', 'cub_original', 'siim_acr' "
+                   "or 'none'")
 
 
 # ----------------------------------------------------------------------------
@@ -191,6 +195,12 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
   """The model of the configured method (`methods`), with DINOv2 weights if configured."""
   model = methods.get(model_cfg.kind).build(model_cfg, vit_from_config(model_cfg), num_classes,
                                             rngs)
+  if model_cfg.pixel_mean or model_cfg.pixel_std:
+    mean, std = tuple(map(float, model_cfg.pixel_mean)), tuple(map(float, model_cfg.pixel_std))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+      raise ValueError(f'model.pixel_mean and model.pixel_std take 3 values each (std > 0), got '
+                       f'{model_cfg.pixel_mean} and {model_cfg.pixel_std}')
+    model.pixel_norm = (mean, std)  # static: part of the graphdef, read by `apply`
   if model_cfg.init_weights:
     weights.load_dinov2(model, model_cfg.init_weights)
   return model

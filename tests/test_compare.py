@@ -168,6 +168,21 @@ def test_mask_leak_columns_mean_and_std_over_seeds():
   assert erm[header.index('mask→bg AUROC')] == '-'
 
 
+def test_auroc_columns_for_binary_tasks():
+  """SIIM-ACR's table (paper Tab. 2b): AUROC and worst-group AUROC, as percentages."""
+  runs = {}
+  for seed, (auc, wg_auc) in enumerate(((0.92, 0.60), (0.90, 0.70))):
+    runs[seed] = result(0.8, {'g0': 0.9}, 60.0)
+    runs[seed]['evals']['test'].update(auroc=auc, worst_group_auroc=wg_auc)
+  rows = compare.summarise({'ifam': runs, 'erm': {0: result(0.7, {'g0': 0.7}, 1.0)}}, 'test', {})
+  lines = compare.format_rows(rows).splitlines()
+  header = [h.strip() for h in lines[0].split('|')]
+  ifam, erm = ([c.strip() for c in line.split('|')] for line in lines[2:4])
+  assert ifam[header.index('AUROC')] == '91.0 ± 1.0'
+  assert ifam[header.index('WG AUROC')] == '65.0 ± 5.0'
+  assert erm[header.index('WG AUROC')] == '-'
+
+
 def test_mask_leak_is_measured_once_without_retraining(tmp_path, monkeypatch):
   """A finished run of a method with a mask, written without a leak entry, gets one; a method
   without a mask does not; a later run reads it back."""

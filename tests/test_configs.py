@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
-from ifam_jax import config_lib, factory, optim, sharding, train
+from ifam_jax import config_lib, factory, losses, optim, sharding, train
 from test_data import make_cub, make_waterbirds, prepare_tiny_tfds, write_image
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
@@ -37,6 +37,8 @@ RECIPES = {
     'waterbirds': (518, 128, 90, 'cub_original', 16, 0.0, 1, ['test', 'val'], 'val'),
     'metashift': (224, 128, 90, 'cub_original', 32, 0.0, 1, ['test'], ''),
     'cub': (518, 128, 90, 'cub_original', 16, 0.0, 8, ['test'], ''),
+    'siim_acr': (518, 128, 90, 'siim_acr', 16, 0.0, 8,
+                 ['full_test', 'non_robust_test', 'robust_test'], ''),
 }
 PAPER_ARGS = 'root=/data,weights=/models/dinov2.safetensors'
 
@@ -170,6 +172,23 @@ def test_from_scratch_baseline_trains_its_head_as_ifam_does(name, arg):
   lrs = lambda c: {name: lr for name, (lr, _, frozen) in vit_settings(c).items() if not frozen}
   assert lrs(erm) == lrs(ifam) == dict.fromkeys(vit_settings(erm), ifam.optim.lr)
   assert ifam.model.init_weights == erm.model.init_weights == ''
+
+
+def test_siim_acr_recipe():
+  """Reference 6.6 and 6.7: no enforced-presence loss, the CXR normalisation, the tube splits."""
+  c = get_config('siim_acr', PAPER_ARGS)
+  want = dict(losses.DEFAULT_WEIGHTS, enforced_presence=0.0)
+  assert c.loss.weights.to_dict() == want
+  assert (c.model.pixel_mean, c.model.pixel_std) == ((0.48865,) * 3, (0.24621,) * 3)
+  assert {name: dict(spec) for name, spec in c.data.evals.items()} == {
+      name: dict(source='siim_acr', root='/data', split=name)
+      for name in ('full_test', 'robust_test', 'non_robust_test')}
+  assert dict(c.data.train) == dict(source='siim_acr', root='/data', split='train')
+  assert c.compare.split == 'full_test'
+  factory.check_data_specs(c)
+  assert config_lib.restore_config(json.loads(c.to_json())).model.pixel_mean == c.model.pixel_mean
+  erm = get_config('siim_acr', PAPER_ARGS + ',baseline')
+  assert erm.model.pixel_mean == c.model.pixel_mean and erm.loss.weights == c.loss.weights
 
 
 def test_one_override_list_trains_ifam_and_erm():

@@ -608,6 +608,8 @@ TRANSFORMS = {
     'cub_original_train': transforms.cub_original_train,
     'resize_center_crop': transforms.resize_center_crop,
     'imagenet_eval': transforms.imagenet_eval,
+    'siim_acr_train': lambda size: transforms.siim_acr(size, train=True),
+    'siim_acr_eval': lambda size: transforms.siim_acr(size, train=False),
 }
 
 
@@ -619,7 +621,8 @@ def test_transform_shapes_and_determinism(name):
   mask = np.zeros((37, 53), np.uint8)
   mask[10:25, 20:40] = 1
   record = {'image': img, 'label': 1, 'group': 0, 'fg_mask': mask}
-  runs = [transforms.process(record, np.random.default_rng(s), tr) for s in (5, 5, 6, 7)]
+  # Seed 8: the one flip of siim_acr_train differs from seeds 5-7.
+  runs = [transforms.process(record, np.random.default_rng(s), tr) for s in (5, 5, 6, 7, 8)]
   for out in runs:
     assert out['image'].shape == (size, size, 3) and out['image'].dtype == np.uint8
     assert out['fg_mask'].shape == (size, size) and out['fg_mask'].dtype == np.uint8
@@ -650,6 +653,41 @@ def test_eval_resize_and_crop_geometry():
   big = Image.new('RGB', (300, 260))
   assert transforms.imagenet_eval(224)(big, None, None)[0].size == (224, 224)
   assert transforms.imagenet_eval(448)(big, None, None)[0].size == (448, 448)
+
+
+def test_siim_acr_resizes_as_cv2_and_flips_in_training_only():
+  # cv2 INTER_LINEAR, one row: 2 -> 4 samples at half-pixel centres -0.25, 0.25, 0.75, 1.25
+  # (clamped at the ends); 4 -> 2 at 0.5 and 2.5, no antialiasing. INTER_NEAREST 3 -> 5 reads
+  # floor(i * 3 / 5) = 0, 0, 1, 1, 2.
+  up = transforms.resize_like_cv2(np.array([[0, 100]], np.uint8), 1, 4, nearest=False)
+  np.testing.assert_array_equal(up, [[0, 25, 75, 100]])
+  down = transforms.resize_like_cv2(np.array([[0, 10, 100, 255]] * 2, np.uint8), 1, 2, False)
+  np.testing.assert_array_equal(down, [[5, 178]])  # (100 + 255) / 2 = 177.5 rounds to even
+  near = transforms.resize_like_cv2(np.array([[7, 8, 9]], np.uint8), 2, 5, nearest=True)
+  np.testing.assert_array_equal(near, [[7, 7, 8, 8, 9]] * 2)
+  rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+  per_channel = [transforms.resize_like_cv2(rgb[..., c], 3, 4, False) for c in range(3)]
+  np.testing.assert_array_equal(transforms.resize_like_cv2(rgb, 3, 4, False),
+                                np.stack(per_channel, -1))
+  # The whole image is squashed (no crop); the flip moves the mask along, in training only.
+  grey = np.zeros((30, 50), np.uint8)
+  grey[:, :10] = 200
+  mask = (grey > 0).astype(np.uint8)
+  record = {'image': grey, 'label': 0, 'group': -1, 'fg_mask': mask}
+  flips = []
+  for seed in range(16):
+    out = transforms.process(record, np.random.default_rng(seed), transforms.siim_acr(10, True))
+    left = out['image'][:, :2, 0].min() == 200
+    assert (out['image'][..., 0] == 200).sum() == 20 and (out['fg_mask'] == 1).sum() == 20
+    np.testing.assert_array_equal(out['fg_mask'] == 1, out['image'][..., 0] == 200)
+    flips.append(not left)
+  assert 0 < sum(flips) < 16
+  out = transforms.process(record, np.random.default_rng(0), transforms.siim_acr(10, False))
+  assert (out['image'][:, :2] == 200).all() and not out['image'][:, 2:].any()
+  c = config_lib.base_config()
+  c.data.augment, c.model.image_size = 'siim_acr', 518
+  assert factory.make_transforms(c) == (transforms.siim_acr(518, True),
+                                        transforms.siim_acr(518, False))
 
 
 def test_planckian_jitter_hand_computed():

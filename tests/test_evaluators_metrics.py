@@ -115,3 +115,46 @@ def test_fg_overlap_by_hand():
   # Image 0: 2x2-pixel patches top-left and bottom-right vs the top 8 pixels.
   np.testing.assert_array_equal(counts['fg_intersection'], [4, 0, 16])
   np.testing.assert_array_equal(counts['fg_union'], [12, 0, 16])
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_siim_auroc_and_worst_group_auroc_match_scikit_learn(seed):
+  """Groups 2 * label + tube; the robust subset (groups 1, 2) scores the worst-group AUROC."""
+  roc_auc_score = pytest.importorskip('sklearn.metrics').roc_auc_score
+  rng = np.random.default_rng(seed)
+  n = 80
+  labels, tubes = rng.integers(0, 2, n), rng.integers(0, 2, n)
+  logits = rng.normal(size=(n, 2)).astype(np.float32)
+  logits[:, 1] += 1.5 * tubes  # the shortcut: a tube looks positive
+  logits[:8] = logits[8:16]  # ties
+  valid = np.r_[np.ones(n - 4), np.zeros(4)].astype(int)
+  outputs = {'logits': logits, 'logits1': logits[:, ::-1].copy(), 'label': labels,
+             'group': 2 * labels + tubes, 'valid': valid}
+  names = ['neg/no', 'neg/tube', 'pos/no', 'pos/tube']
+  m = metrics.summarize_predictions(outputs, group_names=names, minority_groups=(1, 2))
+  keep = valid > 0
+  robust = keep & (((labels == 0) & (tubes == 1)) | ((labels == 1) & (tubes == 0)))
+  for stage, z in ((m, logits), (m['stage1'], logits[:, ::-1])):
+    prob = np.exp(z[:, 1]) / np.exp(z).sum(-1)
+    assert stage['auroc'] == pytest.approx(roc_auc_score(labels[keep], prob[keep]), abs=1e-9)
+    assert stage['worst_group_auroc'] == pytest.approx(
+        roc_auc_score(labels[robust], prob[robust]), abs=1e-9)
+  assert m['worst_group_auroc'] < m['auroc']  # the tube shortcut fails on the robust subset
+  only_one_class = {**outputs, 'group': np.where(labels == 1, 2, 0)}  # robust subset: positives
+  assert 'worst_group_auroc' not in metrics.summarize_predictions(
+      only_one_class, group_names=names, minority_groups=(1, 2))
+  assert 'worst_group_auroc' not in metrics.summarize_predictions(outputs)  # no groups
+
+
+def test_fg_iou_over_the_labels_the_masks_outline():
+  """SIIM-ACR: the dataset-level IoU over positives; a negative's empty mask is left out."""
+  inter = np.array([3, 0, 5, 0, 7])
+  union = np.array([6, 9, 10, 4, 7])
+  labels = np.array([1, 0, 1, 0, 1])
+  outputs = {'logits': np.zeros((5, 2), np.float32), 'label': labels, 'group': -np.ones(5, int),
+             'valid': np.array([1, 1, 1, 1, 0]), 'fg_intersection': inter, 'fg_union': union}
+  everything = metrics.summarize_predictions(outputs)
+  assert everything['fg_iou'] == (3 + 5) / (6 + 9 + 10 + 4)
+  positives = metrics.summarize_predictions(outputs, mask_labels=(1,))
+  assert positives['fg_iou'] == (3 + 5) / (6 + 10)  # example 4 is padding
+  assert positives['fg_iou_image_mean'] == pytest.approx((3 / 6 + 5 / 10) / 2)

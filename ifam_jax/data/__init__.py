@@ -11,7 +11,7 @@ from ifam_jax.data import pipeline, sources, synthetic, transforms
 from ifam_jax.data.pipeline import (check_image_size, global_batch, make_dataset, normalize,
                                     num_eval_batches, per_process_batch_size)
 from ifam_jax.data.sources import (CubSource, ImageFolderSource, ImageNet9Source,
-                                   MetaShiftSource, TfdsSource, WaterbirdsSource)
+                                   MetaShiftSource, SiimAcrSource, TfdsSource, WaterbirdsSource)
 from ifam_jax.data.synthetic import SyntheticSpuriousSource
 from ifam_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -19,6 +19,6 @@ __all__ = [
     'pipeline', 'sources', 'synthetic', 'transforms', 'check_image_size', 'global_batch',
     'make_dataset',
     'normalize', 'num_eval_batches', 'per_process_batch_size', 'CubSource', 'ImageFolderSource',
-    'ImageNet9Source', 'MetaShiftSource', 'SyntheticSpuriousSource', 'TfdsSource',
+    'ImageNet9Source', 'MetaShiftSource', 'SiimAcrSource', 'SyntheticSpuriousSource', 'TfdsSource',
     'WaterbirdsSource', 'IMAGENET_MEAN', 'IMAGENET_STD',
 ]

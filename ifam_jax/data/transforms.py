@@ -15,6 +15,7 @@ Recipes (reference section 6.7):
                       RandomCrop
   resize_center_crop  eval: resize the shorter side, centre crop
   imagenet_eval       timm eval: resize to size / 0.875 bicubic, centre crop (squash at >= 384)
+  siim_acr            SIIM-ACR: squash to size x size as cv2 does, hflip in training
 """
 
 from __future__ import annotations
@@ -422,6 +423,51 @@ class _ResizeCenterCrop:
     return kp.astype(np.float32), out_box.astype(np.float32)
 
 
+def _linear_taps(out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """cv2 INTER_LINEAR's source taps along one axis: half-pixel centres, clamped at the edges."""
+  src = np.clip((np.arange(out) + 0.5) * (size / out) - 0.5, 0, size - 1)
+  low = np.floor(src).astype(np.int64)
+  return low, np.minimum(low + 1, size - 1), (src - low).astype(np.float32)
+
+
+def resize_like_cv2(image: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
+  """cv2.resize of a uint8 [H, W(, C)] array, which albumentations' Resize calls: INTER_LINEAR
+  for images (no antialiasing, unlike PIL's; in float32, then rounded: within 1 of cv2's
+  fixed-point result) and INTER_NEAREST (source index floor(i * scale)) for masks."""
+  if nearest:
+    rows = np.minimum((np.arange(height) * image.shape[0]) // height, image.shape[0] - 1)
+    cols = np.minimum((np.arange(width) * image.shape[1]) // width, image.shape[1] - 1)
+    return image[rows][:, cols]
+  lo, hi, f = _linear_taps(height, image.shape[0])
+  low = image[lo].astype(np.float32)
+  x = low + (image[hi] - low) * f.reshape(-1, *[1] * (image.ndim - 1))
+  lo, hi, f = _linear_taps(width, image.shape[1])
+  low = x[:, lo]
+  x = low + (x[:, hi] - low) * f.reshape(1, -1, *[1] * (image.ndim - 2))
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SiimAcr:
+  size: int
+  hflip: float = 0.0
+
+  def __call__(self, image: Image.Image, mask: Mask,
+               rng: np.random.Generator) -> tuple[Image.Image, Mask]:
+    x = np.asarray(image)
+    grey = (x[..., 0] == x[..., 1]).all() and (x[..., 0] == x[..., 2]).all()
+    if grey:  # a chest X-ray replicated to RGB: one channel costs a third
+      x = np.repeat(resize_like_cv2(x[..., 0], self.size, self.size, False)[..., None], 3, -1)
+    else:
+      x = resize_like_cv2(x, self.size, self.size, False)
+    image = Image.fromarray(x)
+    if mask is not None:
+      mask = Image.fromarray(resize_like_cv2(np.asarray(mask), self.size, self.size, True))
+    if self.hflip and rng.random() < self.hflip:
+      image, mask = _both(image, mask, lambda im, _: im.transpose(Image.FLIP_LEFT_RIGHT))
+    return image, mask
+
+
 def imagenet_train(size: int, *, magnitude: float = 6.0, magnitude_std: float = 0.5,
                    num_ops: int = 2) -> Transform:
   """timm ImageNet train: RandomResizedCrop((0.08, 1), (3/4, 4/3), bicubic), hflip 0.5, then
@@ -454,3 +500,10 @@ def imagenet_eval(size: int) -> Transform:
   if size >= 384:
     return _ResizeCenterCrop(size, method='bicubic', squash=True)
   return _ResizeCenterCrop(size, 0.875, 'bicubic')
+
+
+def siim_acr(size: int, train: bool) -> Transform:
+  """Reference `siim_acr` (albumentations): Resize(size, size), squashing the whole image, and in
+  training HorizontalFlip(0.5). Grey arrives replicated to RGB (`decode`); normalisation
+  (CXR mean 0.48865 and std 0.24621 on every channel) is the device's (`model.pixel_mean`)."""
+  return _SiimAcr(size, 0.5 if train else 0.0)

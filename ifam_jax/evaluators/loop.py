@@ -53,7 +53,8 @@ def collect_outputs(step: Callable, params: Any, frozen: Any, dataset: Iterable[
 def evaluate(eval_step: Callable, params: Any, frozen: Any, dataset: Iterable[Any],
              num_batches: int, batch_sharding: Any, group_names: Sequence[str], seed: int, *,
              class_names: Sequence[str] = (), minority_groups: Sequence[int] = (),
-             class_map: np.ndarray | None = None) -> dict[str, Any]:
+             class_map: np.ndarray | None = None,
+             mask_labels: Sequence[int] = ()) -> dict[str, Any]:
   """One ordered, padded pass over an eval dataset; `summarize_predictions` of its outputs.
 
   Logits stay on every host until the pass ends (top-5 and AUROC need them): ImageNet's val
@@ -62,7 +63,8 @@ def evaluate(eval_step: Callable, params: Any, frozen: Any, dataset: Iterable[An
   outputs = collect_outputs(eval_step, params, frozen, dataset, num_batches, batch_sharding, seed)
   return metrics.summarize_predictions(outputs, class_names=class_names,
                                        group_names=group_names,
-                                       minority_groups=minority_groups, class_map=class_map)
+                                       minority_groups=minority_groups, class_map=class_map,
+                                       mask_labels=mask_labels)
 
 
 def eval_dataset(source: Any, transform: Any, config: ml_collections.ConfigDict) -> tuple[Any, int]:
@@ -108,4 +110,4 @@ class Classification:
                     self.source.group_names, self.config.seed,
                     class_names=self.source.class_names,
                     minority_groups=metrics.minority_groups(self.source),
-                    class_map=self.class_map)
+                    class_map=self.class_map, mask_labels=metrics.mask_labels(self.source))

@@ -56,7 +56,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.nd
   Top-5 when C > 5, AUROC of softmax(logits)[:, 1] when C = 2 (reference 7.1). Group metrics
   cover the groups present; `worst_group_accuracy_minority` is the reference's Waterbirds WGA,
   the minimum over `minority_groups` only, and `minority_accuracy_pooled` (DAR's metric) the
-  accuracy over all their examples, `majority_accuracy_pooled` over the others'. `class_map`
+  accuracy over all their examples, `majority_accuracy_pooled` over the others'. With C = 2,
+  `worst_group_auroc` is the AUROC over the minority groups' examples when both classes occur
+  there: the paper's SIIM-ACR worst-group AUC (its robust test set, reference 7.5). `class_map`
   sends the model's classes to the eval's (ImageNet -> IN-9, -1 never right); top-5 and AUROC
   are then undefined and left out.
   """
@@ -73,9 +75,14 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.nd
   if class_map is None and num_classes > 5:
     top5 = np.argpartition(logits, -5, axis=-1)[:, -5:]
     metrics['top5_accuracy'] = float(np.any(top5 == labels[:, None], axis=-1).mean())
-  if class_map is None and num_classes == 2 and np.unique(labels).size == 2:
+  if class_map is None and num_classes == 2:
     z = logits.astype(np.float64)
-    metrics['auroc'] = auroc(1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1])), labels == 1)
+    score = 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1]))  # softmax(logits)[:, 1]
+    if np.unique(labels).size == 2:
+      metrics['auroc'] = auroc(score, labels == 1)
+    robust = np.isin(groups, minority_groups) if len(group_names) else np.zeros(labels.shape, bool)
+    if np.unique(labels[robust]).size == 2:
+      metrics['worst_group_auroc'] = auroc(score[robust], labels[robust] == 1)
   if len(group_names):
     per_group = _accuracy_by(correct, groups, group_names)
     metrics.update(group_accuracy=per_group,
@@ -106,12 +113,14 @@ def train_weighted_accuracy(group_accuracy: Mapping[str, float],
 
 def summarize_predictions(outputs: Mapping[str, np.ndarray], *, class_names: Sequence[str] = (),
                           group_names: Sequence[str] = (), minority_groups: Sequence[int] = (),
-                          class_map: np.ndarray | None = None) -> dict[str, Any]:
+                          class_map: np.ndarray | None = None,
+                          mask_labels: Sequence[int] = ()) -> dict[str, Any]:
   """The eval metrics of gathered per-example outputs (see `make_eval_step`), valid ones only.
 
   Stage 2 at the top level, stage 1 under 'stage1'; the mean foreground fraction; with
   ground-truth masks the dataset-level foreground IoU (sum of intersections / sum of unions, as
-  the reference) and the mean of per-image IoUs (images with an empty union left out).
+  the reference) and the mean of per-image IoUs (images with an empty union left out), over the
+  images whose label is in `mask_labels` (`mask_labels(source)`; () = all images).
   """
   keep = outputs['valid'] > 0
   metrics: dict[str, Any] = {'num_examples': int(keep.sum())}
@@ -126,8 +135,9 @@ def summarize_predictions(outputs: Mapping[str, np.ndarray], *, class_names: Seq
   if 'fg_fraction' in outputs:
     metrics['fg_fraction'] = float(outputs['fg_fraction'][keep].mean())
   if 'fg_union' in outputs:
-    inter = outputs['fg_intersection'][keep].astype(np.float64)
-    union = outputs['fg_union'][keep].astype(np.float64)
+    scored = np.isin(labels, mask_labels) if len(mask_labels) else np.ones(labels.shape, bool)
+    inter = outputs['fg_intersection'][keep][scored].astype(np.float64)
+    union = outputs['fg_union'][keep][scored].astype(np.float64)
     if union.sum():
       nonempty = union > 0
       metrics['fg_iou'] = float(inter.sum() / union.sum())
@@ -139,14 +149,26 @@ def minority_groups(source: Any) -> tuple[int, ...]:
   """Groups whose (class, attribute) pairing is the rare one in training, per known source.
 
   Waterbirds: landbird/water and waterbird/land, the reference's WGA subset (7.2). Synthetic:
-  a shape on another class's background. Other sources define none (MetaShift's test set holds
-  one group per class, so its worst-group accuracy already is the reference's).
+  a shape on another class's background. SIIM-ACR: negatives with a chest tube and positives
+  without, its robust test set (reference 7.5). Other sources define none (MetaShift's test set
+  holds one group per class, so its worst-group accuracy already is the reference's).
   """
-  if isinstance(source, data_lib.WaterbirdsSource):
+  if isinstance(source, (data_lib.WaterbirdsSource, data_lib.SiimAcrSource)):
     return (1, 2)
   if isinstance(source, data_lib.SyntheticSpuriousSource):
     c = source.num_classes
     return tuple(g for g in range(c * c) if g // c != g % c)
+  return ()
+
+
+def mask_labels(source: Any) -> tuple[int, ...]:
+  """The labels whose images the source's ground-truth masks outline, where not all do.
+
+  SIIM-ACR: pneumothorax (1); a negative's mask is empty, so its IoU would only count the
+  pixels the model keeps, and the dataset-level IoU is taken over the positives.
+  """
+  if isinstance(source, data_lib.SiimAcrSource):
+    return (1,)
   return ()
 
 

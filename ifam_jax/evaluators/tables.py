@@ -9,6 +9,7 @@ _COLUMNS = (('acc', ('accuracy',)), ('top-5', ('top5_accuracy',)),
             ('macro', ('macro_accuracy',)), ('mean grp', ('mean_group_accuracy',)),
             ('worst grp', ('worst_group_accuracy',)),
             ('worst minority', ('worst_group_accuracy_minority',)), ('AUROC', ('auroc',)),
+            ('WG AUROC', ('worst_group_auroc',)),
             ('stage 1', ('stage1', 'accuracy')), ('fg', ('fg_fraction',)),
             ('fg IoU', ('fg_iou',)), ('fg IoU/img', ('fg_iou_image_mean',)), ('Kp', ('kp',)),
             ('NMI', ('nmi',)), ('ARI', ('ari',)))
