@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import importlib.util
 import os
 import pathlib
 from collections.abc import Sequence
@@ -518,11 +519,9 @@ class SiimAcrSource(FileSource):
   @staticmethod
   def _check_pydicom() -> None:
     """Fails in the launcher, not in a data worker, when DICOMs cannot be read."""
-    try:
-      import pydicom  # pylint: disable=import-outside-toplevel,unused-import
-    except ImportError:
+    if importlib.util.find_spec('pydicom') is None:
       raise ImportError('the SIIM-ACR source holds DICOM files, which need pydicom: '
-                        'pip install -e ".[siim]"') from None
+                        'pip install -e ".[siim]"')
 
   @staticmethod
   def _scan(root: pathlib.Path, split: str) -> tuple[list[str], list[int]]:
