@@ -156,10 +156,12 @@ def make_predict_step(s: _Session, intervention: Intervention | None) -> Callabl
   def stage1(params, frozen, images, rng):
     out = apply(s.graphdef, s.rest, params, frozen, images, train=False, rng=rng,
                 intervention=intervention, run_stage2=False)
-    return {'logits1': out.stage1_logits, 'fg_mask': out.fg_mask, 'part_maps': out.part_maps}
+    return {'logits1': out.stage1_logits, 'fg_mask': out.fg_mask, 'part_maps': out.part_maps,
+            'visible': jnp.sum(out.fg_mask > 0, axis=(1, 2))}
 
   def stage2(capacity):
-    def run(params, frozen, images, patch_mask):
+    def run(params, frozen, images, fg_mask):
+      patch_mask = fg_mask.reshape(fg_mask.shape[0], -1)
       keep_index = fast_attention.gather_patches(patch_mask, capacity)
       return apply(s.graphdef, s.rest, params, frozen, images,
                    lambda model, x: model.stage2(x, patch_mask, mask_mode=model.stage2_mask,
@@ -172,14 +174,13 @@ def make_predict_step(s: _Session, intervention: Intervention | None) -> Callabl
 
   def step(params, frozen, batch, rng):
     out = dict(stage1_jit(params, frozen, batch['image'], rng))
-    patch_mask = out['fg_mask'].reshape(out['fg_mask'].shape[0], -1)
-    most = int(jnp.max(jnp.sum(patch_mask > 0, axis=1)))  # global: the outputs are replicated
-    capacity = next(c for c in packed_stage2.stage2_capacities(tiers, patch_mask.shape[1])
-                    if c >= most)
+    most = int(np.max(out.pop('visible')))  # of the global batch: the outputs are replicated
+    num_patches = out['fg_mask'][0].size
+    capacity = next(c for c in packed_stage2.stage2_capacities(tiers, num_patches) if c >= most)
     if capacity not in stage2_jits:
       stage2_jits[capacity] = stage2(capacity)
     out['logits'] = stage2_jits[capacity](params, frozen, batch['image'],
-                                          jax.device_put(patch_mask, s.batch_sharding))
+                                          jax.device_put(out['fg_mask'], s.batch_sharding))
     return out
 
   return step

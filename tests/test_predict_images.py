@@ -1,6 +1,7 @@
 """`--mode predict` on a tiny workdir of randomly initialised, saved parameters: one row per image
 file found, checked against the model's own dense forward on the same preprocessed images."""
 
+import copy
 import csv
 import io
 import json
@@ -11,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 from PIL import Image
 
@@ -72,14 +74,10 @@ def run(tmp_path_factory, xla_cache):  # pylint: disable=redefined-outer-name,un
 
 @pytest.fixture(scope='module')
 def predicted(run):  # pylint: disable=redefined-outer-name
-  """JSONL rows with masks, and CSV rows, both removing part 0 (masks of a few patches: the
-  token gather then runs below full capacity)."""
+  """The JSONL rows, with masks, removing part 0 (masks of a few patches: the token gather then
+  runs below full capacity)."""
   config, workdir, folder = run
-  rows = pi.run_predict(config, workdir, str(folder), save_masks=True, removed_parts=(0,))
-  csv_path = workdir / 'out' / 'p.csv'
-  pi.run_predict(config, workdir, str(folder), top_k=1, output=str(csv_path),
-                 removed_parts=(0,))
-  return rows, csv_path
+  return pi.run_predict(config, workdir, str(folder), save_masks=True, removed_parts=(0,))
 
 
 def reference(config, workdir, folder, intervention):
@@ -89,9 +87,14 @@ def reference(config, workdir, folder, intervention):
   records = [{'image': (folder / name).read_bytes(), 'label': 0, 'group': -1} for name in GOOD]
   images = np.stack([data_lib.transforms.process(r, np.random.default_rng(0), transform)['image']
                      for r in records])
-  out = model(data_lib.normalize(images), train=False, intervention=intervention)
-  return {'probs': jax.nn.softmax(out.logits), 'probs1': jax.nn.softmax(out.stage1_logits),
-          'fg_mask': out.fg_mask}
+
+  @jax.jit
+  def forward(images):
+    out = model(data_lib.normalize(images), train=False, intervention=intervention)
+    return {'probs': jax.nn.softmax(out.logits), 'probs1': jax.nn.softmax(out.stage1_logits),
+            'fg_mask': out.fg_mask}
+
+  return jax.device_get(forward(images))
 
 
 # ----------------------------------------------------------------------------
@@ -99,7 +102,7 @@ def reference(config, workdir, folder, intervention):
 # ----------------------------------------------------------------------------
 def test_one_row_per_image_file_and_the_unreadable_listed(run, predicted):
   _, workdir, folder = run
-  rows, _ = predicted
+  rows = predicted
   assert sorted(os.path.relpath(r['path'], folder) for r in rows) == sorted(GOOD + BAD)
   errors = {os.path.relpath(r['path'], folder): r['error'] for r in rows if 'error' in r}
   assert sorted(errors) == sorted(BAD)
@@ -114,7 +117,7 @@ def test_one_row_per_image_file_and_the_unreadable_listed(run, predicted):
 
 def test_probabilities_are_the_models_own(run, predicted):
   config, workdir, folder = run
-  rows, _ = predicted
+  rows = predicted
   ref = reference(config, workdir, folder, Intervention(remove_parts=(0,)))
   by_name = {os.path.relpath(r['path'], folder): r for r in rows}
   kept = []
@@ -135,7 +138,7 @@ def test_probabilities_are_the_models_own(run, predicted):
 
 def test_mask_pngs(run, predicted):
   config, _, folder = run
-  rows, _ = predicted
+  rows = predicted
   good = [r for r in rows if 'error' not in r]
   names = {r['mask_png'] for r in good} | {r['parts_png'] for r in good}
   assert len(names) == 2 * len(GOOD)  # a.png and sub/a.png apart
@@ -148,31 +151,81 @@ def test_mask_pngs(run, predicted):
   assert good[0]['mask_png'].endswith(os.path.join('masks', 'a.png.mask.png'))
 
 
-def test_csv_parses_as_the_jsonl(predicted):
-  rows, csv_path = predicted
-  with open(csv_path, newline='') as f:
-    table = list(csv.DictReader(f))
+def read_csv(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_csv_holds_the_jsonl_rows(predicted, tmp_path):
+  rows = predicted
+  path = tmp_path / 'p.csv'
+  pi.write_rows(rows, epath.Path(path), pi.csv_fields(2, True, True, True))
+  table = read_csv(path)
   assert [t['path'] for t in table] == [r['path'] for r in rows]
   for t, r in zip(table, rows):
     if 'error' in r:
-      assert t['error'] == r['error'] and t['class_1'] == ''
+      assert t['error'] == r['error'] and t['class_1'] == '' and t['mask_png'] == ''
       continue
-    assert t['error'] == '' and 'class_2' not in t  # top_k=1
-    assert t['class_1'] == r['top_k'][0]['class']
-    assert float(t['prob_1']) == pytest.approx(r['top_k'][0]['prob'])
-    assert t['stage1_class_1'] == r['stage1_top_k'][0]['class']
+    assert t['error'] == ''
+    for prefix, key in (('', 'top_k'), ('stage1_', 'stage1_top_k')):
+      assert [t[f'{prefix}class_{i}'] for i in (1, 2)] == [e['class'] for e in r[key]]
+      np.testing.assert_allclose([float(t[f'{prefix}prob_{i}']) for i in (1, 2)],
+                                 [e['prob'] for e in r[key]])
     assert float(t['kept_fraction']) == pytest.approx(r['kept_fraction'])
-    assert t['empty_mask'] == str(r['empty_mask'])
+    assert t['empty_mask'] == str(r['empty_mask']) and t['mask_png'] == r['mask_png']
 
 
-def test_removing_every_part_empties_the_mask(run):
+def test_removing_every_part_empties_the_mask(run, tmp_path):
+  """Also: --output .csv, and --top_k 1 of 2 classes."""
   config, workdir, folder = run
-  rows = pi.run_predict(config, workdir, str(folder / 'sub'), output=str(workdir / 'e.jsonl'),
+  path = tmp_path / 'e.csv'
+  rows = pi.run_predict(config, workdir, str(folder / 'sub'), top_k=1, output=str(path),
                         removed_parts=tuple(range(NUM_PARTS)))
   assert len(rows) == 2
-  assert all(r['empty_mask'] and r['kept_fraction'] == 0 for r in rows)
+  assert all(r['empty_mask'] and r['kept_fraction'] == 0 and len(r['top_k']) == 1 for r in rows)
+  table = read_csv(path)
+  assert [t['path'] for t in table] == [str(folder / 'sub' / 'a.png'),
+                                        str(folder / 'sub' / 'deep' / 'c.png')]
+  assert all(t['empty_mask'] == 'True' and float(t['kept_fraction']) == 0 for t in table)
+  assert 'class_2' not in table[0] and 'mask_png' not in table[0]
 
 
+@pytest.mark.slow
+def test_thresholds_apply_as_in_eval(run, tmp_path):
+  """eval.thresholds reach predict: part 1 rejected everywhere (distance 0), part 0 kept."""
+  config, workdir, folder = run
+  path = tmp_path / 'thresholds.json'
+  path.write_text(json.dumps({'rule': 'distance', 'thresholds': [None, 0.0]}))
+  config = copy.deepcopy(config)
+  config.eval.thresholds = str(path)
+  rows = pi.run_predict(config, workdir, str(folder), output=str(tmp_path / 't.jsonl'))
+  ref = reference(config, workdir, folder,
+                  Intervention(thresholds=(np.inf, 0.0), threshold_rule='distance'))
+  by_name = {os.path.relpath(r['path'], folder): r for r in rows}
+  for i, name in enumerate(GOOD):
+    np.testing.assert_allclose([e['prob'] for e in sorted(by_name[name]['top_k'],
+                                                          key=lambda e: e['index'])],
+                               ref['probs'][i], atol=1e-5)
+    assert by_name[name]['kept_fraction'] == pytest.approx(np.mean(ref['fg_mask'][i]))
+
+
+@pytest.mark.slow
+def test_exif_orientation_is_not_applied_as_in_training(run, tmp_path):
+  """The data pipeline decodes the stored pixels; an EXIF rotation tag changes nothing."""
+  config, workdir, folder = run
+  pixels = np.asarray(Image.open(folder / 'b.jpg'))
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+  Image.fromarray(pixels).save(tmp_path / 'plain.jpg', quality=95)
+  Image.fromarray(pixels).save(tmp_path / 'tagged.jpg', quality=95, exif=exif)
+  with Image.open(tmp_path / 'tagged.jpg') as tagged:
+    assert tagged.getexif()[0x0112] == 6
+  rows = pi.run_predict(config, workdir, str(tmp_path / '*.jpg'), output=str(tmp_path / 'x.jsonl'))
+  assert [os.path.basename(r['path']) for r in rows] == ['plain.jpg', 'tagged.jpg']
+  assert rows[0]['top_k'] == rows[1]['top_k']
+
+
+@pytest.mark.slow
 def test_a_model_without_stage_1(tmp_path, run):
   _, _, folder = run
   config = tiny_config()
