@@ -25,6 +25,7 @@ logits. Other methods run their eval forward (`method.predict`) unchanged.
 from __future__ import annotations
 
 import csv
+import datetime
 import glob
 import hashlib
 import io
@@ -48,7 +49,6 @@ from ifam_jax.evaluate import _Session  # pylint: disable=protected-access
 from ifam_jax.evaluators import loop
 from ifam_jax.models import fast_attention
 from ifam_jax.models.ifam import Intervention, stage2_mask_facts
-from ifam_jax.train import _format_duration  # pylint: disable=protected-access
 
 # Token-gather capacities (fractions of the patches; all patches always one) when the run
 # sets no model.stage2_token_tiers: one compiled stage 2 per capacity a batch needs.
@@ -258,7 +258,8 @@ def save_mask_pngs(image: np.ndarray, out: dict[str, np.ndarray], stem: epath.Pa
 
 
 class _Progress:
-  """Images done, rate and ETA on stdout, every `every` seconds and at the end."""
+  """Images done, rate and ETA on stdout, every `every` seconds and at the end (as
+  `prepare_imagenet` reports a split; the train loop may not be imported here)."""
 
   def __init__(self, total: int, every: float = 10.0):
     self.total, self.every, self.done = total, every, 0
@@ -273,7 +274,7 @@ class _Progress:
     eta = elapsed / max(self.done, 1) * (self.total - self.done)
     if jax.process_index() == 0:
       print(f'predict: {self.done}/{self.total} images ({100 * self.done / self.total:.0f}%), '
-            f'{self.done / max(elapsed, 1e-6):.1f} img/s, ETA {_format_duration(eta)}',
+            f'{self.done / max(elapsed, 1e-6):.1f} img/s, ETA {datetime.timedelta(seconds=round(eta))}',
             flush=True)
 
 
@@ -304,15 +305,18 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike, i
   if top_k < 1:
     raise ValueError(f'--top_k must be at least 1, got {top_k}')
   check_output(output)
+  has_mask = methods.get(config.model.kind).has_mask
+  for flag, needed in (('--fixed_parts (parts removed)', removed_parts),
+                       ('--save_masks', save_masks)):
+    if needed and not has_mask:
+      raise ValueError(f'{flag} needs a model with a foreground mask; model.kind is '
+                       f'{config.model.kind!r}')
+  if any(not 0 <= p < config.model.num_parts for p in removed_parts):
+    raise ValueError(f'--fixed_parts {list(removed_parts)} outside the parts '
+                     f'0..{config.model.num_parts - 1}')
   paths = find_images(images)  # before the model: a wrong --images fails in a second
   output_path = epath.Path(output) if output else default_output(workdir, which)
   s = _Session(config, workdir, which)
-  if removed_parts:
-    s.require_ifam('--fixed_parts (parts removed)')
-  has_mask = methods.get(config.model.kind).has_mask
-  if save_masks and not has_mask:
-    raise ValueError(f'--save_masks draws the foreground mask; model.kind '
-                     f'{config.model.kind!r} has none')
   saved = s.info.get('class_names') or list(config.data.classes)
   class_names = list(saved) if saved else [str(i) for i in range(s.num_classes)]
   k = min(top_k, s.num_classes)

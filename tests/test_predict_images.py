@@ -258,6 +258,12 @@ def test_find_images(tmp_path, run):
     pi.run_predict(tiny_config(), tmp_path, str(tmp_path / 'empty_dir'))
   with pytest.raises(ValueError, match='--output'):
     pi.run_predict(tiny_config(), tmp_path, str(folder), output=str(tmp_path / 'x.txt'))
+  with pytest.raises(ValueError, match='--fixed_parts'):
+    pi.run_predict(tiny_config(), tmp_path, str(folder), removed_parts=(NUM_PARTS,))
+  erm = tiny_config()
+  config_lib.use_baseline(erm)
+  with pytest.raises(ValueError, match='--save_masks needs a model with a foreground mask'):
+    pi.run_predict(erm, tmp_path, str(folder), save_masks=True)
 
 
 def test_mask_names_keep_equal_basenames_apart():
@@ -290,3 +296,5 @@ def test_cli(run, tmp_path):
   missing = subprocess.run(cmd + ['--images', str(tmp_path / 'nowhere')], capture_output=True,
                            text=True, env=env, check=False)
   assert missing.returncode != 0 and 'nowhere does not exist' in missing.stderr
+  no_flag = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+  assert no_flag.returncode != 0 and '--mode predict needs --images' in no_flag.stderr
