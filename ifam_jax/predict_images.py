@@ -18,7 +18,7 @@ in `--fixed_parts` removed (`eval.part_removal`).
 Stage 2 of iFAM (hard or straight-through mask) runs on the visible patches only: stage 1 first,
 then stage 2 on its mask's patches gathered (`fast_attention.gather_patches`) at the smallest
 capacity of `model.stage2_token_tiers` (default `GATHER_TIERS`) that holds every mask of the
-batch, with the run's `model.attention`. It is exact: a masked patch never reaches stage 2's
+batch's readable images, with the run's `model.attention`. It is exact: a masked patch never reaches stage 2's
 logits. Other methods run their eval forward (`method.predict`) unchanged.
 """
 
@@ -153,11 +153,12 @@ def make_predict_step(s: _Session, intervention: Intervention | None) -> Callabl
     dense = s.jit(forward)
     return lambda params, frozen, batch, rng: dense(params, frozen, batch['image'], rng)
 
-  def stage1(params, frozen, images, rng):
+  def stage1(params, frozen, images, valid, rng):
     out = apply(s.graphdef, s.rest, params, frozen, images, train=False, rng=rng,
                 intervention=intervention, run_stage2=False)
+    visible = jnp.sum(out.fg_mask > 0, axis=(1, 2)) * valid  # padding and unreadable: no say
     return {'logits1': out.stage1_logits, 'fg_mask': out.fg_mask, 'part_maps': out.part_maps,
-            'visible': jnp.sum(out.fg_mask > 0, axis=(1, 2))}
+            'visible': visible}
 
   def stage2(capacity):
     def run(params, frozen, images, fg_mask):
@@ -173,7 +174,7 @@ def make_predict_step(s: _Session, intervention: Intervention | None) -> Callabl
   stage2_jits: dict[int, Callable] = {}
 
   def step(params, frozen, batch, rng):
-    out = dict(stage1_jit(params, frozen, batch['image'], rng))
+    out = dict(stage1_jit(params, frozen, batch['image'], batch['valid'], rng))
     most = int(np.max(out.pop('visible')))  # of the global batch: the outputs are replicated
     num_patches = out['fg_mask'][0].size
     capacity = next(c for c in packed_stage2.stage2_capacities(tiers, num_patches) if c >= most)
