@@ -18,8 +18,9 @@ in `--fixed_parts` removed (`eval.part_removal`).
 Stage 2 of iFAM (hard or straight-through mask) runs on the visible patches only: stage 1 first,
 then stage 2 on its mask's patches gathered (`fast_attention.gather_patches`) at the smallest
 capacity of `model.stage2_token_tiers` (default `GATHER_TIERS`) that holds every mask of the
-batch's readable images, with the run's `model.attention`. It is exact: a masked patch never reaches stage 2's
-logits. Other methods run their eval forward (`method.predict`) unchanged.
+batch's readable images, with the run's `model.attention`. Since a masked patch never reaches
+stage 2's logits, they are the dense eval forward's up to summation order. Other methods (and
+stage2_mask 'soft' or 'late') run their eval forward (`method.predict`) unchanged.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from ifam_jax import factory, methods, packed_stage2, visualize
+from ifam_jax import methods, packed_stage2, visualize
 from ifam_jax.apply import apply
 from ifam_jax.data import sources
 from ifam_jax.evaluate import _Session  # pylint: disable=protected-access
@@ -272,11 +273,10 @@ class _Progress:
     if now - self.last < self.every and self.done < self.total:
       return
     self.last, elapsed = now, now - self.start
-    eta = elapsed / max(self.done, 1) * (self.total - self.done)
+    eta = datetime.timedelta(seconds=round(elapsed / max(self.done, 1) * (self.total - self.done)))
     if jax.process_index() == 0:
       print(f'predict: {self.done}/{self.total} images ({100 * self.done / self.total:.0f}%), '
-            f'{self.done / max(elapsed, 1e-6):.1f} img/s, ETA {datetime.timedelta(seconds=round(eta))}',
-            flush=True)
+            f'{self.done / max(elapsed, 1e-6):.1f} img/s, ETA {eta}', flush=True)
 
 
 # ----------------------------------------------------------------------------
