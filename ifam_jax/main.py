@@ -19,13 +19,14 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ifam_jax import compare, config_lib, evaluate, factory, train, visualize
+from ifam_jax import compare, config_lib, evaluate, factory, predict_images, train, visualize
 from ifam_jax import report as report_lib
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.weights import exchange
 
 # The modes that read a trained run: without --config they take the one in <workdir>/config.json.
-READ_RUN_MODES = ('eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export')
+READ_RUN_MODES = ('eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export',
+                  'predict')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe file, optionally with :args. Needed by --mode train, compare and '
@@ -37,7 +38,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the re
 _MODE = flags.DEFINE_enum(
     'mode', 'train',
     ['train', 'compare', 'eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export',
-     'import', 'report'],
+     'import', 'predict', 'report'],
     "What to run. 'compare' trains and fits every method of --methods in its own subfolder "
     '(ifam_jax/compare.py); a config with compare.methods set runs it in train mode too. '
     "'report' writes <workdir>/report/index.html from what the other modes wrote, of a run "
@@ -51,7 +52,8 @@ _SOURCE = flags.DEFINE_string('source', '', '--mode import: a reference PyTorch 
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, '--mode import: replace the parameters at '
                                "<workdir>/params/<which>, also 'final' or 'best' of training.")
 _FIXED_PARTS = flags.DEFINE_list('fixed_parts', [], '--mode leave_one_out: parts removed in '
-                                 'every row (each other part is then removed in turn).')
+                                 'every row (each other part is then removed in turn); '
+                                 '--mode predict: parts removed.')
 _PERCENTILES = flags.DEFINE_list('percentiles', ['97', '99'], '--mode calibrate: percentiles q.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 64, '--mode audit: images audited per split.')
 _METHODS = flags.DEFINE_list('methods', [], '--mode compare: the methods, e.g. '
@@ -60,6 +62,13 @@ _METHODS = flags.DEFINE_list('methods', [], '--mode compare: the methods, e.g. '
 _SPLIT = flags.DEFINE_string('split', '', 'Eval split to draw pictures from (default: the '
                              'validation split, else the first eval); its part galleries go to '
                              '<workdir>/pictures/<which>/<split>/.')
+_IMAGES = flags.DEFINE_string('images', '', '--mode predict: a folder (walked recursively for '
+                              'image files), a glob (quote it) or one image file.')
+_TOP_K = flags.DEFINE_integer('top_k', 5, '--mode predict: classes (and probabilities) per image.')
+_OUTPUT = flags.DEFINE_string('output', '', '--mode predict: a .jsonl or .csv file (default '
+                              '<workdir>/predict/<which>/predictions.jsonl).')
+_SAVE_MASKS = flags.DEFINE_bool('save_masks', False, '--mode predict: also write each image\'s '
+                                'part assignment and stage-2 mask as PNGs beside the output.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -88,13 +97,23 @@ def check_flags(mode: str, num_parts: int) -> None:
         ok = False
       if not ok:
         raise app.UsageError(f'--percentiles: {q!r} is not a percentile in [0, 100]')
-  if mode == 'leave_one_out':
+  if mode in ('leave_one_out', 'predict'):
     for part in _FIXED_PARTS.value:
       if not (part.isdigit() and int(part) < num_parts):
         raise app.UsageError(f'--fixed_parts: {part!r} is not a part of the model '
                              f'(0..{num_parts - 1})')
   if mode == 'audit' and _NUM_IMAGES.value < 1:
     raise app.UsageError(f'--num_images must be at least 1, got {_NUM_IMAGES.value}')
+  if mode == 'predict':
+    if not _IMAGES.value:
+      raise app.UsageError('--mode predict needs --images=<folder, glob or file>')
+    if _TOP_K.value < 1:
+      raise app.UsageError(f'--top_k must be at least 1, got {_TOP_K.value}')
+    try:
+      predict_images.check_output(_OUTPUT.value)
+      predict_images.find_images(_IMAGES.value)
+    except (FileNotFoundError, ValueError) as e:
+      raise app.UsageError(str(e)) from None
   if mode == 'import' and not _SOURCE.value:
     raise app.UsageError('--mode import needs --source')
 
@@ -188,6 +207,9 @@ def main(argv: list[str]) -> None:
   elif mode == 'export':
     for name, path in exchange.export(config, workdir, which).items():
       print(f'{name}: {path}')
+  elif mode == 'predict':
+    predict_images.run_predict(config, workdir, _IMAGES.value, which, _TOP_K.value, _OUTPUT.value,
+                               _SAVE_MASKS.value, [int(p) for p in _FIXED_PARTS.value])
   elif mode == 'import':
     which = which if flags.FLAGS['which'].present else 'imported'
     print(exchange.import_to_workdir(_SOURCE.value, config, workdir, which, _OVERWRITE.value))
