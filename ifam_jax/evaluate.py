@@ -55,7 +55,7 @@ class _Split(loop.Classification):
   in9_variant: str = ''  # the IN-9 variant ('mixed_same', ...) for BG-GAP; '' otherwise
 
 
-class _Session:
+class Session:
   """The saved parameters of one workdir on the configured mesh, and the evals of its config."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str):
@@ -205,7 +205,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   ('kp', 'nmi', 'ari', ...), under the thresholds and without, as the other metrics.
   """
   fit_source = parts.check_config(config)
-  s = _Session(config, workdir, which)
+  s = Session(config, workdir, which)
   report = s.header()
   with jax.set_mesh(s.mesh):
     splits = s.splits()
@@ -251,7 +251,7 @@ def run_calibrate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   {"rule", "q", "thresholds": [K], "tokens_per_part", "sampled"}; `sampled` says a part had more
   tokens than eval.calibration_sample, whose uniform sample then gave its percentiles.
   """
-  s = _Session(config, workdir, which)
+  s = Session(config, workdir, which)
   s.require_ifam('calibration')
   source = factory.make_train_source(config)
   calibration = thresholds.Calibration(source, s.eval_transform, config, s.batch_sharding,
@@ -293,7 +293,7 @@ def run_leave_one_out(config: ml_collections.ConfigDict, workdir: str | os.PathL
   if config.eval.part_removal not in PART_REMOVALS:
     raise ValueError(f'eval.part_removal is {config.eval.part_removal!r}; set one of '
                      f'{PART_REMOVALS}')
-  s = _Session(config, workdir, which)
+  s = Session(config, workdir, which)
   s.require_ifam('leave-one-out')
   k = config.model.num_parts
   fixed = tuple(sorted(set(fixed_parts)))
@@ -321,7 +321,7 @@ def measure_mask_leak(config: ml_collections.ConfigDict, workdir: str | os.PathL
   """`leak.geometry_leak` of <workdir>/params/<which> on every selected eval set: how well the
   eval forward's binary mask alone predicts the spurious attribute (see evaluators/leak.py)."""
   leak.check_config(config)
-  s = _Session(config, workdir, which)
+  s = Session(config, workdir, which)
   s.require_ifam('the mask-geometry audit')
   with jax.set_mesh(s.mesh):
     return s.mask_leaks(s.splits())
@@ -340,7 +340,7 @@ def run_audit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   was skipped: groups that are not (class, attribute) pairs).
   """
   leak.check_config(config)
-  s = _Session(config, workdir, which)
+  s = Session(config, workdir, which)
   s.require_ifam('the audit')
   if not stage2_mask_facts(config.model.stage2_mask).hides_masked:
     raise ValueError(f'the audit checks masks that hide pixels from stage 2; model.stage2_mask='

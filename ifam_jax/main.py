@@ -39,7 +39,8 @@ _MODE = flags.DEFINE_enum(
     'mode', 'train',
     ['train', 'compare', 'eval', 'calibrate', 'leave_one_out', 'audit', 'visualize', 'export',
      'import', 'predict', 'report'],
-    "What to run. 'compare' trains and fits every method of --methods in its own subfolder "
+    "What to run ('predict' applies a run to new images: ifam_jax/predict_images.py). "
+    "'compare' trains and fits every method of --methods in its own subfolder "
     '(ifam_jax/compare.py); a config with compare.methods set runs it in train mode too. '
     "'report' writes <workdir>/report/index.html from what the other modes wrote, of a run "
     'or a comparison, also mid-training (ifam_jax/report.py).')

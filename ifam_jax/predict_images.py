@@ -12,7 +12,7 @@ read or decoded becomes a row with an 'error' and no prediction, never a failure
 Images go through the data pipeline as in `--mode eval`: `transforms.decode` (any PIL mode to RGB;
 EXIF orientation is not applied, as in training, so a model sees the stored pixels), the run's
 eval transform, the eval batch size (`data.eval_batch_size`) on the configured mesh
-(`evaluate._Session`). Interventions are those of `--mode eval`: `eval.thresholds`, and the parts
+(`evaluate.Session`). Interventions are those of `--mode eval`: `eval.thresholds`, and the parts
 in `--fixed_parts` removed (`eval.part_removal`).
 
 Stage 2 of iFAM (hard or straight-through mask) runs on the visible patches only: stage 1 first,
@@ -46,7 +46,7 @@ from PIL import Image
 from ifam_jax import methods, packed_stage2, visualize
 from ifam_jax.apply import apply
 from ifam_jax.data import sources
-from ifam_jax.evaluate import _Session  # pylint: disable=protected-access
+from ifam_jax.evaluate import Session
 from ifam_jax.evaluators import loop
 from ifam_jax.models import fast_attention
 from ifam_jax.models.ifam import Intervention, stage2_mask_facts
@@ -56,9 +56,9 @@ from ifam_jax.models.ifam import Intervention, stage2_mask_facts
 GATHER_TIERS = (0.25, 0.5)
 OUTPUT_FORMATS = ('.jsonl', '.csv')
 
-_image_files = sources._image_files  # pylint: disable=protected-access
-_save_png = visualize._save_png  # pylint: disable=protected-access
-_upsample = visualize._upsample  # pylint: disable=protected-access
+_image_files = sources._image_files
+_save_png = visualize._save_png
+_upsample = visualize._upsample
 
 
 # ----------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def gathers_stage2(model_cfg: ml_collections.ConfigDict) -> bool:
           and stage2_mask_facts(model_cfg.stage2_mask).hides_masked)
 
 
-def make_predict_step(s: _Session, intervention: Intervention | None) -> Callable:
+def make_predict_step(s: Session, intervention: Intervention | None) -> Callable:
   """(params, frozen, batch, rng) -> 'logits', optionally 'logits1', 'fg_mask' [B, h, w] and
   'part_maps' [B, h, w, K+1]; what `loop.gather_outputs` runs on each batch."""
   cfg = s.config
@@ -317,7 +317,7 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike, i
                      f'0..{config.model.num_parts - 1}')
   paths = find_images(images)  # before the model: a wrong --images fails in a second
   output_path = epath.Path(output) if output else default_output(workdir, which)
-  s = _Session(config, workdir, which)
+  s = Session(config, workdir, which)
   saved = s.info.get('class_names') or list(config.data.classes)
   class_names = list(saved) if saved else [str(i) for i in range(s.num_classes)]
   k = min(top_k, s.num_classes)

@@ -145,7 +145,7 @@ def test_eval_splits_are_labelled_by_the_training_classes(trained, tmp_path):
       write_image(tmp_path / split / name / 'x.jpg', size=(56, 56))
   c.data.train = dict(source='folder', root=str(tmp_path / 'train'))
   c.data.evals = {'val': dict(source='folder', root=str(tmp_path / 'val'))}
-  session = ev._Session(c, workdir, 'final')  # pylint: disable=protected-access
+  session = ev.Session(c, workdir, 'final')
   source = session.splits()['val'].source
   assert source.class_names == ['n01', 'n02'] and source[0]['label'] == 1
   write_image(tmp_path / 'val' / 'n03' / 'x.jpg', size=(56, 56))
