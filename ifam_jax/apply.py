@@ -14,6 +14,7 @@ from typing import Any
 from flax import nnx
 
 from ifam_jax.data.pipeline import normalize
+from ifam_jax.models.vit import pixel_stats
 
 
 def apply(graphdef: nnx.GraphDef, rest: nnx.State, params: Any, frozen: Any, images: Any,
@@ -23,9 +24,10 @@ def apply(graphdef: nnx.GraphDef, rest: nnx.State, params: Any, frozen: Any, ima
   Args:
     graphdef, rest: the static half of the split model.
     params, frozen: its trainable and frozen parameters.
-    images: uint8 [B, H, W, 3]; normalised here with the ImageNet mean and std in float32.
+    images: uint8 [B, H, W, 3]; normalised here in float32 with the backbone's mean and std
+      (`vit.pixel_stats`: ImageNet's unless the config sets `model.pixel_mean` / `pixel_std`).
     fn: what to run on the merged model, e.g. a method's `predict` or `loss_terms`.
   """
   model = nnx.merge(graphdef, params, frozen, rest)
-  x = normalize(images)
+  x = normalize(images, **pixel_stats(model))
   return model(x, **kwargs) if fn is None else fn(model, x, **kwargs)

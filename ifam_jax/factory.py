@@ -178,6 +178,10 @@ def vit_from_config(model_cfg: ml_collections.ConfigDict) -> vit.ViTConfig:
   return vit.vit_config(model_cfg.variant, image_size=model_cfg.image_size,
                         num_registers=model_cfg.num_registers, dtype=model_cfg.dtype,
                         attention=model_cfg.attention,
+                        pos_embed_layout=model_cfg.pos_embed_layout,
+                        pos_embed_size=model_cfg.pos_embed_size,
+                        pixel_mean=tuple(model_cfg.pixel_mean) or None,
+                        pixel_std=tuple(model_cfg.pixel_std) or None,
                         **dict(model_cfg.vit_overrides))
 
 

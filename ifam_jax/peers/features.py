@@ -122,7 +122,8 @@ def run_split(fn: FeatureFn, model: nnx.Module, source: Any, transform: Any,
   @jax.jit
   def step(state, unused, batch, rng):
     del unused, rng
-    return fn(nnx.merge(graphdef, state), normalize(batch['image']),
+    merged = nnx.merge(graphdef, state)
+    return fn(merged, normalize(batch['image'], **vit.pixel_stats(merged)),
               **{k: batch[k] for k in inputs})
 
   dataset, num_batches = loop.eval_dataset(source, transform, config)
