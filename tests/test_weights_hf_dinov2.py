@@ -8,6 +8,7 @@ a random-weight Dinov2Model shaped like RAD-DINO at D=32, depth 2, 2 heads, nati
 import json
 import math
 import pathlib
+import re
 import shutil
 
 import jax
@@ -272,3 +273,84 @@ def test_apply_normalises_with_the_backbone_stats():
   out = apply.apply(graphdef, rest, params, nnx.State({}), images)
   np.testing.assert_allclose(out[0, 0, 0], (np.array([0, 128, 255]) / 255 - 0.48865) / 0.24621,
                              rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Export and import in the reference's HF layout (FullTwoStageModelDoubleClassifyHF)
+# ----------------------------------------------------------------------------
+# transformers 5 renames the hub's (and the reference's) transformers-4 attention names.
+HF5_TO_HF4 = {'attention.q_proj.': 'attention.attention.query.',
+              'attention.k_proj.': 'attention.attention.key.',
+              'attention.v_proj.': 'attention.attention.value.',
+              'attention.o_proj.': 'attention.output.dense.'}
+
+
+def _hf_ifam_config(**model):
+  c = config_lib.base_config()
+  c.model.update(dict(image_size=42, dtype='float32', num_parts=2, num_registers=0,
+                      vit_overrides=dict(width=32, depth=2, num_heads=2, mlp_hidden=128),
+                      pos_embed_layout='hf', pos_embed_size=70, init_weights=str(FOLDER)))
+  c.model.update(model)
+  return c
+
+
+@pytest.fixture(scope='module')
+def hf_ifam(tmp_path_factory):
+  """(config, workdir, model): a tiny iFAM with the fixture in both stages, saved as 'final'."""
+  from ifam_jax import optim  # pylint: disable=import-outside-toplevel
+  from ifam_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
+  config = _hf_ifam_config()
+  model = factory.build_model(config.model, 3, nnx.Rngs(0))
+  workdir = tmp_path_factory.mktemp('hf_ifam')
+  _, params, frozen, _ = optim.split_frozen(model, config.optim.group_rules, config.optim.groups)
+  workdir_lib.save_params(workdir, 'final', params, frozen, {'num_classes': 3, 'step': 1})
+  return config, workdir, model
+
+
+def test_reference_export_uses_transformers_names(hf_ifam):
+  """Each stage's backbone keys are the checkpoint's own (transformers-4 names, no mask_token)
+  under stage_1. / stage_2., with the same values."""
+  from ifam_jax.weights import exchange  # pylint: disable=import-outside-toplevel
+
+  _, _, model = hf_ifam
+  exported = jax.device_get(exchange.to_reference(model))
+  checkpoint = {}
+  for k, v in weights.read_state_dict(FOLDER / 'model.safetensors').items():
+    for new, old in HF5_TO_HF4.items():
+      k = k.replace(new, old)
+    checkpoint[k] = v
+  del checkpoint['embeddings.mask_token']
+  for stage in ('stage_1.', 'stage_2.'):
+    ours = {k[len(stage):]: v for k, v in exported.items() if k.startswith(stage)}
+    heads = {'fc_landmarks.weight', 'modulation.weight', 'modulation.bias',
+             'fc_class_landmarks.weight'} if stage == 'stage_1.' else {
+                 'fc_norm.weight', 'fc_norm.bias', 'head.weight', 'prefix_attn_mask'}
+    assert set(ours) == set(checkpoint) | heads
+    for k, v in checkpoint.items():
+      np.testing.assert_array_equal(ours[k], v, err_msg=stage + k)
+  np.testing.assert_array_equal(exported['stage_2.prefix_attn_mask'], np.ones((1, 1)))
+
+
+def test_reference_round_trip_is_bit_exact(hf_ifam):
+  from ifam_jax.weights import exchange  # pylint: disable=import-outside-toplevel
+
+  config, workdir, model = hf_ifam
+  paths = exchange.export(config, workdir, formats=('reference',))
+  imported = exchange.import_reference(paths['reference'], config)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(imported, nnx.Param)),
+               nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(pos_embed_layout='folded', pos_embed_size=0),
+     "stage_1.pos_embed_layout: checkpoint 'hf', config 'folded'"),
+    (dict(pos_embed_size=98), 'stage_2.pos_embed_size: checkpoint 70, config 98'),
+])
+def test_reference_import_checks_the_hf_layout(hf_ifam, change, message):
+  from ifam_jax.weights import exchange  # pylint: disable=import-outside-toplevel
+
+  _, _, model = hf_ifam
+  state_dict = jax.device_get(exchange.to_reference(model))
+  with pytest.raises(ValueError, match=re.escape(message)):
+    exchange.import_reference(state_dict, _hf_ifam_config(**change))
