@@ -168,7 +168,8 @@ def dinov2_to_vit_params(state_dict: StateDict, cfg: ViTConfig) -> dict[str, Any
           'Resampling the position embeddings of a non-register DINOv2 checkpoint from %dx%d '
           'to %dx%d with antialiased bicubic (timm). The official and HF code resample these '
           'models with non-antialiased bicubic, which jax.image cannot reproduce, so features '
-          'will differ slightly from theirs.', source, source, cfg.grid, cfg.grid)
+          "will differ slightly from theirs; HF's is exact with model.pos_embed_layout='hf'.",
+          source, source, cfg.grid, cfg.grid)
     pos_embed = np.asarray(resample_pos_embed(jnp.asarray(pos_embed), (cfg.grid, cfg.grid)))
   flat[('pos_embed',)] = pos_embed
   return traverse_util.unflatten_dict(flat)

@@ -12,9 +12,10 @@ and writes <workdir>/export/<which>/:
 The reference layout is that of `FullTwoStageModelDoubleClassify` on the timm path, or of
 `FullTwoStageModelDoubleClassifyHF` for a backbone with `pos_embed_layout='hf'` (RAD-DINO),
 described by `names.reference_table`, the single mapping: export and import both read it, and
-every layout change is a transpose or a reshape, so round trips are bit-exact. Importers check what the tensors say (architecture, K, C) against the config, then
-every key and shape, and raise a ValueError that names what disagrees before anything is
-assigned.
+every layout change is a transpose, a reshape or a split along torch's output axis, so round
+trips are bit-exact. Importers check what the tensors say (architecture, K, C) against the
+config, then every key and shape, and raise a ValueError that names what disagrees before
+anything is assigned.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ such tensor. 'gelu.*' and 'swiglu.*' are the MLP's names for each MLP kind.
 
 `vit_table(cfg, naming)` spells a table out as one `Param` per parameter of
 `VisionTransformer(cfg)`; `reference_table(model)` does so for the reference iFAM's own layout
-(timm's or, for RAD-DINO, HF's backbone names), the one `export` writes and `import` reads. `LAYOUTS` turns each torch tensor into ours and back.
+(timm's or, for RAD-DINO, HF's backbone names), the one `export` writes and `import` reads.
+`LAYOUTS` turns each torch tensor into ours and back.
 """
 
 from __future__ import annotations
