@@ -3,14 +3,15 @@
 
   python -m ifam_jax.data.prepare_siim_acr --source /data/siim --tubes cxr_tube_dict.pkl \
       --out /data/siim_ifam
-  W=/models/vit_base_patch14_reg4_dinov2.lvd142m.safetensors
+  W=/models/rad-dino   # microsoft/rad-dino: config.json + model.safetensors
   python -m ifam_jax.main --config configs/siim_acr.py:root=/data/siim_ifam,weights=$W \
       --workdir /tmp/siim
   python -m ifam_jax.main --config configs/siim_acr.py:root=/data/siim_ifam,weights=$W,baseline \
       --workdir /tmp/siim_erm
 
 `root` is the prepared folder ({train_set, full_test_set, robust_test_set,
-non_robust_test_set}/{0,1}/<id>.dcm and all_masks/<id>.png; pydicom: pip install -e ".[siim]").
+non_robust_test_set}/{0,1}/<id>.dcm and all_masks/<id>.png; pydicom: pip install -e ".[siim]");
+`weights` the RAD-DINO folder or its safetensors file (its config.json is checked).
 Arguments: `num_parts=K` (default 8, the paper's), `baseline` (the ERM row), `tiny` (no weights:
 the demo's small ViT trained from scratch on this data set, 64 px, batch 64, one lr 5e-4, 8
 epochs, sized for a CPU), `runlocal` (a smoke test of the code path, not a model that learns: 20
@@ -25,7 +26,7 @@ also reports as `worst_group_auroc`, the AUROC over those two groups) and 'non_r
 fg IoU is against the pneumothorax masks, over the positive images (a negative's mask is empty).
 Nothing selects a "best" checkpoint (the reference picks the best test accuracy): report
 params/final. Images are squashed to 518 x 518 (cv2 bilinear), flipped in training, and
-normalised with the CXR mean and std 0.48865 / 0.24621 on every channel, as the reference.
+normalised with RAD-DINO's mean and std 0.48865 / 0.24621 on every channel, as the reference.
 Compute is bfloat16 (parameters fp32) where the reference ran fp32: add
 --config.model.dtype=float32 for its numerics.
 """
@@ -33,8 +34,6 @@ Compute is bfloat16 (parameters fp32) where the reference ran fp32: add
 import ml_collections
 
 from ifam_jax import config_lib
-
-CXR_MEAN, CXR_STD = 0.48865, 0.24621  # the reference's siim_acr Normalize, on every channel
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,14 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # At 518 px XLA's merging of dots that share an operand pays: keep its default
   # (docs/performance.md).
   c.gpu_compiler_options.xla_gpu_dot_merger_threshold_mb = 32
-  # ---- Backbone: RAD-DINO goes here ---------------------------------------------------------
-  # The reference runs SIIM-ACR on microsoft/rad-dino (`--model_arch microsoft/rad-dino
-  # --use_hf_transformers`: an HF Dinov2 ViT-B/14, no registers, reference 1.6). Until its import
-  # lands, the recipe keeps the DINOv2 defaults of base_config (model.variant 'B/14', 4
-  # registers, `weights=` a DINOv2 file); the RAD-DINO settings of model.* belong here.
-  # ---------------------------------------------------------------------------------------------
-  c.model.pixel_mean = (CXR_MEAN,) * 3
-  c.model.pixel_std = (CXR_STD,) * 3
+  # The reference's backbone (`--model_arch microsoft/rad-dino --use_hf_transformers`, reference
+  # 1.6): an HF Dinov2 ViT-B/14 without registers, its position embedding interpolated as HF
+  # does, inputs normalised with the CXR mean and std on every channel.
+  config_lib.use_rad_dino(c)
   # Paper App. A and the reference's command (`--enforced_presence_loss 0`): SIIM-ACR trains
   # without the enforced-presence (background) loss L_p0.
   c.loss.weights.enforced_presence = 0.0

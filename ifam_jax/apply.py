@@ -13,12 +13,8 @@ from typing import Any
 
 from flax import nnx
 
-from ifam_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, normalize
-
-
-def pixel_norm(model: nnx.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """(mean, std) the model's inputs are normalised with (`factory.build_model` sets them)."""
-  return getattr(model, 'pixel_norm', (IMAGENET_MEAN, IMAGENET_STD))
+from ifam_jax.data.pipeline import normalize
+from ifam_jax.models.vit import pixel_stats
 
 
 def apply(graphdef: nnx.GraphDef, rest: nnx.State, params: Any, frozen: Any, images: Any,
@@ -28,10 +24,10 @@ def apply(graphdef: nnx.GraphDef, rest: nnx.State, params: Any, frozen: Any, ima
   Args:
     graphdef, rest: the static half of the split model.
     params, frozen: its trainable and frozen parameters.
-    images: uint8 [B, H, W, 3]; normalised here in float32 with the model's `pixel_norm` (mean,
-      std) where it has one (model.pixel_mean/pixel_std), else the ImageNet mean and std.
+    images: uint8 [B, H, W, 3]; normalised here in float32 with the backbone's mean and std
+      (`vit.pixel_stats`: ImageNet's unless the config sets `model.pixel_mean` / `pixel_std`).
     fn: what to run on the merged model, e.g. a method's `predict` or `loss_terms`.
   """
   model = nnx.merge(graphdef, params, frozen, rest)
-  x = normalize(images, *pixel_norm(model))
+  x = normalize(images, **pixel_stats(model))
   return model(x, **kwargs) if fn is None else fn(model, x, **kwargs)

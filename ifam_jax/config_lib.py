@@ -102,8 +102,13 @@ def base_config() -> ml_collections.ConfigDict:
       stage2_token_tiers=(),
       stage2_token_groups=4,
       init_weights='',  # local DINOv2 file (timm/HF safetensors or official .pth); '' = random
-      # Per-channel mean and std that normalise the uint8 input (x / 255 - mean) / std, part of
-      # the model (every mode reads them from it); () = ImageNet's, the reference's default.
+      # or a HF save_pretrained folder (its config.json is checked against this config).
+      # The backbones' position embedding: 'folded' (timm's: patches only, resampled once at
+      # load) or 'hf' (HF Dinov2Model, RAD-DINO: CLS + patches at the grid of pos_embed_size,
+      # 0 = image_size, interpolated exactly as HF in every forward pass). `use_rad_dino`.
+      pos_embed_layout='folded',
+      pos_embed_size=0,
+      # Input normalisation per RGB channel, 3 numbers each; () = ImageNet's mean and std.
       pixel_mean=(),
       pixel_std=(),
       vit_overrides={},  # e.g. width/depth/num_heads/mlp_hidden/patch_size for tiny models
@@ -287,12 +292,33 @@ def tiny_from_scratch(c: ml_collections.ConfigDict) -> None:
   c.model.dtype = 'float32'
   c.model.init_weights = ''
   c.model.vit_overrides = dict(width=64, depth=3, num_heads=4, mlp_hidden=128)
+  c.model.pos_embed_size = 0  # a position grid of the tiny image size
   c.optim.lr = 5e-4
   c.optim.warmup_epochs = 1.0
   c.optim.lr_schedule_unit = 'step'
   c.optim.groups = optim.ifam_groups(freeze_backbone=False, finer_lr_factor=1.0,
                                      modulation_lr_factor=1.0, scratch_lr_factor=1.0)
   c.loss.presence_group_size = 0
+
+
+RAD_DINO_MEAN = (0.48865,) * 3  # microsoft/rad-dino's grey-level normalisation, over RGB
+RAD_DINO_STD = (0.24621,) * 3
+
+
+def use_rad_dino(c: ml_collections.ConfigDict) -> None:
+  """RAD-DINO (`microsoft/rad-dino`, a HF Dinov2Model) as the backbones, as for SIIM-ACR.
+
+  A ViT-B/14 without registers, HF's position embedding (CLS + the 37x37 grid of 518 px,
+  interpolated as HF does at another size) and its grey-level normalisation replicated over RGB.
+  The weights go in `model.init_weights`: the HF folder (config.json + model.safetensors or
+  pytorch_model.bin) or its safetensors file.
+  """
+  c.model.variant = 'B/14'
+  c.model.num_registers = 0
+  c.model.pos_embed_layout = 'hf'
+  c.model.pos_embed_size = 518
+  c.model.pixel_mean = RAD_DINO_MEAN
+  c.model.pixel_std = RAD_DINO_STD
 
 
 def use_baseline(c: ml_collections.ConfigDict) -> None:

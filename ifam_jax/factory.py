@@ -182,6 +182,10 @@ def vit_from_config(model_cfg: ml_collections.ConfigDict) -> vit.ViTConfig:
   return vit.vit_config(model_cfg.variant, image_size=model_cfg.image_size,
                         num_registers=model_cfg.num_registers, dtype=model_cfg.dtype,
                         attention=model_cfg.attention,
+                        pos_embed_layout=model_cfg.pos_embed_layout,
+                        pos_embed_size=model_cfg.pos_embed_size,
+                        pixel_mean=tuple(model_cfg.pixel_mean) or None,
+                        pixel_std=tuple(model_cfg.pixel_std) or None,
                         **dict(model_cfg.vit_overrides))
 
 
@@ -195,12 +199,6 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
   """The model of the configured method (`methods`), with DINOv2 weights if configured."""
   model = methods.get(model_cfg.kind).build(model_cfg, vit_from_config(model_cfg), num_classes,
                                             rngs)
-  if model_cfg.pixel_mean or model_cfg.pixel_std:
-    mean, std = tuple(map(float, model_cfg.pixel_mean)), tuple(map(float, model_cfg.pixel_std))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-      raise ValueError(f'model.pixel_mean and model.pixel_std take 3 values each (std > 0), got '
-                       f'{model_cfg.pixel_mean} and {model_cfg.pixel_std}')
-    model.pixel_norm = (mean, std)  # static: part of the graphdef, read by `apply`
   if model_cfg.init_weights:
     weights.load_dinov2(model, model_cfg.init_weights)
   return model

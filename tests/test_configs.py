@@ -175,11 +175,14 @@ def test_from_scratch_baseline_trains_its_head_as_ifam_does(name, arg):
 
 
 def test_siim_acr_recipe():
-  """Reference 6.6 and 6.7: no enforced-presence loss, the CXR normalisation, the tube splits."""
+  """Reference 6.6 and 6.7: no enforced-presence loss, RAD-DINO and its normalisation, the tube
+  splits."""
   c = get_config('siim_acr', PAPER_ARGS)
   want = dict(losses.DEFAULT_WEIGHTS, enforced_presence=0.0)
   assert c.loss.weights.to_dict() == want
   assert (c.model.pixel_mean, c.model.pixel_std) == ((0.48865,) * 3, (0.24621,) * 3)
+  assert (c.model.variant, c.model.num_registers, c.model.pos_embed_layout,
+          c.model.pos_embed_size) == ('B/14', 0, 'hf', 518)
   assert {name: dict(spec) for name, spec in c.data.evals.items()} == {
       name: dict(source='siim_acr', root='/data', split=name)
       for name in ('full_test', 'robust_test', 'non_robust_test')}

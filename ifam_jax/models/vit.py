@@ -8,7 +8,10 @@ The parameter tree mirrors timm's `vit_*_patch14_reg4_dinov2` (and the plain DIN
   norm (final LayerNorm)                        norm2, mlp.fc1, mlp.fc2, ls2.gamma}
 
 Position embeddings cover the patch tokens only (timm's folded `no_embed_class` layout: the
-class token already carries its own position embedding). CLS and registers get none.
+class token already carries its own position embedding). CLS and registers get none. The 'hf'
+layout (`ViTConfig.pos_embed_layout`, RAD-DINO) keeps HF's [1, 1 + h0*w0, D] instead: the class
+position apart, the patch grid fixed at the checkpoint's and interpolated to the input's grid in
+every forward pass with PyTorch's non-antialiased bicubic (`hf_bicubic_matrix`).
 
 Stage 2 of iFAM masks *keys only*: a patch that is not in the mask is never attended to by any
 token, so the CLS output cannot depend on its pixels. Prefix tokens (CLS + registers) are always
@@ -22,12 +25,14 @@ path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal, get_args
 
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ifam_jax.models import fast_attention
@@ -40,6 +45,7 @@ MaskMode = Literal['hard', 'straight_through', 'soft', 'late']
 MASK_MODES: tuple[str, ...] = get_args(MaskMode)
 KEY_MASK_MODES = ('hard', 'straight_through', 'soft')
 AttentionKind = Literal['xla', 'flash']
+PosEmbedLayout = Literal['folded', 'hf']
 
 # (width, depth, heads, mlp hidden, mlp kind) per DINOv2 size.
 _SIZES = {
@@ -58,6 +64,11 @@ class ViTConfig:
   the reference). 'flash' puts the visible tokens first so that a key mask becomes a per-example
   length (`fast_attention`), which lets GPUs run cuDNN's fused kernel; the same values up to
   summation order. Soft and straight-through masks always take the exact path.
+
+  `pos_embed_layout`: 'folded' (timm: patches only, resampled to `grid` at load) or 'hf' (HF
+  transformers' Dinov2Model: CLS + patches at the grid of `pos_embed_size`, 0 = `image_size`,
+  interpolated on the fly). `pixel_mean` / `pixel_std`: the input normalisation the backbone
+  expects (`pixel_stats`); None is ImageNet's.
   """
 
   width: int = 768
@@ -71,11 +82,27 @@ class ViTConfig:
   layerscale_init: float = 1e-5
   dtype: Any = jnp.float32
   attention: AttentionKind = 'xla'
+  pos_embed_layout: PosEmbedLayout = 'folded'
+  pos_embed_size: int = 0
+  pixel_mean: tuple[float, ...] | None = None
+  pixel_std: tuple[float, ...] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))  # accept 'bfloat16' from configs
     if self.attention not in ('xla', 'flash'):
       raise ValueError(f"attention must be 'xla' or 'flash', got {self.attention!r}")
+    if self.pos_embed_layout not in get_args(PosEmbedLayout):
+      raise ValueError(f"pos_embed_layout must be 'folded' or 'hf', got {self.pos_embed_layout!r}")
+    if self.pos_embed_size and (self.pos_embed_layout != 'hf'
+                                or self.pos_embed_size % self.patch_size):
+      raise ValueError(f'pos_embed_size {self.pos_embed_size} needs pos_embed_layout=\'hf\' and '
+                       f'a multiple of patch_size {self.patch_size}')
+    for name in ('pixel_mean', 'pixel_std'):
+      value = getattr(self, name)
+      if value is not None:
+        if len(value) != 3 or (name == 'pixel_std' and min(value) <= 0):
+          raise ValueError(f'{name} must be 3 numbers (std > 0), got {value!r}')
+        object.__setattr__(self, name, tuple(float(v) for v in value))
     if self.image_size % self.patch_size:
       raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '
                        f'{self.patch_size}')
@@ -93,6 +120,11 @@ class ViTConfig:
   @property
   def num_prefix(self) -> int:
     return 1 + self.num_registers
+
+  @property
+  def pos_grid(self) -> int:
+    """The side of the position-embedding parameter's patch grid."""
+    return (self.pos_embed_size or self.image_size) // self.patch_size
 
 
 def vit_config(variant: str = 'B/14', **overrides: Any) -> ViTConfig:
@@ -128,6 +160,64 @@ def resample_pos_embed(pos_embed: jax.Array, grid: tuple[int, int],
     return pos_embed
   pe = pos_embed.reshape(source_grid[0], source_grid[1], d).astype(jnp.float32)
   pe = jax.image.resize(pe, (grid[0], grid[1], d), method='bicubic', antialias=True)
+  return pe.reshape(1, grid[0] * grid[1], d).astype(pos_embed.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def hf_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] fp32 matrix of torch's `interpolate(mode='bicubic', align_corners=False)`.
+
+  torch's non-antialiased bicubic given an output size: source coordinate
+  (i + 0.5) * n_in / n_out - 0.5 (no clamp), cubic convolution with a = -0.75 on the four taps
+  floor(src) - 1 .. floor(src) + 2, each clamped to the edge. Separable: rows and columns each
+  take one matrix; n_in == n_out gives the identity.
+
+  The weights follow torch's fp32 arithmetic, with its cubic's multiply-adds fused (x86 builds
+  contract them into FMAs): the outer taps' cubic cancels to ~1e-2 from terms of ~3, so exact
+  or unfused weights differ from torch's by up to ~5e-7, and the interpolated embeddings by
+  ~2e-6 where these emulated ones stay within ~5e-7 (tests/test_weights_hf_dinov2.py).
+  """
+  f32 = np.float32
+  a = f32(-0.75)
+
+  def fma(x, y, z):  # one rounding, as a fused multiply-add: the fp32 product is exact in fp64
+    return (np.float64(x) * np.float64(y) + np.float64(z)).astype(f32)
+
+  def near(x):  # torch's cubic_convolution1, |x| <= 1
+    return fma(fma(a + f32(2), x, -(a + f32(3))) * x, x, f32(1))
+
+  def far(x):  # torch's cubic_convolution2, 1 < |x| < 2
+    return fma(fma(fma(a, x, -f32(5) * a), x, f32(8) * a), x, -f32(4) * a)
+
+  src = (np.arange(n_out, dtype=f32) + f32(0.5)) * (f32(n_in) / f32(n_out)) - f32(0.5)
+  base = np.floor(src)
+  t = src - base
+  rest = f32(1) - t
+  weights = np.stack([far(t + f32(1)), near(t), near(rest), far(rest + f32(1))], axis=1)
+  taps = np.clip(base.astype(np.int64)[:, None] + np.arange(-1, 3)[None], 0, n_in - 1)
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.repeat(np.arange(n_out), 4), taps.ravel()), weights.ravel())
+  return m.astype(f32)
+
+
+def hf_resample_pos_embed(pos_embed: jax.Array, grid: tuple[int, int],
+                          source_grid: tuple[int, int]) -> jax.Array:
+  """HF Dinov2's `interpolate_pos_encoding` on patch position embeddings [1, h0*w0, D].
+
+  In fp32 at full matmul precision, with fixed `hf_bicubic_matrix`es (constants per shape).
+  It runs in the forward pass, not once at load, because the reference (HF `Dinov2Embeddings`)
+  trains `position_embeddings` at the checkpoint's grid and interpolates it in every call: the
+  gradient then reaches the native parameter through the interpolation, the trained parameter
+  keeps its meaning and the exported one its shape. At RAD-DINO's 518 px the grid is native and
+  nothing runs; elsewhere it costs two small matmuls.
+  """
+  if tuple(source_grid) == tuple(grid):
+    return pos_embed
+  d = pos_embed.shape[-1]
+  pe = pos_embed.reshape(source_grid[0], source_grid[1], d).astype(jnp.float32)
+  rows = jnp.asarray(hf_bicubic_matrix(source_grid[0], grid[0]))
+  cols = jnp.asarray(hf_bicubic_matrix(source_grid[1], grid[1]))
+  pe = jnp.einsum('ih,jw,hwd->ijd', rows, cols, pe, precision=jax.lax.Precision.HIGHEST)
   return pe.reshape(1, grid[0] * grid[1], d).astype(pos_embed.dtype)
 
 
@@ -302,7 +392,8 @@ class VisionTransformer(nnx.Module):
     self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, d)))
     self.reg_token = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, cfg.num_registers, d)))
                       if cfg.num_registers else None)
-    self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, cfg.num_patches, d)))
+    positions = cfg.num_patches if cfg.pos_embed_layout == 'folded' else 1 + cfg.pos_grid**2
+    self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, positions, d)))
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.norm = _layer_norm(cfg, rngs)
 
@@ -319,11 +410,18 @@ class VisionTransformer(nnx.Module):
                          p=p, q=p)
     kernel = self.patch_embed.kernel[...].reshape(p * p * 3, -1).astype(self.cfg.dtype)
     x = x @ kernel + self.patch_embed.bias[...].astype(self.cfg.dtype)
-    pos = resample_pos_embed(self.pos_embed[...], grid, (self.cfg.grid, self.cfg.grid))
+    if self.cfg.pos_embed_layout == 'hf':
+      g0 = self.cfg.pos_grid
+      pos = hf_resample_pos_embed(self.pos_embed[...][:, 1:], grid, (g0, g0))
+    else:
+      pos = resample_pos_embed(self.pos_embed[...], grid, (self.cfg.grid, self.cfg.grid))
     return x + pos.astype(x.dtype)
 
   def prefix_tokens(self, batch: int) -> jax.Array:
-    tokens = [self.cls_token[...]]
+    cls = self.cls_token[...]
+    if self.cfg.pos_embed_layout == 'hf':
+      cls = cls + self.pos_embed[...][:, :1]
+    tokens = [cls]
     if self.reg_token is not None:
       tokens.append(self.reg_token[...])
     prefix = jnp.concatenate(tokens, axis=1).astype(self.cfg.dtype)
@@ -385,6 +483,17 @@ class VisionTransformer(nnx.Module):
     if mask_mode == 'soft':
       return {'key_bias': jnp.log(weight + 1e-10)}
     return {'key_weight': weight}
+
+
+def pixel_stats(model: nnx.Module) -> dict[str, tuple[float, ...]]:
+  """`pixel_mean` / `pixel_std` of the first backbone in `model` as `normalize` keywords; {}
+  (ImageNet's) where unset or where `model` holds no VisionTransformer."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, VisionTransformer):
+      cfg = node.cfg
+      stats = {'mean': cfg.pixel_mean, 'std': cfg.pixel_std}
+      return {k: v for k, v in stats.items() if v is not None}
+  return {}
 
 
 def late_pool(patches: jax.Array, patch_mask: jax.Array) -> jax.Array:

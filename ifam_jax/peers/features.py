@@ -24,7 +24,6 @@ from etils import epath
 from flax import nnx
 
 from ifam_jax import factory, sharding, weights
-from ifam_jax.apply import pixel_norm
 from ifam_jax.data.pipeline import normalize
 from ifam_jax.evaluators import loop
 from ifam_jax.models import ifam, vit
@@ -123,8 +122,8 @@ def run_split(fn: FeatureFn, model: nnx.Module, source: Any, transform: Any,
   @jax.jit
   def step(state, unused, batch, rng):
     del unused, rng
-    model = nnx.merge(graphdef, state)
-    return fn(model, normalize(batch['image'], *pixel_norm(model)),
+    merged = nnx.merge(graphdef, state)
+    return fn(merged, normalize(batch['image'], **vit.pixel_stats(merged)),
               **{k: batch[k] for k in inputs})
 
   dataset, num_batches = loop.eval_dataset(source, transform, config)

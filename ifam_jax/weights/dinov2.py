@@ -12,16 +12,25 @@ from the tensors and must equal the module's config (the head count cannot be in
 in the weights). Unknown, missing or wrong-shaped tensors raise a ValueError that names them,
 before anything is assigned.
 
-Position embeddings are resampled once, at load, to the configured grid with antialiased bicubic
+In the folded layout (`ViTConfig.pos_embed_layout='folded'`, timm's) position embeddings are
+resampled once, at load, to the configured grid with antialiased bicubic
 (`models.vit.resample_pos_embed`): exactly what timm does at load time, and what the official and
 HF code do at run time for the register models. For the non-register models the official code
 uses non-antialiased bicubic with a +0.1 offset, and HF non-antialiased bicubic without it;
-`jax.image` has neither kernel, so those features differ slightly and a warning is logged.
+`jax.image` has neither kernel, so those features differ slightly and a warning is logged. The
+'hf' layout (RAD-DINO) keeps the checkpoint's [1, 1 + h0*w0, D] as it is and interpolates it
+exactly as HF does, in the forward pass (`models.vit.hf_resample_pos_embed`): no warning.
+
+A source is a file or a HF `save_pretrained` folder (model.safetensors or pytorch_model.bin).
+A HF config.json in the folder, or beside the file, is checked against the module's config,
+the head count included (`check_hf_config`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -31,7 +40,7 @@ import numpy as np
 from absl import logging
 from flax import nnx, traverse_util
 
-from ifam_jax.models.vit import ViTConfig, VisionTransformer, resample_pos_embed
+from ifam_jax.models.vit import LN_EPS, ViTConfig, VisionTransformer, resample_pos_embed
 from ifam_jax.weights import assign
 from ifam_jax.weights.formats import PathLike, StateDict, read_state_dict
 from ifam_jax.weights.names import LAYOUTS, NAMES, vit_table
@@ -142,19 +151,79 @@ def dinov2_to_vit_params(state_dict: StateDict, cfg: ViTConfig) -> dict[str, Any
     parts = [np.asarray(state_dict[k], np.float32) for k in prm.sources]
     x = parts[0] if len(parts) == 1 else np.concatenate(parts)
     flat[prm.path] = LAYOUTS[prm.layout][0](x)
+  source = math.isqrt(pos_embed.shape[1])
+  if cfg.pos_embed_layout == 'hf':
+    if source != cfg.pos_grid:
+      raise ValueError(
+          f'{n["pos_embed"]} covers a {source}x{source} patch grid but the config\'s is '
+          f'{cfg.pos_grid}x{cfg.pos_grid}; set pos_embed_size to {source * cfg.patch_size}')
+    cls_pos = np.zeros((1, 1, cfg.width), np.float32) if cls_pos is None else cls_pos
+    flat[('pos_embed',)] = np.concatenate([cls_pos, pos_embed], axis=1)
+    return traverse_util.unflatten_dict(flat)
   if cls_pos is not None:
     flat[('cls_token',)] = flat[('cls_token',)] + cls_pos
-  source = math.isqrt(pos_embed.shape[1])
   if source != cfg.grid:
     if not cfg.num_registers:
       logging.warning(
           'Resampling the position embeddings of a non-register DINOv2 checkpoint from %dx%d '
           'to %dx%d with antialiased bicubic (timm). The official and HF code resample these '
           'models with non-antialiased bicubic, which jax.image cannot reproduce, so features '
-          'will differ slightly from theirs.', source, source, cfg.grid, cfg.grid)
+          "will differ slightly from theirs; HF's is exact with model.pos_embed_layout='hf'.",
+          source, source, cfg.grid, cfg.grid)
     pos_embed = np.asarray(resample_pos_embed(jnp.asarray(pos_embed), (cfg.grid, cfg.grid)))
   flat[('pos_embed',)] = pos_embed
   return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------
+# HF folders and their config.json
+# ----------------------------------------------------------------------------
+HF_WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
+HF_MODEL_TYPES = ('dinov2', 'dinov2_with_registers')
+
+
+def read_source(source: PathLike) -> tuple[StateDict, pathlib.Path | None]:
+  """(state dict, its HF config.json or None) of a weights file or a HF folder.
+
+  A config.json counts only when it describes a HF DINOv2 (`model_type`); timm's hub folders
+  carry a config.json of their own, which says nothing checkable here.
+  """
+  path = pathlib.Path(source)
+  if path.is_dir():
+    found = [path / name for name in HF_WEIGHTS if (path / name).exists()]
+    if not found:
+      raise ValueError(f'{path} is a folder without {" or ".join(HF_WEIGHTS)}')
+    path = found[0]
+  config = path.parent / 'config.json'
+  if config.exists():
+    model_type = json.loads(config.read_text()).get('model_type')
+    if model_type not in HF_MODEL_TYPES:
+      config = None
+  else:
+    config = None
+  return read_state_dict(path), config
+
+
+def check_hf_config(path: PathLike, cfg: ViTConfig) -> None:
+  """Raises a ValueError naming `path` and each field of a HF Dinov2Config that `cfg` disagrees
+  with. The head count is in no tensor, so this is the only check of it."""
+  hf = json.loads(pathlib.Path(path).read_text())
+  # HF field: (HF's default, ours). A field the file leaves out takes HF's default.
+  fields = {
+      'hidden_size': (768, cfg.width),
+      'num_hidden_layers': (12, cfg.depth),
+      'num_attention_heads': (12, cfg.num_heads),
+      'patch_size': (14, cfg.patch_size),
+      'layer_norm_eps': (1e-6, LN_EPS),
+      'num_register_tokens': (0, cfg.num_registers),
+      'use_swiglu_ffn': (False, cfg.mlp == 'swiglu'),
+  }
+  if cfg.pos_embed_layout == 'hf':
+    fields['image_size'] = (224, cfg.pos_grid * cfg.patch_size)
+  disagree = [f'{k}: file {hf.get(k, default)!r}, config {ours!r}'
+              for k, (default, ours) in fields.items() if hf.get(k, default) != ours]
+  if disagree:
+    raise ValueError(f'{path} does not match the ViT config: {"; ".join(disagree)}')
 
 
 # ----------------------------------------------------------------------------
@@ -169,13 +238,18 @@ def backbones(model: nnx.Module) -> list[VisionTransformer]:
 
 
 def load_dinov2(model: nnx.Module, source: PathLike | StateDict) -> None:
-  """Loads DINOv2 weights (a file or a state dict) into every backbone of `model`, in place.
+  """Loads DINOv2 weights (a file, a HF folder or a state dict) into every backbone of `model`,
+  in place.
 
   The file is read once; each backbone gets its own copy, resampled to its own grid. Every
-  backbone is checked and converted before any is assigned, so an error leaves `model` as it was.
+  backbone is checked (against a HF config.json too, `read_source`) and converted before any is
+  assigned, so an error leaves `model` as it was.
   """
   targets = backbones(model)
-  state_dict = source if isinstance(source, Mapping) else read_state_dict(source)
+  state_dict, config = (source, None) if isinstance(source, Mapping) else read_source(source)
+  if config is not None:
+    for b in targets:
+      check_hf_config(config, b.cfg)
   pending = [assign.checked_pairs(b, dinov2_to_vit_params(state_dict, b.cfg)) for b in targets]
   for pairs in pending:
     assign.assign(pairs)

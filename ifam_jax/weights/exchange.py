@@ -9,12 +9,13 @@ and writes <workdir>/export/<which>/:
   model.json                 what rebuilds the model: config.model, num_classes, provenance
   reference_state_dict.pth   a PyTorch state dict in the reference's key layout
 
-The reference layout is that of `FullTwoStageModelDoubleClassify` on the timm path, described
-by `names.reference_table`, the single mapping: export and import both read it, and every layout
-change is a transpose or a reshape, so round trips are bit-exact. The HF (RAD-DINO) variant is
-not covered. Importers check what the tensors say (architecture, K, C) against the config, then
-every key and shape, and raise a ValueError that names what disagrees before anything is
-assigned.
+The reference layout is that of `FullTwoStageModelDoubleClassify` on the timm path, or of
+`FullTwoStageModelDoubleClassifyHF` for a backbone with `pos_embed_layout='hf'` (RAD-DINO),
+described by `names.reference_table`, the single mapping: export and import both read it, and
+every layout change is a transpose, a reshape or a split along torch's output axis, so round
+trips are bit-exact. Importers check what the tensors say (architecture, K, C) against the
+config, then every key and shape, and raise a ValueError that names what disagrees before
+anything is assigned.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ifam_jax.weights.assign import load_params
 from ifam_jax.weights.dinov2 import architecture
 from ifam_jax.weights.formats import TORCH_SUFFIXES, PathLike, read_state_dict
 from ifam_jax.weights.formats import read_torch_checkpoint, write_state_dict
-from ifam_jax.weights.names import LAYOUTS, reference_table
+from ifam_jax.weights.names import LAYOUTS, NAMES, reference_table
 from ifam_jax.workdir import absolute
 
 FORMATS = ('orbax', 'safetensors', 'reference')
@@ -57,14 +58,19 @@ def to_reference(model: nnx.Module) -> dict[str, Any]:
   unmapped = sorted(path_name(p) for p in set(flat) - {p.path for p in table})
   if unmapped:
     raise ValueError(f'parameters without a reference key: {unmapped}')
-  out = {p.sources[0]: LAYOUTS[p.layout][1](flat[p.path][...]) for p in table}
+  out = {}
+  for p in table:  # a parameter of several sources (HF's query, key, value) splits along axis 0
+    x = LAYOUTS[p.layout][1](flat[p.path][...])
+    rows = p.shape[0]
+    out.update({k: x[i * rows:(i + 1) * rows] if len(p.sources) > 1 else x
+                for i, k in enumerate(p.sources)})
   return {**out, **buffers}
 
 
 def from_reference(state_dict: Mapping[str, np.ndarray], model: nnx.Module) -> dict[str, Any]:
   """A reference state dict as a nested dict of `model`'s parameters, after key/shape checks."""
   table, buffers = reference_table(model)
-  expected = {p.sources[0]: p.shape for p in table}
+  expected = {k: p.shape for p in table for k in p.sources}
   expected.update({k: v.shape for k, v in buffers.items()})
   unexpected = sorted(set(state_dict) - set(expected))
   missing = sorted(set(expected) - set(state_dict))
@@ -75,7 +81,9 @@ def from_reference(state_dict: Mapping[str, np.ndarray], model: nnx.Module) -> d
            for k, shape in expected.items() if tuple(state_dict[k].shape) != tuple(shape)]
   if wrong:
     raise ValueError(f'wrong shapes in the reference state dict: {"; ".join(wrong)}')
-  flat = {p.path: LAYOUTS[p.layout][0](np.asarray(state_dict[p.sources[0]])) for p in table}
+  flat = {p.path: LAYOUTS[p.layout][0](np.concatenate([np.asarray(state_dict[k])
+                                                       for k in p.sources]))
+          for p in table}
   return traverse_util.unflatten_dict(flat)
 
 
@@ -145,8 +153,9 @@ def _check_config(state_dict: Mapping[str, np.ndarray], model_cfg: ml_collection
                   num_classes: int | None) -> int:
   """The model's number of classes, once what the tensors say agrees with the config.
 
-  Per stage: the ViT architecture (`dinov2.architecture`) and the image size its patch
-  position embeddings imply; then K (fc_landmarks) and C (head), C also against `num_classes`.
+  Per stage: the ViT architecture (`dinov2.architecture`), its position-embedding layout and the
+  image size its position grid implies (`image_size`, or `pos_embed_size` for HF's layout); then
+  K (fc_landmarks) and C (head), C also against `num_classes`.
   """
   two_stage = any(k.startswith('stage_1.') for k in state_dict)
   if two_stage != (model_cfg.kind == 'ifam'):
@@ -156,15 +165,20 @@ def _check_config(state_dict: Mapping[str, np.ndarray], model_cfg: ml_collection
   cfg = factory.vit_from_config(model_cfg)
   configured = {'width': cfg.width, 'depth': cfg.depth, 'num_registers': cfg.num_registers,
                 'patch_size': cfg.patch_size, 'mlp': cfg.mlp, 'mlp_hidden': cfg.mlp_hidden,
-                'image_size': cfg.image_size, 'num_parts': model_cfg.num_parts}
+                'image_size': cfg.image_size, 'num_parts': model_cfg.num_parts,
+                'pos_embed_layout': cfg.pos_embed_layout,
+                'pos_embed_size': cfg.pos_grid * cfg.patch_size}
   inferred = {}
   for prefix in prefixes:
     stage = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    arch = architecture(stage, 'timm')
-    pos = stage.get('pos_embed')
-    side = math.isqrt(pos.shape[1]) if pos is not None and pos.ndim == 3 else 0
-    if 'patch_size' in arch and side and side * side == pos.shape[1]:
-      arch['image_size'] = side * arch['patch_size']
+    naming = 'hf4' if any(k.startswith('embeddings.') for k in stage) else 'timm'
+    arch = architecture(stage, naming)
+    arch['pos_embed_layout'] = 'hf' if naming == 'hf4' else 'folded'
+    pos = stage.get(NAMES[naming]['pos_embed'])
+    tokens = pos.shape[1] - (naming == 'hf4') if pos is not None and pos.ndim == 3 else 0
+    side = math.isqrt(max(tokens, 0))
+    if 'patch_size' in arch and side and side * side == tokens:  # the size the grid implies
+      arch['pos_embed_size' if naming == 'hf4' else 'image_size'] = side * arch['patch_size']
     inferred.update({(prefix, k): v for k, v in arch.items()})
   if 'stage_1.fc_landmarks.weight' in state_dict:
     inferred[('', 'num_parts')] = state_dict['stage_1.fc_landmarks.weight'].shape[0] - 1

@@ -16,8 +16,9 @@ output axis into one of ours (HF's query, key, value -> our qkv); None means the
 such tensor. 'gelu.*' and 'swiglu.*' are the MLP's names for each MLP kind.
 
 `vit_table(cfg, naming)` spells a table out as one `Param` per parameter of
-`VisionTransformer(cfg)`; `reference_table(model)` does so for the reference iFAM's own layout,
-the one `export` writes and `import` reads. `LAYOUTS` turns each torch tensor into ours and back.
+`VisionTransformer(cfg)`; `reference_table(model)` does so for the reference iFAM's own layout
+(timm's or, for RAD-DINO, HF's backbone names), the one `export` writes and `import` reads.
+`LAYOUTS` turns each torch tensor into ours and back.
 """
 
 from __future__ import annotations
@@ -132,11 +133,19 @@ def vit_table(cfg: vit.ViTConfig, naming: str) -> list[Param]:
 # bare `ViTClassifier`) maps to the stage-2 keys without prefix or buffer: timm's ViT keys plus a
 # LayerNorm `fc_norm` and a bias-free `head`, the way the reference re-heads timm. `pos_embed`
 # covers the patches only, the `no_embed_class` layout the reference's stage modules assume.
+# With `pos_embed_layout='hf'` (RAD-DINO) the stages are `FullTwoStageModelDoubleClassifyHF`'s:
+# transformers-4 names (embeddings.*, encoder.layer.<i>.*, layernorm; no mask_token) and
+# embeddings.position_embeddings [1, 1 + h0*w0, D]; the heads and the buffer are as above.
 def _backbone_table(path: tuple[str, ...], prefix: str, cfg: vit.ViTConfig) -> list[Param]:
-  """timm's names for `VisionTransformer(cfg)`, at `path` in our tree and `prefix` in theirs."""
-  pos_embed = Param(('pos_embed',), ('pos_embed',), (1, cfg.num_patches, cfg.width))
+  """The reference's names for `VisionTransformer(cfg)`, at `path` in our tree and `prefix` in
+  theirs: timm's, or HF's for the 'hf' position-embedding layout."""
+  if cfg.pos_embed_layout == 'hf':
+    naming, positions = 'hf4', 1 + cfg.pos_grid**2
+  else:
+    naming, positions = 'timm', cfg.num_patches
+  pos_embed = Param(('pos_embed',), (NAMES[naming]['pos_embed'],), (1, positions, cfg.width))
   return [dataclasses.replace(p, path=path + p.path, sources=tuple(prefix + s for s in p.sources))
-          for p in [*vit_table(cfg, 'timm'), pos_embed]]
+          for p in [*vit_table(cfg, naming), pos_embed]]
 
 
 def _classifier_table(path: tuple[str, ...], prefix: str,
