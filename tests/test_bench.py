@@ -10,11 +10,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import pytest
 from flax import nnx
 
-from ifam_jax import bench, factory, optim, sharding
+from ifam_jax import bench, config_lib, factory, optim, sharding
 from ifam_jax.models import ifam
 from fixtures.tiny_config import get_config
 
@@ -32,8 +31,8 @@ def test_vit_forward_flops_matches_hand_count():
                                       + 4 * t * d * h)
   assert bench.vit_forward_flops(cfg) == expected
   assert bench.vit_forward_flops(cfg, 8) < expected
-  base = ml_collections.ConfigDict(dict(variant='B/14', image_size=224, num_registers=4,
-                                        dtype='bfloat16', attention='xla', vit_overrides={}))
+  base = config_lib.base_config().model
+  base.update(variant='B/14', image_size=224, num_registers=4, dtype='bfloat16', attention='xla')
   assert bench.vit_forward_flops(factory.vit_from_config(base)) == pytest.approx(47e9, rel=0.01)
 
 
