@@ -32,7 +32,7 @@ import numpy as np
 from etils import epath
 
 from ifam_jax import data as data_lib
-from ifam_jax import factory, methods, optim, sharding
+from ifam_jax import factory, loggers, methods, optim, sharding
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.data.sources import IN9_CLASSES
 from ifam_jax.evaluators import audit, in9, leak, loop, metrics, thresholds
@@ -187,6 +187,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   thresholds (if any; then also 'evals_without_thresholds'), 'in9_accuracy' {variant: accuracy}
   and 'bg_gap' when IN-9 variants are evaluated, 'bg_challenge' (under the thresholds too) when
   its folders exist and eval.splits is empty or names it: it costs hours on the IN-9 release.
+  Its scalars also go to TensorBoard (`loggers.write_eval_report`).
   """
   s = _Session(config, workdir, which)
   report = s.header()
@@ -206,6 +207,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if root is not None and (not config.eval.splits or 'bg_challenge' in config.eval.splits):
       report['bg_challenge'] = s.bg_challenge(root)
   path = s.write(f'eval/{which}/eval.json', report)
+  loggers.write_eval_report(config, workdir, which, report)
 
   rows = dict(report['evals'])
   rows.update({f'{name} (no thresholds)': m
