@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from tensorboardX import event_file_writer
+from tensorboardX import event_file_writer, record_writer
 from tensorboardX import summary as tb_summary
 from tensorboardX.proto import event_pb2, summary_pb2
 
@@ -147,12 +147,13 @@ def open_tensorboard(workdir: epath.Path, purge_step: int | None) -> TensorBoard
   """<workdir>/tensorboard/'s new event file, or None with a warning if it cannot be made."""
   folder = os.fspath(workdir / 'tensorboard')
   try:
+    if folder.startswith('gs://') and not record_writer.GCS_ENABLED:
+      raise ImportError('tensorboardX reaches gs:// through google-cloud-storage, which is not '
+                        'installed (pip install -e ".[gcs]" brings it)')
     return TensorBoard(folder, purge_step)
   except Exception as e:  # pylint: disable=broad-except  # logging never stops a run
-    hint = ('; tensorboardX reaches gs:// through google-cloud-storage (pip install -e '
-            '".[gcs]" brings it)' if folder.startswith('gs://') else '')
-    logging.warning('No TensorBoard event files: cannot write to %s (%s: %s)%s. '
-                    'metrics.jsonl has every record.', folder, type(e).__name__, e, hint)
+    logging.warning('No TensorBoard event files: cannot write to %s (%s: %s). metrics.jsonl '
+                    'has every record.', folder, type(e).__name__, e)
     return None
 
 
@@ -193,11 +194,13 @@ class WandbRun:
     log = config.log
     id_path = workdir / WANDB_RUN_FILE
     run_id = json.loads(id_path.read_text())['id'] if id_path.exists() else None
-    local_dir = workdir_lib.is_local(workdir) and not os.environ.get('WANDB_DIR')
+    # Named at each run: W&B reads $WANDB_DIR once per process.
+    files = os.environ.get('WANDB_DIR') or (os.fspath(workdir) if workdir_lib.is_local(workdir)
+                                            else None)
     self.run = self.wandb.init(
         project=log.wandb_project, entity=log.wandb_entity or None, mode=log.wandb_mode or None,
         tags=list(log.wandb_tags) or None, id=run_id, resume='allow' if run_id else None,
-        name='/'.join(workdir.parts[-2:]), dir=os.fspath(workdir) if local_dir else None,
+        name='/'.join(workdir.parts[-2:]), dir=files,
         config=json.loads(workdir_lib.config_as_json(config)))
     if run_id is None:
       workdir_lib.replace_text(id_path, json.dumps(
