@@ -5,6 +5,7 @@
                      it (the source of truth), TensorBoard event files in <workdir>/tensorboard/
                      and a W&B run, on process 0
   PartMapPicture     the part-map picture of a few eval examples, from the parameters in memory
+  TrainPictures      that picture at each evaluation of the train loop, as '<split>/part_maps'
   write_eval_report  `--mode eval`'s report into TensorBoard, under eval_<which>/
 
 Scalars are named `<split>/<metric>`; nested metrics (per group, per class, stage 1) are joined
@@ -202,10 +203,10 @@ class WandbRun:
         tags=list(log.wandb_tags) or None, id=run_id, resume='allow' if run_id else None,
         name='/'.join(workdir.parts[-2:]), dir=files,
         config=json.loads(workdir_lib.config_as_json(config)))
-    if run_id is None:
+    if run_id is None and not self.run.disabled:
       workdir_lib.replace_text(id_path, json.dumps(
           {'id': self.run.id, 'project': log.wandb_project, 'entity': log.wandb_entity}) + '\n')
-    self.first_step = self.run.step
+    self.first_step = self.run.starting_step
 
   def log(self, step: int, values: Mapping[str, Any]) -> None:
     if values and step >= self.first_step:

@@ -10,7 +10,6 @@ type and data, a 2-byte length and a type: full, first, middle, last).
 
 import io
 import json
-import os
 import pathlib
 import struct
 import sys
@@ -23,7 +22,7 @@ from PIL import Image
 from tensorboardX import record_writer
 from tensorboardX.proto import event_pb2
 
-from ifam_jax import config_lib, factory, loggers, train, visualize
+from ifam_jax import config_lib, evaluate, factory, loggers, train, visualize
 from ifam_jax import workdir as workdir_lib
 
 from fixtures.tiny_config import get_config
@@ -385,11 +384,16 @@ def test_eval_report_goes_to_tensorboard_at_its_step(tmp_path):
 # ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_training_writes_tensorboard(tmp_path):
-  """The tiny config for one epoch: every metrics.jsonl number in TensorBoard at its step, and
-  the part-map picture of the evaluated parameters (saved as params/final) at the eval."""
+  """The tiny config for one epoch: every metrics.jsonl number in TensorBoard at its step, the
+  part-map picture of the evaluated parameters (saved as params/final) at the eval, and then
+  --mode eval's report at the parameters' step."""
   config = get_config('steps=8')
   train.train_and_evaluate(config, tmp_path)
+  report = evaluate.run_eval(config, tmp_path, 'final')
   scalars, images = tensorboard_view(read_events(tmp_path / 'tensorboard'))
+  assert report['step'] == 8
+  for split in ('val', 'test'):
+    assert scalars[f'eval_final/{split}/accuracy'] == [(8, f32(report['evals'][split]['accuracy']))]
   expected = {}
   for record in workdir_lib.read_metrics(tmp_path):
     for key, value in record.items():
