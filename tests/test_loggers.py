@@ -323,6 +323,7 @@ def test_wandb_offline_run_and_its_resumption(tmp_path, wandb_env):
   config = make_config(wandb_project='ifam-test', wandb_mode='offline', wandb_tags=('tiny',))
   workdir = tmp_path / 'run'
   log_a_resumed_run(workdir, config)
+  loggers.import_wandb().teardown()  # W&B's service writes on after `finish`; this waits for it
 
   run_id = json.loads((workdir / loggers.WANDB_RUN_FILE).read_text())['id']
   run_dirs = sorted(wandb_env.glob('offline-run-*'))
