@@ -238,17 +238,18 @@ class RunLogger:
       return
     if config.log.tensorboard and (board := open_tensorboard(workdir, start_step + 1)):
       self.sinks['TensorBoard'] = board
-    if config.log.wandb_project:
-      self._guard('W&B', lambda: self.sinks.__setitem__('W&B', WandbRun(workdir, config)))
+    if config.log.wandb_project and (run := self._guard('W&B', WandbRun, workdir, config)):
+      self.sinks['W&B'] = run
 
-  def _guard(self, name: str, fn: Any) -> None:
-    """Runs `fn`; on an error, reports it once and switches sink `name` off."""
+  def _guard(self, name: str, fn: Any, *args: Any) -> Any:
+    """`fn(*args)`; on an error, None: the error is reported and sink `name` switched off."""
     try:
-      fn()
+      return fn(*args)
     except Exception as e:  # pylint: disable=broad-except  # logging never stops a run
       logging.warning('%s logging failed (%s: %s) and is off for the rest of the run; '
                       'metrics.jsonl has every record.', name, type(e).__name__, e)
       self.sinks.pop(name, None)
+      return None
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     self.metrics.write(step, split, metrics)
@@ -256,14 +257,14 @@ class RunLogger:
       return
     scalars = flatten_scalars(_INVALID_TAG.sub('_', split), metrics)
     if board := self.sinks.get('TensorBoard'):
-      self._guard('TensorBoard', lambda: board.scalars(step, scalars))
+      self._guard('TensorBoard', board.scalars, step, scalars)
     if run := self.sinks.get('W&B'):
-      self._guard('W&B', lambda: run.log(step, scalars))
+      self._guard('W&B', run.log, step, scalars)
 
   def image(self, step: int, tag: str, picture: np.ndarray) -> None:
     """A uint8 [H, W, 3] picture under `tag` in TensorBoard and W&B (not in metrics.jsonl)."""
     for name, sink in list(self.sinks.items()):
-      self._guard(name, lambda: sink.image(step, tag, picture))
+      self._guard(name, sink.image, step, tag, picture)
 
   def flush(self) -> None:
     self.metrics.flush()

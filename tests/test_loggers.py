@@ -269,6 +269,25 @@ def test_tensorboard_off(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['metrics.jsonl']
 
 
+def test_a_failing_sink_is_switched_off_not_the_run(tmp_path, monkeypatch, caplog):
+  """W&B that cannot start (no login, say) and a disk that refuses the event file mid-run."""
+  def refuse(*unused_args, **unused_kwargs):
+    raise OSError('no space left on device')
+
+  monkeypatch.setattr(loggers.import_wandb(), 'init', refuse)
+  writer = loggers.RunLogger(tmp_path, make_config(wandb_project='p'), 0)
+  writer.write(1, 'train', {'loss': 1.0})
+  monkeypatch.setattr(loggers.TensorBoard, 'write', refuse)
+  writer.write(2, 'train', {'loss': 0.5})
+  writer.write(3, 'train', {'loss': 0.25})
+  writer.image(3, 'val/part_maps', np.zeros((4, 4, 3), np.uint8))
+  writer.close()
+  assert caplog.text.count('logging failed') == 2  # once for W&B, once for TensorBoard
+  assert [m['step'] for m in workdir_lib.read_metrics(tmp_path)] == [1, 2, 3]
+  scalars, _ = tensorboard_view(read_events(tmp_path / 'tensorboard'))
+  assert scalars == {'train/loss': [(1, 1.0)]}
+
+
 # ----------------------------------------------------------------------------
 # gs:// workdirs
 # ----------------------------------------------------------------------------
