@@ -218,6 +218,15 @@ def base_config() -> ml_collections.ConfigDict:
               embedding_weights='', C=1.0, max_iter=1000, backend='jax'),
   )
 
+  # Where a training run shows up besides metrics.jsonl, on process 0 (ifam_jax/loggers.py).
+  # TensorBoard event files in <workdir>/tensorboard/, with, at each evaluation, the part-map
+  # picture (--mode visualize's example grid) of `part_map_images` examples of data.val_split
+  # (else the first eval) for models with part maps; 0 = no picture. Weights & Biases (the
+  # `wandb` extra) when wandb_project is set: wandb_entity '' = the account's default,
+  # wandb_mode '' = W&B's own (WANDB_MODE, else 'online'), or 'online', 'offline', 'disabled'.
+  c.log = dict(tensorboard=True, part_map_images=8, wandb_project='', wandb_entity='',
+               wandb_mode='', wandb_tags=())
+
   # Loop.
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0

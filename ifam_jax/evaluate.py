@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from ifam_jax import data as data_lib
-from ifam_jax import factory, methods, optim, sharding
+from ifam_jax import factory, loggers, methods, optim, sharding
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.data.sources import IN9_CLASSES
 from ifam_jax.evaluators import audit, in9, leak, loop, metrics, parts, thresholds
@@ -202,7 +202,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   and 'bg_gap' when IN-9 variants are evaluated, 'bg_challenge' (under the thresholds too) when
   its folders exist and eval.splits is empty or names it: it costs hours on the IN-9 release.
   With eval.part_metrics, the eval sets with CUB part annotations also carry `parts.part_metrics`
-  ('kp', 'nmi', 'ari', ...), under the thresholds and without, as the other metrics.
+  ('kp', 'nmi', 'ari', ...), under the thresholds and without, as the other metrics. Its scalars
+  also go to TensorBoard (`loggers.write_eval_report`).
   """
   fit_source = parts.check_config(config)
   s = Session(config, workdir, which)
@@ -225,6 +226,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if root is not None and (not config.eval.splits or 'bg_challenge' in config.eval.splits):
       report['bg_challenge'] = s.bg_challenge(root)
   path = s.write(f'eval/{which}/eval.json', report)
+  loggers.write_eval_report(config, workdir, which, report)
 
   rows = dict(report['evals'])
   rows.update({f'{name} (no thresholds)': m

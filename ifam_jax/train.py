@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from ifam_jax import factory, losses, methods, optim, sharding
+from ifam_jax import factory, loggers, losses, methods, optim, sharding
 from ifam_jax import data as data_lib
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.apply import apply
@@ -264,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   workdir_lib.check_writable(workdir_path)
+  loggers.check_config(config)
 
   # --- Data and batch sizes (validated before any device work) -----------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -307,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batch_sharding, state, frozen = t.batch_sharding, t.state, t.frozen
   abstract_state, state_sharding, frozen_sharding = (t.abstract_state, t.state_sharding,
                                                      t.frozen_sharding)
-  train_step, eval_step = t.train_step, t.eval_step
+  train_step, eval_step, graphdef, rest = t.train_step, t.eval_step, t.graphdef, t.rest
   del t
 
   # --- Checkpoints: resume if the workdir has one --------------------------------------------
@@ -333,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         data=grain.checkpoint.CheckpointRestore(train_iter)))
     state, frozen = restored['state']['train'], restored['state']['frozen']
     announce('resumed from step %d', start_step)
-  writer = workdir_lib.MetricWriter(workdir_path, start_step)
+  writer = loggers.RunLogger(workdir_path, config, start_step)
 
   def save_failed(step: int, error: Exception) -> CheckpointSaveError:
     return CheckpointSaveError(
@@ -394,6 +395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           f'{k} {v:.4g}' for k, v in results[name].items() if isinstance(v, (int, float))))
     return results
 
+  pictures = loggers.TrainPictures(config, eval_sources, graphdef, rest, mesh)
+
   # --- Train loop -----------------------------------------------------------------------------
   # Metrics are fetched only on steps that log, evaluate or checkpoint (fetching every step
   # would stall the device queue); each of those first checks that the state is finite, so a
@@ -447,6 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if evals:
         eval_start = time.perf_counter()
         results = run_evals(done)
+        pictures.log(writer, done, eval_params(), frozen)
         maybe_save_best(done, results)
         freeze_garbage_collector()  # after the eval step's compilation
         last_log_time += time.perf_counter() - eval_start  # img/s and ETA are of training
@@ -469,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   else:
     train_scalars = _scalars(jax.device_get(metrics))
   summary = {'step': total_steps, 'evals': results, 'train': train_scalars}
-  writer.flush()
+  writer.close()
   workdir_lib.save_params(workdir_path, 'final', eval_params(), frozen, {
       'num_classes': num_classes, 'class_names': train_source.class_names, **summary})
   if config.data.val_split:

@@ -67,11 +67,12 @@ def _save_png(canvas: Image.Image, path: str | os.PathLike) -> epath.Path:
   return path
 
 
-def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike,
-              captions: Sequence[str] | None = None, scale: int = 2) -> epath.Path:
-  """Writes a PNG of equally sized uint8 images, one list per row, with an optional caption each."""
+def grid_picture(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str] | None = None,
+                 scale: float = 2) -> Image.Image:
+  """Equally sized uint8 images, one list per row, each row with an optional caption, in one
+  picture; each image resized by `scale` (nearest: a patch stays a block)."""
   h, w = rows[0][0].shape[:2]
-  h, w = h * scale, w * scale
+  h, w = max(1, round(h * scale)), max(1, round(w * scale))
   caption_h = 14 if captions else 0
   ncols = max(len(r) for r in rows)
   canvas = Image.new('RGB', (ncols * (w + 4) + 4, len(rows) * (h + caption_h + 4) + 4),
@@ -84,7 +85,13 @@ def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike,
     for j, tile in enumerate(row):
       picture = Image.fromarray(tile).resize((w, h), Image.NEAREST)
       canvas.paste(picture, (4 + j * (w + 4), top + caption_h))
-  return _save_png(canvas, path)
+  return canvas
+
+
+def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike,
+              captions: Sequence[str] | None = None, scale: float = 2) -> epath.Path:
+  """Writes `grid_picture` as a PNG."""
+  return _save_png(grid_picture(rows, captions, scale), path)
 
 
 def save_bar_chart(values: Mapping[str, float], path: str | os.PathLike, title: str,
@@ -174,15 +181,20 @@ def examples_per_group(source, count: int) -> list[int]:
   return sorted(sum(picked.values(), []), key=lambda i: source[i]['group'])[:count]
 
 
-def _predict(model, config: ml_collections.ConfigDict, source, indices: Sequence[int],
-             batch_size: int = 64) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Eval-transformed uint8 images and the model's outputs for `indices` (host arrays)."""
+def eval_batch(config: ml_collections.ConfigDict, source, indices: Sequence[int],
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Eval-transformed uint8 images of `indices` and the method's `batch_inputs` (host arrays)."""
   _, transform = factory.make_transforms(config)
   rng = np.random.default_rng(0)
   records = [data_lib.transforms.process(source[i], rng, transform) for i in indices]
   batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
-  inputs = methods.batch_inputs(config.model.kind, batch, repr(source))
-  images = batch['image']
+  return batch['image'], methods.batch_inputs(config.model.kind, batch, repr(source))
+
+
+def _predict(model, config: ml_collections.ConfigDict, source, indices: Sequence[int],
+             batch_size: int = 64) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Eval-transformed uint8 images and the model's outputs for `indices` (host arrays)."""
+  images, inputs = eval_batch(config, source, indices)
   graphdef, params, frozen, rest = optim.split_frozen(model, config.optim.group_rules,
                                                       config.optim.groups)
   predict = methods.get(config.model.kind).predict
@@ -194,10 +206,12 @@ def _predict(model, config: ml_collections.ConfigDict, source, indices: Sequence
   return images, {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
-def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequence[int],
-                 path: str | os.PathLike) -> epath.Path:
-  """One row per image: image | part assignment | stage-2 view, captioned with predictions."""
-  images, out = _predict(model, config, source, indices)
+def example_picture(source, indices: Sequence[int], images: np.ndarray,
+                    out: Mapping[str, np.ndarray], scale: float = 2) -> Image.Image:
+  """One row per image: image | part assignment | stage-2 view, captioned with predictions.
+
+  `images` and `out` are `indices`' eval images and the method's predict outputs for them.
+  """
   names = source.class_names
   rows, captions = [], []
   for n, i in enumerate(indices):
@@ -213,7 +227,14 @@ def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequ
       row.append(mask_overlay(images[n], out['fg_mask'][n]))
     rows.append(row)
     captions.append(caption)
-  return save_grid(rows, path, captions)
+  return grid_picture(rows, captions, scale)
+
+
+def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequence[int],
+                 path: str | os.PathLike) -> epath.Path:
+  """Writes `example_picture` of the model's outputs for `indices` as a PNG."""
+  images, out = _predict(model, config, source, indices)
+  return _save_png(example_picture(source, indices, images, out), path)
 
 
 def part_galleries(model, config: ml_collections.ConfigDict, source, pool: int, size: int,

@@ -39,14 +39,14 @@ from ifam_jax import config_lib
 # Folders a run writes below its workdir; each that exists is probed at start.
 OUTPUT_FOLDERS = ('checkpoints', 'params', 'eval', 'thresholds', 'pictures', 'export')
 # Config keys a resumed run honours: how long to train, how often to log, evaluate and save,
-# what to evaluate, and how the same computation is laid out on devices. Any other change
-# would alter the parameters' shapes, the data stream or what a checkpoint means.
+# what to evaluate, where to log, and how the same computation is laid out on devices. Any
+# other change would alter the parameters' shapes, the data stream or what a checkpoint means.
 RESUMABLE_KEYS = ('max_steps', 'total_epochs', 'log_every_steps', 'eval_every_epochs',
                   'checkpoint_every_steps', 'keep_checkpoints', 'data.num_workers',
                   'data.eval_batch_size', 'data.evals', 'eval', 'mesh', 'sharding_rules',
                   'fsdp_min_size', 'gpu_compiler_options', 'model.attention',
                   'model.stage2_token_tiers', 'model.stage2_token_groups', 'model.init_weights',
-                  'compare', 'peers')
+                  'compare', 'peers', 'log')
 
 
 # ----------------------------------------------------------------------------
