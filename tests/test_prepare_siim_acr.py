@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ifam_jax import factory
-from ifam_jax.data import prepare_siim_acr, sources, transforms
+from ifam_jax.data import prepare_siim_acr, siim_acr, transforms
 from ifam_jax.evaluators import metrics
 from ifam_jax.models import vit
 from test_configs import get_config
@@ -244,7 +244,7 @@ def test_siim_source_reads_the_prepared_layout(prepared):
   out, _ = prepared
   spec = dict(source='siim_acr', root=str(out))
   train = factory.make_source(dict(spec, split='train'))
-  assert isinstance(train, sources.SiimAcrSource) and len(train) == 3
+  assert isinstance(train, siim_acr.SiimAcrSource) and len(train) == 3
   assert train.class_names == ['no pneumothorax', 'pneumothorax'] and train.num_groups == 0
   assert list(train.labels) == [0, 0, 1] and set(train.groups) == {-1}
   tube_group = lambda i: 2 * IMAGES[i][0] + IMAGES[i][1]
@@ -284,27 +284,27 @@ def test_siim_source_reads_png_and_names_problems(tmp_path):
     (root / f'{split}_set' / str(label)).mkdir(parents=True, exist_ok=True)
     Image.new('L', (8, 6), 40 * label).save(root / f'{split}_set' / str(label) / f'{name}.png')
   with pytest.raises(FileNotFoundError, match='SIIM-ACR mask folder'):
-    sources.SiimAcrSource(root, 'train')
+    siim_acr.SiimAcrSource(root, 'train')
   (root / 'all_masks').mkdir()
   Image.new('L', (8, 6), 0).save(root / 'all_masks' / 'a.png')
   with pytest.raises(FileNotFoundError, match=r'1 of 2 listed masks .*b.png'):
-    sources.SiimAcrSource(root, 'train')
+    siim_acr.SiimAcrSource(root, 'train')
   Image.new('L', (8, 6), 255).save(root / 'all_masks' / 'b.png')
-  src = sources.SiimAcrSource(root, 'train')
+  src = siim_acr.SiimAcrSource(root, 'train')
   assert isinstance(src[1]['image'], bytes) and src[1]['fg_mask'].all()
-  assert list(sources.SiimAcrSource(root, 'train', masks=False)[0]) == [
+  assert list(siim_acr.SiimAcrSource(root, 'train', masks=False)[0]) == [
       'image', 'label', 'group', 'path']
   with pytest.raises(FileNotFoundError, match='non_robust_test_set'):
-    sources.SiimAcrSource(root, 'full_test')  # its tubes come from the two subsets
+    siim_acr.SiimAcrSource(root, 'full_test')  # its tubes come from the two subsets
   (root / 'non_robust_test_set' / '1').mkdir(parents=True)
   Image.new('L', (8, 6), 0).save(root / 'non_robust_test_set' / '1' / 'b.png')
   with pytest.raises(ValueError, match=r'b.png: .* it is in robust_test and non_robust_test'):
-    sources.SiimAcrSource(root, 'full_test')
+    siim_acr.SiimAcrSource(root, 'full_test')
   with pytest.raises(ValueError, match="SIIM-ACR split must be one of"):
-    sources.SiimAcrSource(root, 'test')
+    siim_acr.SiimAcrSource(root, 'test')
   (root / 'train_set' / 'maybe').mkdir()
   with pytest.raises(ValueError, match=r"holds folders \['maybe'\]"):
-    sources.SiimAcrSource(root, 'train')
+    siim_acr.SiimAcrSource(root, 'train')
 
 
 def test_the_recipe_normalises_with_the_cxr_statistics(tmp_path):

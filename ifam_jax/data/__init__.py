@@ -7,17 +7,18 @@
     x = normalize(global_batch(batch, sharding)['image'])   # on device
 """
 
-from ifam_jax.data import pipeline, sources, synthetic, transforms
+from ifam_jax.data import pipeline, siim_acr, sources, synthetic, transforms
 from ifam_jax.data.pipeline import (check_image_size, global_batch, make_dataset, normalize,
                                     num_eval_batches, per_process_batch_size)
+from ifam_jax.data.siim_acr import SiimAcrSource
 from ifam_jax.data.sources import (CubSource, ImageFolderSource, ImageNet9Source,
-                                   MetaShiftSource, SiimAcrSource, TfdsSource, WaterbirdsSource)
+                                   MetaShiftSource, TfdsSource, WaterbirdsSource)
 from ifam_jax.data.synthetic import SyntheticSpuriousSource
 from ifam_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    'pipeline', 'sources', 'synthetic', 'transforms', 'check_image_size', 'global_batch',
-    'make_dataset',
+    'pipeline', 'siim_acr', 'sources', 'synthetic', 'transforms', 'check_image_size',
+    'global_batch', 'make_dataset',
     'normalize', 'num_eval_batches', 'per_process_batch_size', 'CubSource', 'ImageFolderSource',
     'ImageNet9Source', 'MetaShiftSource', 'SiimAcrSource', 'SyntheticSpuriousSource', 'TfdsSource',
     'WaterbirdsSource', 'IMAGENET_MEAN', 'IMAGENET_STD',

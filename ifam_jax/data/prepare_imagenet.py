@@ -67,8 +67,6 @@ _TFDS_DIR = 'datasets/imagenet2012'  # inside the tensorflow_datasets package
 
 PathLike = str | os.PathLike
 # The sources' path checks are reused, so that errors read alike.
-_require_dir = sources._require_dir  # pylint: disable=protected-access
-_require_file = sources._require_file  # pylint: disable=protected-access
 
 
 class Blob(NamedTuple):
@@ -108,7 +106,7 @@ def _chunks(blobs: Sequence[Blob]) -> list[Task]:
 
 def _tar_members(path: pathlib.Path) -> list[tarfile.TarInfo]:
   """The archive's files; reads only the tar headers. Uncompressed, so workers can seek."""
-  _require_file(path, 'ImageNet archive')
+  sources.require_file(path, 'ImageNet archive')
   try:
     with tarfile.open(path, 'r:') as tar:
       return [m for m in tar.getmembers() if m.isfile()]
@@ -131,7 +129,7 @@ def _plan_train_tar(path: pathlib.Path, index: dict[str, int]) -> list[Task]:
 
 
 def _read_val_labels(path: pathlib.Path, index: dict[str, int]) -> list[int]:
-  _require_file(path, 'validation labels file')
+  sources.require_file(path, 'validation labels file')
   labels = []
   for line, text in enumerate(path.read_text().strip().splitlines(), start=1):
     if text.strip() not in index:
@@ -170,7 +168,7 @@ def plan(source: PathLike, splits: Sequence[str] = SPLITS,
          val_labels: PathLike | None = None) -> dict[str, list[Task]]:
   """Worker tasks per split, after checking the source's layout, names and labels."""
   source = pathlib.Path(source)
-  _require_dir(source, 'ImageNet source')
+  sources.require_dir(source, 'ImageNet source')
   unknown = set(splits) - set(SPLITS)
   if unknown or not splits:
     raise ValueError(f'splits must be some of {list(SPLITS)}, got {list(splits)}')

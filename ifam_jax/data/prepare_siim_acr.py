@@ -56,8 +56,6 @@ SPLIT_DIRS = ('train_set', 'full_test_set', 'robust_test_set', 'non_robust_test_
 LINKS = ('hard', 'symlink', 'copy')
 
 PathLike = str | os.PathLike
-_require_dir = sources._require_dir  # pylint: disable=protected-access
-_require_file = sources._require_file  # pylint: disable=protected-access
 
 
 class Plan(NamedTuple):
@@ -157,11 +155,11 @@ def read_tubes(path: pathlib.Path) -> dict[str, int]:
 def plan(source: PathLike, tubes_path: PathLike, skip_missing: bool = False) -> Plan:
   """Reads and checks every input; writes nothing."""
   source = pathlib.Path(source)
-  _require_dir(source, 'SIIM-ACR release folder')
+  sources.require_dir(source, 'SIIM-ACR release folder')
   csv_path, dicom_dir = source / 'train-rle.csv', source / 'dicom-images-train'
-  _require_file(csv_path, 'SIIM-ACR labels')
-  _require_dir(dicom_dir, 'SIIM-ACR DICOM folder')
-  _require_file(pathlib.Path(tubes_path), 'chest-tube labels (cxr_tube_dict.pkl)')
+  sources.require_file(csv_path, 'SIIM-ACR labels')
+  sources.require_dir(dicom_dir, 'SIIM-ACR DICOM folder')
+  sources.require_file(pathlib.Path(tubes_path), 'chest-tube labels (cxr_tube_dict.pkl)')
   rles = read_rle_csv(csv_path)
   tubes = read_tubes(pathlib.Path(tubes_path))
   labels = {}

@@ -3,12 +3,12 @@
 Every record is `{'image': encoded bytes or uint8 [H, W, C], 'label': int, 'group': int}`, where
 `group` is -1 when the data set defines no groups. File-backed sources add the image's `'path'`
 (which names an undecodable image in its warning); CubSource given a `segmentation_dir`,
-SiimAcrSource (its pneumothorax masks) and the demo's source (`synthetic.py`) add a ground-truth
-foreground mask `'fg_mask'` (uint8 [H, W] in {0, 1}); CubSource with `part_annotations` adds
-`'keypoints'` (float32 [P, 3]: x, y, visible) and `'box'` (float32 [4]: x, y, width, height), in
-the image's pixels. Every source exposes `class_names`, `num_classes`, `group_names` and
-`num_groups` (0 without groups). Records are uint8 [H, W(, C)] arrays rather than bytes only where
-the format needs a reader of its own (SIIM-ACR's DICOMs).
+SiimAcrSource (`siim_acr.py`: pneumothorax masks) and the demo's source (`synthetic.py`) add a
+ground-truth foreground mask `'fg_mask'` (uint8 [H, W] in {0, 1}); CubSource with
+`part_annotations` adds `'keypoints'` (float32 [P, 3]: x, y, visible) and `'box'` (float32 [4]:
+x, y, width, height), in the image's pixels. Every source exposes `class_names`, `num_classes`,
+`group_names` and `num_groups` (0 without groups). Records are uint8 [H, W(, C)] arrays rather
+than bytes only where the format needs a reader of its own (SIIM-ACR's DICOMs).
 
 Sources validate their inputs when built, with cheap checks only (directory listings, metadata
 files, the existence of every listed file), and every error names the offending path: a wrong
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import importlib.util
 import os
 import pathlib
 from collections.abc import Sequence
@@ -90,12 +89,12 @@ class FileSource(Source):
 # ----------------------------------------------------------------------------
 # Folder scanning and validation helpers
 # ----------------------------------------------------------------------------
-def _require_dir(path: pathlib.Path, what: str) -> None:
+def require_dir(path: pathlib.Path, what: str) -> None:
   if not path.is_dir():
     raise FileNotFoundError(f'{what} {path} does not exist or is not a directory')
 
 
-def _require_file(path: pathlib.Path, what: str) -> None:
+def require_file(path: pathlib.Path, what: str) -> None:
   if not path.is_file():
     raise FileNotFoundError(f'{what} {path} does not exist')
 
@@ -109,7 +108,7 @@ def _image_files(folder: pathlib.Path) -> list[str]:
 def class_folders(root: str | os.PathLike) -> list[str]:
   """The sorted class folder names of an image folder: its labels, without listing any image."""
   root = pathlib.Path(root)
-  _require_dir(root, 'image folder')
+  require_dir(root, 'image folder')
   found = sorted(e.name for e in os.scandir(root) if e.is_dir())
   if not found:
     raise ValueError(f'image folder {root} holds no class folders')
@@ -139,7 +138,7 @@ def _scan_image_folder(root: pathlib.Path, classes: Sequence[str] | None
   return class_names, paths, labels
 
 
-def _check_files_exist(paths: Sequence[str], what: str, kind: str = 'images') -> None:
+def check_files_exist(paths: Sequence[str], what: str, kind: str = 'images') -> None:
   """Every listed file must exist: one missing would otherwise stop training when first read.
 
   One stat per file, cheap next to training even for tens of thousands of files.
@@ -244,13 +243,13 @@ class WaterbirdsSource(FileSource):
     root = pathlib.Path(root)
     if split not in WATERBIRDS_SPLITS:
       raise ValueError(f'Waterbirds split must be one of {list(WATERBIRDS_SPLITS)}, got {split!r}')
-    _require_dir(root, 'Waterbirds root')
+    require_dir(root, 'Waterbirds root')
     meta = root / 'metadata.csv'
     class_names = list(classes or ('landbird', 'waterbird'))
     places = list(attribute_names or ('land', 'water'))
     _check_names(class_names, 'data.classes', f'classes (y = 0, 1 in {meta})')
     _check_names(places, 'data.attribute_names', f'places (place = 0, 1 in {meta})')
-    _require_file(meta, 'Waterbirds metadata')
+    require_file(meta, 'Waterbirds metadata')
     try:
       with open(meta, newline='', encoding='utf-8-sig') as f:  # Excel writes a byte-order mark
         reader = csv.DictReader(f)
@@ -272,7 +271,7 @@ class WaterbirdsSource(FileSource):
         paths.append(str(root / row['img_filename']))
         labels.append(y)
         groups.append(2 * y + place)
-    _check_files_exist(paths, f'Waterbirds metadata {meta}')
+    check_files_exist(paths, f'Waterbirds metadata {meta}')
     self.class_names = class_names
     self.group_names = [f'{name}/{place}' for name in class_names for place in places]
     super().__init__(paths, labels, groups)
@@ -283,7 +282,7 @@ class WaterbirdsSource(FileSource):
 
 def _read_id_table(path: pathlib.Path) -> dict[int, str]:
   """`<id> <value>` per line (CUB's list files) -> {id: value}."""
-  _require_file(path, 'CUB list file')
+  require_file(path, 'CUB list file')
   table = {}
   try:
     with open(path, encoding='utf-8-sig') as f:
@@ -302,7 +301,7 @@ def _read_id_table(path: pathlib.Path) -> dict[int, str]:
 
 def _read_number_rows(path: pathlib.Path, columns: int, what: str) -> np.ndarray:
   """float64 [N, columns] of a whitespace-separated numeric list file (CUB's part files)."""
-  _require_file(path, what)
+  require_file(path, what)
   try:
     with open(path, encoding='utf-8-sig') as f:
       lines = f.read().splitlines()
@@ -356,7 +355,7 @@ def read_cub_parts(root: pathlib.Path, image_ids: Sequence[int]
   return keypoints, np.asarray([box_of[int(i)] for i in image_ids], np.float32).reshape(-1, 4)
 
 
-def _image_size(image: bytes) -> tuple[int, int] | None:
+def encoded_image_size(image: bytes) -> tuple[int, int] | None:
   """(width, height) from an encoded image's header; None if unreadable."""
   try:
     with Image.open(io.BytesIO(image)) as img:
@@ -406,9 +405,9 @@ class CubSource(FileSource):
     if split not in ('train', 'test'):
       raise ValueError(f"CUB split must be 'train' or 'test' (the reference has no val), "
                        f'got {split!r}')
-    _require_dir(root, 'CUB root')
+    require_dir(root, 'CUB root')
     image_dir = root / image_subdir
-    _require_dir(image_dir, 'CUB image folder')
+    require_dir(image_dir, 'CUB image folder')
     if (root / 'classes.txt').is_file():
       named = _read_id_table(root / 'classes.txt')
       self.class_names = [named[k] for k in sorted(named)]
@@ -432,13 +431,13 @@ class CubSource(FileSource):
         labels.append(label - 1)
         names.append(name)
         ids.append(image_id)
-    _check_files_exist(paths, f'CUB images.txt {root / "images.txt"}')
+    check_files_exist(paths, f'CUB images.txt {root / "images.txt"}')
     self.mask_paths = None
     if segmentation_dir:
       mask_dir = root / segmentation_dir
-      _require_dir(mask_dir, 'CUB segmentation folder')
+      require_dir(mask_dir, 'CUB segmentation folder')
       self.mask_paths = [str(mask_dir / (os.path.splitext(n)[0] + '.png')) for n in names]
-      _check_files_exist(self.mask_paths, f'CUB segmentation folder {mask_dir}', 'masks')
+      check_files_exist(self.mask_paths, f'CUB segmentation folder {mask_dir}', 'masks')
     self.keypoints, self.boxes = read_cub_parts(root, ids) if part_annotations else (None, None)
     self.group_names = []
     super().__init__(paths, labels, [-1] * len(paths))
@@ -451,133 +450,10 @@ class CubSource(FileSource):
   def __getitem__(self, index: int) -> Record:
     record = super().__getitem__(index)
     if self.mask_paths is not None:
-      record['fg_mask'] = read_binary_mask(self.mask_paths[index], _image_size(record['image']))
+      size = encoded_image_size(record['image'])
+      record['fg_mask'] = read_binary_mask(self.mask_paths[index], size)
     if self.keypoints is not None:
       record['keypoints'], record['box'] = self.keypoints[index], self.boxes[index]
-    return record
-
-
-# ----------------------------------------------------------------------------
-# SIIM-ACR pneumothorax (chest X-rays, chest-tube groups)
-# ----------------------------------------------------------------------------
-SIIM_SPLITS = ('train', 'full_test', 'robust_test', 'non_robust_test')
-SIIM_CLASSES = ('no pneumothorax', 'pneumothorax')
-SIIM_TUBE = ('no tube', 'tube')
-
-
-def read_dicom_uint8(path: str) -> np.ndarray:
-  """A DICOM's `pixel_array` cast to uint8 without rescaling, as the reference's CXR loader:
-  SIIM-ACR stores 8-bit greyscale, so the cast keeps its values."""
-  try:
-    import pydicom  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise ImportError('reading DICOM files needs pydicom: pip install -e ".[siim]"') from None
-  return np.asarray(pydicom.dcmread(path).pixel_array).astype(np.uint8)
-
-
-class SiimAcrSource(FileSource):
-  """SIIM-ACR as `python -m ifam_jax.data.prepare_siim_acr` (and the reference's script) lays it
-  out: `root/<split>_set/{0,1}/<id>.dcm` (or .png), masks `root/all_masks/<id>.png`.
-
-  The label is the parent folder (1 = pneumothorax). DICOMs are read here (`read_dicom_uint8`),
-  so records carry a uint8 [H, W] array that decoding replicates to RGB; PNGs travel encoded.
-  The test splits' group is 2 * label + chest tube, named '<class>/<tube>': the robust test set
-  holds the negatives with a tube and the positives without one (groups 1 and 2, the minority
-  groups), the non-robust set the others, and `full_test` reads each image's tube off which of
-  the two holds it. The chest tube of the training images is unknown: they have no groups.
-  `masks` adds 'fg_mask' (pneumothorax > 0; negatives are empty), all checked when built. The
-  reference's own script writes them mirrored about the diagonal (prepare_siim_acr says why):
-  for a foreground IoU, prepare the layout with prepare_siim_acr.
-  """
-
-  spurious_attribute = 'chest tube'
-
-  def __init__(self, root: str | os.PathLike, split: str, masks: bool = True):
-    root = pathlib.Path(root)
-    if split not in SIIM_SPLITS:
-      raise ValueError(f'SIIM-ACR split must be one of {list(SIIM_SPLITS)}, got {split!r}')
-    _require_dir(root, 'SIIM-ACR root')
-    paths, labels = self._scan(root, split)
-    if split == 'train':
-      groups, self.group_names = [-1] * len(paths), []
-    else:
-      tubes = self._tubes(root, split, paths, labels)
-      groups = [2 * y + t for y, t in zip(labels, tubes)]
-      self.group_names = [f'{c}/{t}' for c in SIIM_CLASSES for t in SIIM_TUBE]
-    if any(p.endswith('.dcm') for p in paths):
-      self._check_pydicom()
-    self.mask_paths = None
-    if masks:
-      mask_dir = root / 'all_masks'
-      _require_dir(mask_dir, 'SIIM-ACR mask folder')
-      self.mask_paths = [str(mask_dir / (pathlib.Path(p).stem + '.png')) for p in paths]
-      _check_files_exist(self.mask_paths, f'SIIM-ACR mask folder {mask_dir}', 'masks')
-    self.class_names = list(SIIM_CLASSES)
-    super().__init__(paths, labels, groups)
-    self._repr = describe('SiimAcrSource', root=str(root), split=split, masks=masks)
-
-  @staticmethod
-  def _check_pydicom() -> None:
-    """Fails in the launcher, not in a data worker, when DICOMs cannot be read."""
-    if importlib.util.find_spec('pydicom') is None:
-      raise ImportError('the SIIM-ACR source holds DICOM files, which need pydicom: '
-                        'pip install -e ".[siim]"')
-
-  @staticmethod
-  def _scan(root: pathlib.Path, split: str) -> tuple[list[str], list[int]]:
-    folder = root / f'{split}_set'
-    _require_dir(folder, f'SIIM-ACR {split} folder')
-    extra = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name not in ('0', '1'))
-    if extra:
-      raise ValueError(f'{folder} holds folders {extra}; expected the class folders 0 and 1')
-    paths, labels = [], []
-    for label in (0, 1):
-      sub = folder / str(label)
-      if sub.is_dir():
-        files = sorted(e.name for e in os.scandir(sub)
-                       if e.is_file() and e.name.lower().endswith(('.dcm', '.png')))
-        paths += [str(sub / f) for f in files]
-        labels += [label] * len(files)
-    if not paths:
-      raise ValueError(f'{folder} holds no .dcm or .png files in its class folders 0 and 1 '
-                       '(prepare it with python -m ifam_jax.data.prepare_siim_acr)')
-    return paths, labels
-
-  @staticmethod
-  def _tubes(root: pathlib.Path, split: str, paths: Sequence[str],
-             labels: Sequence[int]) -> list[int]:
-    """Chest tube (0/1) per image: robust = {negative with tube} | {positive without}."""
-    if split != 'full_test':
-      robust = split == 'robust_test'
-      return [int(robust != (y == 1)) for y in labels]
-    membership = {}
-    for subset in ('robust_test', 'non_robust_test'):
-      for p in SiimAcrSource._scan(root, subset)[0]:
-        membership.setdefault(pathlib.Path(p).stem, []).append(subset)
-    tubes = []
-    for path, y in zip(paths, labels):
-      found = membership.get(pathlib.Path(path).stem, [])
-      if len(found) != 1:
-        where = ' and '.join(found) or 'neither robust_test_set nor non_robust_test_set'
-        raise ValueError(f'{path}: its chest tube is read off the robust and non-robust test '
-                         f'sets, but it is in {where}')
-      tubes.append(int((found[0] == 'robust_test') != (y == 1)))
-    return tubes
-
-  def __getitem__(self, index: int) -> Record:
-    record = super().__getitem__(index)
-    path = record['path']
-    if path.lower().endswith('.dcm'):
-      try:
-        record['image'] = read_dicom_uint8(path)
-      except ImportError:
-        raise
-      except Exception:  # pylint: disable=broad-except  # pydicom raises many error types
-        pass  # the file's bytes stay: decoding then fails and names the file (valid=0)
-    image = record['image']
-    size = image.shape[1::-1] if isinstance(image, np.ndarray) else _image_size(image)
-    if self.mask_paths is not None:
-      record['fg_mask'] = read_binary_mask(self.mask_paths[index], size)
     return record
 
 
@@ -594,7 +470,7 @@ class TfdsSource(Source):
                image_key: str = 'image', label_key: str = 'label',
                group_key: str | None = None):
     if data_dir is not None:
-      _require_dir(pathlib.Path(data_dir), 'TFDS data_dir')
+      require_dir(pathlib.Path(data_dir), 'TFDS data_dir')
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
       raise FileNotFoundError(f'TFDS data set {name!r} is not prepared in {builder.data_dir}')
