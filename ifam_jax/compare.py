@@ -506,8 +506,8 @@ def format_rows(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
 def bar_chart(rows: Mapping[str, Mapping[str, Any]], path: epath.Path, title: str) -> None:
   """Average and worst-group accuracy per method, with the seeds' standard deviation."""
-  bar, gap, left, top, plot_h = 18, 22, 46, 34, 260
-  width = left + len(rows) * (2 * bar + gap) + 20
+  bar, gap, left, top, plot_h = 18, 22, 46, 48, 260  # title, then the legend, above the plot
+  width = max(left + len(rows) * (2 * bar + gap) + 20, left + 7 * len(title) + 10)
   label_h = 10 + 7 * max(len(r['label']) for r in rows.values())
   image = Image.new('RGB', (max(width, 360), top + plot_h + label_h), 'white')
   draw = ImageDraw.Draw(image)
@@ -532,11 +532,10 @@ def bar_chart(rows: Mapping[str, Mapping[str, Any]], path: epath.Path, title: st
     name = Image.new('RGB', (label_h - 6, 12), 'white')
     ImageDraw.Draw(name).text((0, 0), row['label'], fill='black')
     image.paste(name.rotate(90, expand=True), (int(x0 + bar - 6), top + plot_h + 4))
-  legend_x = image.width - 200
   for j, (text, colour) in enumerate((('average', colours['accuracy']),
                                       ('worst group', colours['worst_group_accuracy']))):
-    draw.rectangle([legend_x + 100 * j, 10, legend_x + 100 * j + 10, 20], fill=colour)
-    draw.text((legend_x + 100 * j + 14, 9), text, fill='black')
+    draw.rectangle([left + 100 * j, 26, left + 100 * j + 10, 36], fill=colour)
+    draw.text((left + 100 * j + 14, 25), text, fill='black')
   with path.open('wb') as f:
     image.save(f, format='PNG')
 

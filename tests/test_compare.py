@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ifam_jax import compare, evaluate, train
 from ifam_jax.evaluators import metrics
@@ -95,6 +95,21 @@ def test_summarise_means_and_stds_over_seeds(tmp_path):
   compare.bar_chart(rows, epath.Path(tmp_path) / 'c.png', 'test')
   image = np.asarray(Image.open(tmp_path / 'c.png').convert('RGB'))
   assert image.shape[1] > 100 and (image != 255).any()
+
+
+def test_bar_chart_legend_clear_of_a_long_title(tmp_path):
+  """The legend's swatches sit below the title's text rows, and the title fits the picture."""
+  rows = compare.summarise({'m': {0: result(0.9, {'g0': 1.0, 'g1': 0.5}, 1.0)}}, 'test', {})
+  title = 'test: average and worst-group accuracy (%), 3 seed(s)'
+  compare.bar_chart(rows, epath.Path(tmp_path) / 'c.png', title)
+  image = np.asarray(Image.open(tmp_path / 'c.png').convert('RGB'))
+  text_rows = (image[:, :, 0] < 80) & (image[:, :, 1] < 80) & (image[:, :, 2] < 80)  # black ink
+  title_bottom = np.flatnonzero(text_rows[:24].any(axis=1)).max()
+  for colour in ((120, 160, 220), (30, 70, 150)):
+    swatch_rows = np.flatnonzero((image == colour).all(axis=-1).any(axis=1))
+    assert swatch_rows.min() > title_bottom
+  width = ImageDraw.Draw(Image.new('RGB', (1, 1))).textbbox((0, 0), title)[2]
+  assert image.shape[1] >= width + 46
 
 
 def test_bg_gap_and_train_weighted_in_rows():
