@@ -186,7 +186,7 @@ def summary_section(run: epath.Path, which: str, config: Any, records: list, anc
   for key in ('model.kind', 'model.num_parts', 'model.image_size', 'data.train.source',
               'data.train.root', 'global_batch_size', 'total_epochs', 'max_steps', 'optim.lr',
               'seed'):
-    if (value := _get(config, key)) not in (None, ''):
+    if (value := _get(config, key)) not in (None, '') and (key, value) != ('max_steps', 0):
       rows.append((key, json.dumps(value) if not isinstance(value, str) else value))
   best = _read_json(run / 'params' / 'best.json') or {}
   if 'step' in best:

@@ -157,6 +157,9 @@ def test_report_of_a_finished_run(tmp_path):
     assert page.cell(group, 'test', first_column='group') == accuracy
   assert page.cell('test', 'mask→attribute AUROC') == '0.91'
   assert 'PASSED' in page.all_text and 'the mask leaks the background' in page.all_text
+  # Summary rows: the configured epochs; max_steps=0 (the length from epochs) is no fact.
+  first_cells = {row[0] for table in page.tables for row in table}
+  assert 'total_epochs' in first_cells and 'max_steps' not in first_cells
   # The class name is text wherever it appears: in the config, tables and captions.
   assert '<b>&' not in text and '&lt;b&gt;&amp;' in text
   assert text.isascii() and 'plüs/water' in page.all_text
