@@ -165,6 +165,11 @@ def base_config() -> ml_collections.ConfigDict:
       xla_gpu_triton_gemm_any=True, xla_gpu_dot_merger_threshold_mb=0,
       xla_gpu_enable_command_buffer=('FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,'
                                      'DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE'))
+  # JAX's persistent compilation cache (a local folder per host): a rerun, resume or evaluation
+  # of the same step loads its executable instead of compiling it again (the ImageNet recipe's
+  # train step: 100 s -> 21 s on an H200). '' keeps JAX's own setting (JAX_COMPILATION_CACHE_DIR);
+  # the paper recipes use ~/.cache/ifam_jax/xla.
+  c.compilation_cache_dir = ''
 
   # Evaluation entry points (ifam_jax/evaluate.py: eval, calibrate, leave-one-out, audit).
   c.eval = dict(
@@ -386,6 +391,7 @@ def paper_recipe(*, image_size: int, global_batch_size: int, total_epochs: int, 
   c.total_epochs = total_epochs
   c.data.augment = augment
   c.loss.presence_group_size = presence_group_size
+  c.compilation_cache_dir = '~/.cache/ifam_jax/xla'  # their steps compile for minutes
   return c
 
 

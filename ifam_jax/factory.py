@@ -189,6 +189,13 @@ def vit_from_config(model_cfg: ml_collections.ConfigDict) -> vit.ViTConfig:
                         **dict(model_cfg.vit_overrides))
 
 
+def use_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  """Points JAX's persistent compilation cache at `compilation_cache_dir`, if set."""
+  if config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(config.compilation_cache_dir))
+
+
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The XLA options for this backend's jitted steps (`gpu_compiler_options` on GPUs)."""
   return dict(config.gpu_compiler_options) if jax.default_backend() == 'gpu' else {}

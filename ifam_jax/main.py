@@ -168,6 +168,7 @@ def main(argv: list[str]) -> None:
   if mode == 'compare':
     compare.check_methods(methods, config)
   initialize_multihost()
+  factory.use_compilation_cache(config)
   if mode in READ_RUN_MODES:
     check_saved_params(workdir, which)
     factory.use_saved_classes(config, workdir, which)

@@ -46,7 +46,7 @@ RESUMABLE_KEYS = ('max_steps', 'total_epochs', 'log_every_steps', 'eval_every_ep
                   'data.eval_batch_size', 'data.evals', 'eval', 'mesh', 'sharding_rules',
                   'fsdp_min_size', 'gpu_compiler_options', 'model.attention',
                   'model.stage2_token_tiers', 'model.stage2_token_groups', 'model.init_weights',
-                  'compare', 'peers', 'log')
+                  'compare', 'peers', 'log', 'compilation_cache_dir')
 
 
 # ----------------------------------------------------------------------------

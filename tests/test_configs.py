@@ -357,6 +357,22 @@ def test_cub_segmentations_arg():
   assert 'segmentation_dir' not in c.data.train
 
 
+def test_paper_recipes_keep_their_executables_in_the_compilation_cache():
+  """The paper recipes point JAX's persistent cache at ~/.cache/ifam_jax/xla; the base config
+  leaves JAX's own setting alone."""
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    factory.use_compilation_cache(config_lib.base_config())
+    assert jax.config.jax_compilation_cache_dir == before
+    for name in RECIPES:
+      c = get_config(name, PAPER_ARGS)
+      factory.use_compilation_cache(c)
+      assert jax.config.jax_compilation_cache_dir == os.path.expanduser('~/.cache/ifam_jax/xla')
+      jax.config.update('jax_compilation_cache_dir', before)
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
+
+
 # ----------------------------------------------------------------------------
 # End to end, from every source type
 # ----------------------------------------------------------------------------
