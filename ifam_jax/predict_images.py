@@ -26,7 +26,6 @@ stage2_mask 'soft' or 'late') run their eval forward (`method.predict`) unchange
 from __future__ import annotations
 
 import csv
-import datetime
 import glob
 import hashlib
 import io
@@ -46,6 +45,7 @@ from PIL import Image
 from ifam_jax import methods, packed_stage2, visualize
 from ifam_jax.apply import apply
 from ifam_jax.data import sources
+from ifam_jax.data.prepare_imagenet import hms
 from ifam_jax.evaluate import Session
 from ifam_jax.evaluators import loop
 from ifam_jax.models import fast_attention
@@ -56,9 +56,6 @@ from ifam_jax.models.ifam import Intervention, stage2_mask_facts
 GATHER_TIERS = (0.25, 0.5)
 OUTPUT_FORMATS = ('.jsonl', '.csv')
 
-_image_files = sources._image_files
-_save_png = visualize._save_png
-_upsample = visualize._upsample
 
 
 # ----------------------------------------------------------------------------
@@ -68,13 +65,13 @@ def find_images(spec: str) -> list[str]:
   """The files `spec` names: a folder's image files (recursively), a glob's matches (folders
   among them walked), or one file. Raises before anything is loaded when none is found."""
   if os.path.isdir(spec):
-    found = _image_files(spec)
+    found = sources.image_files(spec)
   elif os.path.lexists(spec):
     found = [spec]
   elif glob.has_magic(spec):
     found = []
     for match in sorted(glob.glob(spec, recursive=True)):
-      found += _image_files(match) if os.path.isdir(match) else [match]
+      found += sources.image_files(match) if os.path.isdir(match) else [match]
   else:
     raise FileNotFoundError(f'--images {spec} does not exist')
   if not found:
@@ -253,10 +250,10 @@ def save_mask_pngs(image: np.ndarray, out: dict[str, np.ndarray], stem: epath.Pa
   `visualize.part_overlay`) and <stem>.mask.png (the patches stage 2 saw: 255, else 0), both
   at the model's input size."""
   parts = visualize.part_overlay(image, out['part_maps'])
-  keep = _upsample(out['fg_mask'] > 0, *image.shape[:2])
+  keep = visualize.upsample(out['fg_mask'] > 0, *image.shape[:2])
   mask = Image.fromarray(np.where(keep, 255, 0).astype(np.uint8), 'L')
-  return {'parts_png': str(_save_png(Image.fromarray(parts), f'{stem}.parts.png')),
-          'mask_png': str(_save_png(mask, f'{stem}.mask.png'))}
+  return {'parts_png': str(visualize.save_png(Image.fromarray(parts), f'{stem}.parts.png')),
+          'mask_png': str(visualize.save_png(mask, f'{stem}.mask.png'))}
 
 
 class _Progress:
@@ -273,7 +270,7 @@ class _Progress:
     if now - self.last < self.every and self.done < self.total:
       return
     self.last, elapsed = now, now - self.start
-    eta = datetime.timedelta(seconds=round(elapsed / max(self.done, 1) * (self.total - self.done)))
+    eta = hms(elapsed / max(self.done, 1) * (self.total - self.done))
     if jax.process_index() == 0:
       print(f'predict: {self.done}/{self.total} images ({100 * self.done / self.total:.0f}%), '
             f'{self.done / max(elapsed, 1e-6):.1f} img/s, ETA {eta}', flush=True)

@@ -31,7 +31,7 @@ PART_COLOURS = np.array([
     (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195)], np.uint8)
 
 
-def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+def upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
   """Nearest upsampling of a [h, w] patch grid to [height, width] pixels."""
   rows = np.arange(height) * grid.shape[0] // height
   cols = np.arange(width) * grid.shape[1] // width
@@ -46,7 +46,7 @@ def part_overlay(image: np.ndarray, maps: np.ndarray, alpha: float = 0.55) -> np
     maps: part maps [h, w, K+1], background last.
   """
   num_parts = maps.shape[-1] - 1
-  assigned = _upsample(np.argmax(maps, axis=-1), *image.shape[:2])
+  assigned = upsample(np.argmax(maps, axis=-1), *image.shape[:2])
   colours = PART_COLOURS[np.minimum(assigned, len(PART_COLOURS) - 1)].astype(np.float32)
   blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
   return np.where((assigned < num_parts)[..., None], blended, image).astype(np.uint8)
@@ -54,11 +54,11 @@ def part_overlay(image: np.ndarray, maps: np.ndarray, alpha: float = 0.55) -> np
 
 def mask_overlay(image: np.ndarray, fg_mask: np.ndarray) -> np.ndarray:
   """The stage-2 view: patches outside the mask are blacked out (stage 2 cannot attend to them)."""
-  keep = _upsample(np.asarray(fg_mask) > 0.5, *image.shape[:2])
+  keep = upsample(np.asarray(fg_mask) > 0.5, *image.shape[:2])
   return np.where(keep[..., None], image, 0).astype(np.uint8)
 
 
-def _save_png(canvas: Image.Image, path: str | os.PathLike) -> epath.Path:
+def save_png(canvas: Image.Image, path: str | os.PathLike) -> epath.Path:
   """Writes `canvas` through a file object, which also reaches a gs:// workdir."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def grid_picture(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str] |
 def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike,
               captions: Sequence[str] | None = None, scale: float = 2) -> epath.Path:
   """Writes `grid_picture` as a PNG."""
-  return _save_png(grid_picture(rows, captions, scale), path)
+  return save_png(grid_picture(rows, captions, scale), path)
 
 
 def save_bar_chart(values: Mapping[str, float], path: str | os.PathLike, title: str,
@@ -109,7 +109,7 @@ def save_bar_chart(values: Mapping[str, float], path: str | os.PathLike, title: 
     draw.rectangle((label_w, top, label_w + length, top + bar_height),
                    fill=tuple(int(c) for c in PART_COLOURS[3]))
     draw.text((label_w + length + 4, top + 3), f'{100 * value:.1f}', fill=(0, 0, 0))
-  return _save_png(canvas, path)
+  return save_png(canvas, path)
 
 
 def save_mask_sizes(visible: np.ndarray, groups: np.ndarray, group_names: Sequence[str],
@@ -146,7 +146,7 @@ def save_mask_sizes(visible: np.ndarray, groups: np.ndarray, group_names: Sequen
   for x, text in ((x_of(1), '0'), ((x_of(1) + x_of(bins + 1)) // 2 - 8, '0.5'),
                   (x_of(bins + 1) - 8, '1')):
     draw.text((x, bottom), text, fill='black')
-  return _save_png(canvas, path)
+  return save_png(canvas, path)
 
 
 def mask_size_picture(model, config: ml_collections.ConfigDict, source,
@@ -234,7 +234,7 @@ def example_grid(model, config: ml_collections.ConfigDict, source, indices: Sequ
                  path: str | os.PathLike) -> epath.Path:
   """Writes `example_picture` of the model's outputs for `indices` as a PNG."""
   images, out = _predict(model, config, source, indices)
-  return _save_png(example_picture(source, indices, images, out), path)
+  return save_png(example_picture(source, indices, images, out), path)
 
 
 def part_galleries(model, config: ml_collections.ConfigDict, source, pool: int, size: int,

@@ -268,7 +268,7 @@ def _ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], pool: Pool | No
 # ----------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
   return str(datetime.timedelta(seconds=round(seconds)))
 
 
@@ -294,8 +294,8 @@ class _Progress:
     eta = elapsed / self.tasks * (self.num_tasks - self.tasks)
     print(f'{self.split}: {self.tasks}/{self.num_tasks} tasks '
           f'({100 * self.tasks / self.num_tasks:.0f}%), {self.images:,} images, '
-          f'{self.images / max(elapsed, 1e-6):.0f} images/s, elapsed {_hms(elapsed)}, '
-          f'ETA {_hms(eta)}', flush=True)
+          f'{self.images / max(elapsed, 1e-6):.0f} images/s, elapsed {hms(elapsed)}, '
+          f'ETA {hms(eta)}', flush=True)
     if self.tasks == self.num_tasks:
       print(f'{self.split}: all {self.images:,} images read ({self.reencoded} re-encoded); TFDS '
             f'now shuffles and writes the shards', flush=True)

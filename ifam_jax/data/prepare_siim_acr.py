@@ -49,7 +49,7 @@ from absl import app, flags
 from PIL import Image
 
 from ifam_jax.data import sources
-from ifam_jax.data.prepare_imagenet import _hms  # pylint: disable=protected-access
+from ifam_jax.data.prepare_imagenet import hms
 
 MASK_SIZE = 1024  # every SIIM-ACR image is 1024 x 1024
 SPLIT_DIRS = ('train_set', 'full_test_set', 'robust_test_set', 'non_robust_test_set')
@@ -222,7 +222,7 @@ class _Progress:
     self.last, elapsed = now, now - self.start
     eta = elapsed / self.done * (self.total - self.done)
     print(f'{self.what}: {self.done:,}/{self.total:,} ({100 * self.done / self.total:.0f}%), '
-          f'{self.done / max(elapsed, 1e-6):.0f}/s, elapsed {_hms(elapsed)}, ETA {_hms(eta)}',
+          f'{self.done / max(elapsed, 1e-6):.0f}/s, elapsed {hms(elapsed)}, ETA {hms(eta)}',
           flush=True)
 
 

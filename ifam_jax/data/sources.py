@@ -99,7 +99,7 @@ def require_file(path: pathlib.Path, what: str) -> None:
     raise FileNotFoundError(f'{what} {path} does not exist')
 
 
-def _image_files(folder: pathlib.Path) -> list[str]:
+def image_files(folder: pathlib.Path) -> list[str]:
   """Image files under `folder`, recursively, in torchvision ImageFolder's order."""
   return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True))
           for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
@@ -130,7 +130,7 @@ def _scan_image_folder(root: pathlib.Path, classes: Sequence[str] | None
     if name not in index:
       raise ValueError(f'class folder {root / name} is not in the class set '
                        f'({len(class_names)} classes: {class_names[:3]}...)')
-    files = _image_files(root / name)
+    files = image_files(root / name)
     if not files:
       raise ValueError(f'class folder {root / name} holds no image files {IMG_EXTENSIONS}')
     paths += files
