@@ -1,17 +1,17 @@
 """Speed of the reference PyTorch iFAM (github.com/ananthu-aniraj/ifam) on synthetic input.
 
-The peer code is not part of this project: its files are fetched verbatim into a folder of their
-own (by convention `.devscratch/ifam_ref/`, with the repository's relative paths) and put on
-`sys.path` here. This script only builds the reference's own model, loss functions and parameter
-groups and times them, as the shared notes `reference_speed.md` describe:
+The peer code is not part of this project: `--reference_dir` is a checkout of that repository
+(or the files this script imports, at their relative paths), put on `sys.path` here. This script
+only builds the reference's own model, loss functions and parameter groups and times them, for
+the side-by-side figures of docs/performance.md:
 
-  python tools/reference_speed.py --reference_dir .devscratch/ifam_ref --mode train \\
+  python tools/reference_speed.py --reference_dir ~/src/ifam --mode train \\
       --image_size 224 --num_parts 1 --batch 128 [--compile] [--warmup 3 --windows 5 --steps 10]
-  python tools/reference_speed.py --reference_dir .devscratch/ifam_ref --mode infer \\
+  python tools/reference_speed.py --reference_dir ~/src/ifam --mode infer \\
       --image_size 518 --num_parts 8 --batch 64
 
   # code-path check without a GPU (2-block width-64 ViT at 56 px):
-  python tools/reference_speed.py --reference_dir .devscratch/ifam_ref --mode train \\
+  python tools/reference_speed.py --reference_dir ~/src/ifam --mode train \\
       --device cpu --tiny --batch 2 --warmup 1 --windows 2 --steps 1  # (--mode infer likewise)
 
 Model: `FullTwoStageModelDoubleClassify` from two timm `vit_base_patch14_reg4_dinov2` backbones
