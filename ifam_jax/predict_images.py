@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,9 +42,9 @@ from etils import epath
 from PIL import Image
 
 from ifam_jax import methods, packed_stage2, visualize
+from ifam_jax import progress as progress_lib
 from ifam_jax.apply import apply
 from ifam_jax.data import sources
-from ifam_jax.data.prepare_imagenet import hms
 from ifam_jax.evaluate import Session
 from ifam_jax.evaluators import loop
 from ifam_jax.models import fast_attention
@@ -256,26 +255,6 @@ def save_mask_pngs(image: np.ndarray, out: dict[str, np.ndarray], stem: epath.Pa
           'mask_png': str(visualize.save_png(mask, f'{stem}.mask.png'))}
 
 
-class _Progress:
-  """Images done, rate and ETA on stdout, every `every` seconds and at the end (as
-  `prepare_imagenet` reports a split; the train loop may not be imported here)."""
-
-  def __init__(self, total: int, every: float = 10.0):
-    self.total, self.every, self.done = total, every, 0
-    self.start = self.last = time.monotonic()
-
-  def update(self, count: int) -> None:
-    self.done = min(self.done + count, self.total)
-    now = time.monotonic()
-    if now - self.last < self.every and self.done < self.total:
-      return
-    self.last, elapsed = now, now - self.start
-    eta = hms(elapsed / max(self.done, 1) * (self.total - self.done))
-    if jax.process_index() == 0:
-      print(f'predict: {self.done}/{self.total} images ({100 * self.done / self.total:.0f}%), '
-            f'{self.done / max(elapsed, 1e-6):.1f} img/s, ETA {eta}', flush=True)
-
-
 # ----------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------
@@ -325,7 +304,8 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str | os.PathLike, i
   lead = jax.process_index() == 0
   found: dict[int, dict[str, Any]] = {}
   seen: set[int] = set()
-  progress = _Progress(len(paths))
+  progress = progress_lib.Progress('predict', len(paths), unit='images', every=10.0,
+                                    show=lead)
 
   with jax.set_mesh(s.mesh):
     def with_images(params, frozen, batch, rng):

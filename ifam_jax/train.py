@@ -30,6 +30,7 @@ from flax import nnx
 
 from ifam_jax import factory, loggers, losses, methods, optim, sharding
 from ifam_jax import data as data_lib
+from ifam_jax import progress as progress_lib
 from ifam_jax import workdir as workdir_lib
 from ifam_jax.apply import apply
 from ifam_jax.evaluators.loop import Classification
@@ -229,11 +230,6 @@ def announce(message: str, *args: Any) -> None:
   logging.info(message, *args)
   if jax.process_index() == 0 and logging.get_verbosity() < logging.INFO:
     print(message % args, flush=True)
-
-
-def _format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -444,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if jax.process_index() == 0:
           print(f'step {done}/{total_steps} ({100 * done / total_steps:.1f}%) | '
                 f'loss {scalars["loss"]:.4f} | acc {scalars["accuracy"]:.3f} | '
-                f'lr {scalars["lr"]:.3g} | {rate:.1f} img/s | ETA {_format_duration(eta)}',
+                f'lr {scalars["lr"]:.3g} | {rate:.1f} img/s | ETA {progress_lib.hms(eta)}',
                 flush=True)
         last_log_time, last_log_step = now, done
       if evals:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import datetime
 import functools
 import io
 import multiprocessing
@@ -44,7 +43,6 @@ import pathlib
 import shutil
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.pool import Pool
 from typing import Any, NamedTuple
@@ -53,6 +51,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from PIL import Image
 
+from ifam_jax import progress as progress_lib
 from ifam_jax.data import sources, transforms
 
 NAME = 'imagenet2012'
@@ -268,37 +267,12 @@ def _ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], pool: Pool | No
 # ----------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------
-def hms(seconds: float) -> str:
-  return str(datetime.timedelta(seconds=round(seconds)))
-
-
-class _Progress:
-  """Prints a split's tasks, images, rate and ETA on stdout every `every` seconds and at the end."""
-
-  def __init__(self, split: str, num_tasks: int, every: float = 30.0):
-    self.split, self.num_tasks, self.every = split, num_tasks, every
-    self.tasks = self.images = self.reencoded = 0
-    self.start = self.last = time.monotonic()
-
-  def update(self, examples: list[Example]) -> None:
-    self.tasks += 1
-    self.images += len(examples)
-    for name, _, _, why in examples:
-      if why:
-        self.reencoded += 1
-        print(f'{self.split}: re-encoded {name} ({why}) as RGB JPEG', flush=True)
-    now = time.monotonic()
-    if now - self.last < self.every and self.tasks < self.num_tasks:
-      return
-    self.last, elapsed = now, now - self.start
-    eta = elapsed / self.tasks * (self.num_tasks - self.tasks)
-    print(f'{self.split}: {self.tasks}/{self.num_tasks} tasks '
-          f'({100 * self.tasks / self.num_tasks:.0f}%), {self.images:,} images, '
-          f'{self.images / max(elapsed, 1e-6):.0f} images/s, elapsed {hms(elapsed)}, '
-          f'ETA {hms(eta)}', flush=True)
-    if self.tasks == self.num_tasks:
-      print(f'{self.split}: all {self.images:,} images read ({self.reencoded} re-encoded); TFDS '
-            f'now shuffles and writes the shards', flush=True)
+def _report_reencoded(split: str, examples: list[Example]) -> int:
+  """Says which images were re-encoded as RGB JPEGs; returns how many."""
+  reencoded = [(name, why) for name, _, _, why in examples if why]
+  for name, why in reencoded:
+    print(f'{split}: re-encoded {name} ({why}) as RGB JPEG', flush=True)
+  return len(reencoded)
 
 
 # ----------------------------------------------------------------------------
@@ -323,11 +297,15 @@ class _Imagenet2012(tfds.builder_cls(NAME), skip_registration=True):
 
   def _generate_examples(self, split):  # pylint: disable=arguments-differ
     tasks = self._tasks[split]
-    progress = _Progress(split, len(tasks))
+    progress = progress_lib.Progress(split, len(tasks), unit='tasks', rate_unit='images')
+    reencoded = 0
     for examples in self._loader(tasks):
-      progress.update(examples)
+      reencoded += _report_reencoded(split, examples)
+      progress.update(1, items=len(examples))
       for name, image, label, _ in examples:
         yield name, {'image': image, 'label': label, 'file_name': name}
+    print(f'{split}: all {progress.items:,} images read ({reencoded} re-encoded); TFDS now '
+          'shuffles and writes the shards', flush=True)
 
 
 def output_dir(data_dir: PathLike) -> pathlib.Path:

@@ -40,7 +40,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -48,8 +47,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from ifam_jax import progress as progress_lib
 from ifam_jax.data import sources
-from ifam_jax.data.prepare_imagenet import hms
 
 MASK_SIZE = 1024  # every SIIM-ACR image is 1024 x 1024
 SPLIT_DIRS = ('train_set', 'full_test_set', 'robust_test_set', 'non_robust_test_set')
@@ -206,26 +205,6 @@ def plan(source: PathLike, tubes_path: PathLike, skip_missing: bool = False) -> 
 # ----------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------
-class _Progress:
-  """Prints done/total, rate and ETA on stdout every `every` seconds and at the end."""
-
-  def __init__(self, what: str, total: int, every: float = 30.0):
-    self.what, self.total, self.every = what, total, every
-    self.done = 0
-    self.start = self.last = time.monotonic()
-
-  def update(self) -> None:
-    self.done += 1
-    now = time.monotonic()
-    if now - self.last < self.every and self.done < self.total:
-      return
-    self.last, elapsed = now, now - self.start
-    eta = elapsed / self.done * (self.total - self.done)
-    print(f'{self.what}: {self.done:,}/{self.total:,} ({100 * self.done / self.total:.0f}%), '
-          f'{self.done / max(elapsed, 1e-6):.0f}/s, elapsed {hms(elapsed)}, ETA {hms(eta)}',
-          flush=True)
-
-
 def _in_place(dest: pathlib.Path, src: str, link: str) -> bool:
   """Whether `dest` already is what `link` makes of `src` (a rerun skips it)."""
   if link == 'symlink':
@@ -289,12 +268,12 @@ def prepare(source: PathLike, tubes: PathLike, out: PathLike, *, link: str = 'ha
     path.unlink()
   for name in {str(pathlib.Path(d).parent) for d in wanted}:
     (out / name).mkdir(parents=True, exist_ok=True)
-  progress = _Progress(f'DICOMs ({link})', len(the_plan.dicoms))
+  progress = progress_lib.Progress(f'DICOMs ({link})', len(the_plan.dicoms))
   for dest, src in the_plan.dicoms.items():
     if not _in_place(out / dest, src, link):
       _place(out / dest, src, link)
     progress.update()
-  progress = _Progress('masks', len(the_plan.masks))
+  progress = progress_lib.Progress('masks', len(the_plan.masks))
   for image_id, rows in the_plan.masks.items():
     dest = out / 'all_masks' / f'{image_id}.png'
     if not dest.is_file():  # written whole, then renamed: one that exists is complete
