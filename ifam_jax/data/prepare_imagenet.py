@@ -265,7 +265,7 @@ def _ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], pool: Pool | No
 
 
 # ----------------------------------------------------------------------------
-# Progress
+# Reports
 # ----------------------------------------------------------------------------
 def _report_reencoded(split: str, examples: list[Example]) -> int:
   """Says which images were re-encoded as RGB JPEGs; returns how many."""
